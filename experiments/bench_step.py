@@ -1,0 +1,134 @@
+"""Step time of the whole model per token bucket, and against the memory-bandwidth floor.
+
+  python experiments/bench_step.py --models=tiny-gpt,gpt2 --buckets=16,64,256
+  python experiments/bench_step.py --models=gpt2 --dtype=bfloat16 --floor_case   # on a GPU
+
+Decode rows: R requests, one token each, every request with `--context` tokens cached.
+Prefill rows: one request of T prompt tokens. Prints a markdown table (and writes --out).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from models import get_config, init_kv_cache, init_params, pack_batch, step
+
+_MODELS = flags.DEFINE_list("models", ["tiny-gpt", "gpt2"], "Presets to time.")
+_BUCKETS = flags.DEFINE_list("buckets", ["16", "64", "256"], "Token buckets T.")
+_CONTEXT = flags.DEFINE_integer("context", 256, "Cached tokens per decoding request.")
+_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
+_ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
+_FLOOR = flags.DEFINE_bool(
+    "floor_case", False, "Also time 128 decodes x 512 context against the bandwidth floor."
+)
+_OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
+
+
+def time_step(params, cfg, cache, batch, iters: int) -> tuple[float, object]:
+    """Median seconds per step (after two warm-up steps) and the final cache."""
+    batch = jax.device_put(batch)
+    for _ in range(2):
+        logits, cache = step(params, cache, batch, cfg)
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        logits, cache = step(params, cache, batch, cfg)
+        jax.block_until_ready(logits)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), cache
+
+
+def decode_batch(num_reqs: int, context: int, page: int, num_tokens: int | None = None):
+    pages_per = -(-(context + 1) // page)
+    seqs = [
+        ([1], context, list(range(1 + r * pages_per, 1 + (r + 1) * pages_per)))
+        for r in range(num_reqs)
+    ]
+    return pack_batch(
+        seqs, page_size=page, num_tokens=num_tokens or num_reqs, num_reqs=num_reqs,
+        max_blocks=pages_per,
+    ), 1 + num_reqs * pages_per
+
+
+def prefill_batch(num_tokens: int, page: int):
+    pages = -(-num_tokens // page)
+    seqs = [(list(range(num_tokens)), 0, list(range(1, 1 + pages)))]
+    return pack_batch(seqs, page_size=page, num_tokens=num_tokens, num_reqs=8, max_blocks=pages), (
+        1 + pages
+    )
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Measured read+write bytes/s of a plain elementwise copy (the practical ceiling)."""
+    x = jnp.ones(nbytes // 2, jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def main(argv):
+    del argv
+    page = _PAGE.value
+    rows = [
+        f"device: {jax.devices()[0].device_kind}, dtype {_DTYPE.value}, attention "
+        f"{_ATTN.value}, page {page}, decode context {_CONTEXT.value}",
+        "",
+        "| model | case | T | ms/step | tokens/s |",
+        "|---|---|---|---|---|",
+    ]
+    for name in _MODELS.value:
+        cfg = get_config(name, dtype=_DTYPE.value, attention_impl=_ATTN.value)
+        params = init_params(cfg, seed=0)
+        for t in map(int, _BUCKETS.value):
+            context = min(_CONTEXT.value, cfg.max_seq_len - 1)
+            cases = [("decode", *decode_batch(t, context, page)), ("prefill", *prefill_batch(t, page))]
+            for case, batch, num_pages in cases:
+                cache = init_kv_cache(cfg, num_pages, page)
+                sec, cache = time_step(params, cfg, cache, batch, _ITERS.value)
+                rows.append(f"| {name} | {case} | {t} | {sec * 1e3:.2f} | {t / sec:,.0f} |")
+                print(rows[-1], flush=True)
+                del cache
+    if _FLOOR.value:
+        rows += floor_rows(page)
+    text = "\n".join(rows)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+def floor_rows(page: int) -> list[str]:
+    """gpt2, 128 decoding requests of context 512: step time vs its memory-bandwidth floor."""
+    cfg = get_config("gpt2", dtype=_DTYPE.value, attention_impl=_ATTN.value)
+    params = init_params(cfg, seed=0)
+    batch, num_pages = decode_batch(128, 512, page)
+    cache = init_kv_cache(cfg, num_pages, page)
+    sec, _ = time_step(params, cfg, cache, batch, max(_ITERS.value, 20))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv_bytes = 128 * 513 * cfg.kv_bytes_per_token()
+    bw = copy_bandwidth()
+    floor = (weight_bytes + kv_bytes) / bw
+    return [
+        "",
+        f"gpt2 {_DTYPE.value} decode 128 x 512: {sec * 1e3:.3f} ms/step; floor "
+        f"{floor * 1e3:.3f} ms = ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB "
+        f"KV) / {bw / 1e12:.2f} TB/s copy; ratio {sec / floor:.2f}x",
+    ]
+
+
+if __name__ == "__main__":
+    app.run(main)

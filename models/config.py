@@ -1,0 +1,170 @@
+"""Model configuration: one decoder family with switches, and presets by name.
+
+GPT-2/GPT-3 style: learned positions, LayerNorm, GELU, multi-head attention, biases.
+Llama style: RoPE, RMSNorm, SwiGLU, grouped-query attention, optionally tied embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "swiglu"]
+PositionEmbedding = Literal["learned", "rope"]
+AttentionImpl = Literal["reference", "pallas"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static, hashable description of a decoder (safe as a `jax.jit` static argument)."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "gelu"
+    position: PositionEmbedding = "learned"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    # Dtype of parameters, activations and the KV cache; softmax and norms accumulate in f32.
+    dtype: str = "float32"
+    attention_impl: AttentionImpl = "reference"
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "d_ff"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads sharing one KV head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included), for memory planning."""
+        D, N, K, H, F, L = (
+            self.d_model,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+            self.d_ff,
+            self.n_layers,
+        )
+        bias = self.use_bias
+        norm = 2 * D if self.norm == "layernorm" else D
+        attn = D * (N + 2 * K) * H + N * H * D + (bias * ((N + 2 * K) * H + D))
+        mlp_mats = 3 if self.activation == "swiglu" else 2
+        mlp = mlp_mats * D * F + bias * (F + D)
+        per_layer = attn + mlp + 2 * norm
+        embed = self.vocab_size * D + (self.max_seq_len * D if self.position == "learned" else 0)
+        head = 0 if self.tie_embeddings else D * self.vocab_size
+        return L * per_layer + embed + norm + head
+
+    def kv_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """Bytes of K and V one token occupies across all layers."""
+        if dtype_bytes is None:
+            dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+
+def _gpt(name: str, layers: int, d: int, heads: int, ctx: int = 1024) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        vocab_size=50257,
+        d_model=d,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=heads,
+        head_dim=d // heads,
+        d_ff=4 * d,
+        max_seq_len=ctx,
+    )
+
+
+def _llama_like(name: str, **kw) -> ModelConfig:
+    base = dict(
+        norm="rmsnorm",
+        activation="swiglu",
+        position="rope",
+        use_bias=False,
+        tie_embeddings=True,
+    )
+    base.update(kw)
+    return ModelConfig(name=name, **base)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        # Tiny configs for tests: a few layers, small vocab, runs in milliseconds on CPU.
+        ModelConfig(
+            name="tiny-gpt",
+            vocab_size=256,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=4,
+            head_dim=16,
+            d_ff=256,
+            max_seq_len=256,
+        ),
+        _llama_like(
+            "tiny-llama",
+            vocab_size=256,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            d_ff=128,
+            max_seq_len=256,
+            norm_eps=1e-5,
+        ),
+        _gpt("gpt2", 12, 768, 12),
+        _gpt("gpt2-medium", 24, 1024, 16),
+        _gpt("gpt2-large", 36, 1280, 20),
+        _gpt("gpt2-xl", 48, 1600, 25),
+        # The paper's GPT-3 shapes (Orca §6): random weights, context 2048.
+        _gpt("gpt3-13b", 40, 5120, 40, ctx=2048),
+        _gpt("gpt3-101b", 80, 10240, 80, ctx=2048),
+        _gpt("gpt3-175b", 96, 12288, 96, ctx=2048),
+        _gpt("gpt3-341b", 120, 15360, 120, ctx=2048),
+        _llama_like(
+            "smollm2-135m",
+            vocab_size=49152,
+            d_model=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            d_ff=1536,
+            max_seq_len=8192,
+            rope_theta=100000.0,
+            norm_eps=1e-5,
+        ),
+    ]
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """Preset by name, with optional field overrides (e.g. dtype="bfloat16")."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[name]
+    return cfg.replace(**overrides) if overrides else cfg

@@ -1,0 +1,137 @@
+"""The decoder: parameters, and one forward step over a packed ragged batch.
+
+Legend: T tokens, R requests, D model, N heads, K kv heads, H head dim, F ffn, V vocab,
+L layers, P pages, S page size. Layers are stacked on a leading L axis and scanned, so
+compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from models.attention import paged_attention
+from models.batch import RaggedBatch
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.layers import Params, dense, mlp, norm, rope
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s (no memory), for planning and init."""
+    D, N, K, H, F, L, V = (
+        config.d_model,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+        config.d_ff,
+        config.n_layers,
+        config.vocab_size,
+    )
+    dt = jnp.dtype(config.dtype)
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dt)
+
+    def linear(in_shape, out_shape):
+        p = {"kernel": s(L, *in_shape, *out_shape)}
+        if config.use_bias:
+            p["bias"] = s(L, *out_shape)
+        return p
+
+    def norm_p(*lead):
+        p = {"scale": s(*lead, D)}
+        if config.norm == "layernorm":
+            p["bias"] = s(*lead, D)
+        return p
+
+    mlp_p = {"up": linear((D,), (F,)), "down": linear((F,), (D,))}
+    if config.activation == "swiglu":
+        mlp_p["gate"] = linear((D,), (F,))
+    params = {
+        "embed": {"tokens": s(V, D)},
+        "layers": {
+            "attn_norm": norm_p(L),
+            "q": linear((D,), (N, H)),
+            "k": linear((D,), (K, H)),
+            "v": linear((D,), (K, H)),
+            "o": linear((N, H), (D,)),
+            "mlp_norm": norm_p(L),
+            "mlp": mlp_p,
+        },
+        "final_norm": norm_p(),
+    }
+    if config.position == "learned":
+        params["embed"]["positions"] = s(config.max_seq_len, D)
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": s(D, V)}
+    return params
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> Params:
+    """Random weights (normal, std 0.02; norm scales 1, biases 0) of the config's shapes."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def init(path, sds, key):
+        name = jax.tree_util.keystr(path[-1:])
+        if "scale" in name:
+            return jnp.ones(sds.shape, sds.dtype)
+        if "bias" in name:
+            return jnp.zeros(sds.shape, sds.dtype)
+        return (0.02 * jax.random.normal(key, sds.shape, jnp.float32)).astype(sds.dtype)
+
+    return treedef.unflatten([init(p, s, k) for (p, s), k in zip(leaves, keys, strict=True)])
+
+
+def _write_kv(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """Scatter new K or V rows [T, K, H] into layer `layer` of cache [L, K, P, S, H]."""
+    S = cache.shape[3]
+    return cache.at[layer, :, slots // S, slots % S].set(new.astype(cache.dtype))
+
+
+def forward(
+    params: Params, kv_cache: KVCache, batch: RaggedBatch, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """One iteration: write the batch's K/V into the pages, return next-token logits [R, V]."""
+    embed = params["embed"]
+    x = embed["tokens"][batch.input_ids]  # [T, D]
+    if config.position == "learned":
+        x = x + embed["positions"][batch.positions]
+    sm_scale = config.head_dim**-0.5
+
+    def layer_step(carry, p):
+        x, k_cache, v_cache, layer = carry
+        h = norm(p["attn_norm"], x, config)  # [T, D]
+        q = dense(p["q"], h, "TD,DNH->TNH")  # [T, N, H]
+        k = dense(p["k"], h, "TD,DKH->TKH")  # [T, K, H]
+        v = dense(p["v"], h, "TD,DKH->TKH")  # [T, K, H]
+        if config.position == "rope":
+            q = rope(q, batch.positions, config.rope_theta)
+            k = rope(k, batch.positions, config.rope_theta)
+        k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k)
+        v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v)
+        attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale)  # [T, N, H]
+        x = x + dense(p["o"], attn, "TNH,NHD->TD")
+        x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config)
+        return (x, k_cache, v_cache, layer + 1), None
+
+    init = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
+    (x, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, init, params["layers"])
+    h = norm(params["final_norm"], x[batch.logits_indices], config)  # [R, D]
+    if config.tie_embeddings:
+        logits = jnp.einsum("RD,VD->RV", h, embed["tokens"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum(
+            "RD,DV->RV", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+        )
+    return logits, KVCache(k=k_cache, v=v_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_cache",))
+def step(
+    params: Params, kv_cache: KVCache, batch: RaggedBatch, config: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """Jitted `forward` with the cache donated, so the pages are updated in place."""
+    return forward(params, kv_cache, batch, config)

@@ -1,0 +1,52 @@
+"""Position-wise pieces of the decoder, all on a packed token axis.
+
+Legend: T tokens, D model, N heads, K kv heads, H head dim, F ffn, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+
+Params = dict
+
+
+def norm(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """LayerNorm or RMSNorm over the last axis, computed in f32."""
+    xf = x.astype(jnp.float32)
+    if config.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + config.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def dense(p: Params, x: jax.Array, spec: str) -> jax.Array:
+    """einsum with the kernel (and bias if present), e.g. spec "TD,DNH->TNH"."""
+    y = jnp.einsum(spec, x, p["kernel"])
+    return y + p["bias"] if "bias" in p else y
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half convention (x: [T, N, H], positions: [T])."""
+    H = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, H/2]
+    cos = jnp.cos(angles)[:, None, :]  # [T, 1, H/2]
+    sin = jnp.sin(angles)[:, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def mlp(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward: [T, D] -> [T, D]."""
+    if config.activation == "swiglu":
+        h = jax.nn.silu(dense(p["gate"], x, "TD,DF->TF")) * dense(p["up"], x, "TD,DF->TF")
+    else:
+        h = jax.nn.gelu(dense(p["up"], x, "TD,DF->TF"), approximate=True)
+    return dense(p["down"], h, "TF,FD->TD")

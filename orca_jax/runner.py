@@ -1,0 +1,126 @@
+"""The model runner: owns params and the paged KV cache, pads batches to buckets, runs steps.
+
+Only integers cross from the host: each call packs `(token_ids, start_pos, block_ids)` per
+request into a `RaggedBatch` padded to the smallest (tokens, requests, pages-per-request)
+bucket that fits, so a warmed-up runner never compiles again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch, step
+from models.batch import bucket, pow2_buckets
+from models.layers import Params
+
+SeqSpec = tuple[Sequence[int], int, Sequence[int]]  # (token_ids, start_pos, block_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Cache geometry and the shape buckets every step is padded to."""
+
+    num_pages: int = 512
+    page_size: int = 16
+    max_num_tokens: int = 512  # largest token bucket T
+    max_num_reqs: int = 64  # largest request bucket R
+    max_model_len: int = 1024  # longest context a request may reach
+    min_token_bucket: int = 16
+    min_req_bucket: int = 8
+    min_pages_bucket: int = 8
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_num_reqs > self.max_num_tokens:
+            raise ValueError("max_num_reqs must be <= max_num_tokens (each request feeds >= 1)")
+
+    @property
+    def max_pages_per_req(self) -> int:
+        return -(-self.max_model_len // self.page_size)
+
+    @property
+    def token_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(min(self.min_token_bucket, self.max_num_tokens), self.max_num_tokens)
+
+    @property
+    def req_buckets(self) -> tuple[int, ...]:
+        return pow2_buckets(min(self.min_req_bucket, self.max_num_reqs), self.max_num_reqs)
+
+    @property
+    def pages_buckets(self) -> tuple[int, ...]:
+        hi = self.max_pages_per_req
+        return pow2_buckets(min(self.min_pages_bucket, hi), hi)
+
+    def all_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (T, R, pages) shape a step can take (R <= T)."""
+        return [
+            (t, r, p)
+            for t, r, p in itertools.product(
+                self.token_buckets, self.req_buckets, self.pages_buckets
+            )
+            if r <= t
+        ]
+
+
+class ModelRunner:
+    """Runs one packed step at a time on the device; returns last-token logits per request."""
+
+    def __init__(self, model_config: ModelConfig, params: Params, config: RunnerConfig):
+        if config.max_model_len > model_config.max_seq_len:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's context "
+                f"{model_config.max_seq_len}"
+            )
+        self.model_config = model_config
+        self.config = config
+        self.params = params
+        self.kv_cache: KVCache = init_kv_cache(model_config, config.num_pages, config.page_size)
+
+    def bucket_for(self, seqs: Sequence[SeqSpec]) -> tuple[int, int, int]:
+        """The (T, R, pages) bucket a batch of these requests is padded to."""
+        cfg = self.config
+        num_tokens = sum(len(t) for t, _, _ in seqs)
+        max_pages = max(len(b) for _, _, b in seqs)
+        return (
+            bucket(num_tokens, cfg.token_buckets),
+            bucket(len(seqs), cfg.req_buckets),
+            bucket(max_pages, cfg.pages_buckets),
+        )
+
+    def build_batch(self, seqs: Sequence[SeqSpec]) -> RaggedBatch:
+        """Pack requests into a numpy batch padded to its bucket."""
+        t, r, p = self.bucket_for(seqs)
+        return pack_batch(
+            list(seqs), page_size=self.config.page_size, num_tokens=t, num_reqs=r, max_blocks=p
+        )
+
+    def execute(self, batch: RaggedBatch) -> jax.Array:
+        """One step on the device; returns logits [R, V] (padding rows included)."""
+        logits, self.kv_cache = step(self.params, self.kv_cache, batch, self.model_config)
+        return logits
+
+    def run(self, seqs: Sequence[SeqSpec]) -> np.ndarray:
+        """Pack, run, and fetch logits [len(seqs), V] of each request's last token."""
+        return np.asarray(self.execute(self.build_batch(seqs)))[: len(seqs)]
+
+    def warmup(self, buckets: Sequence[tuple[int, int, int]] | None = None) -> int:
+        """Compile the step for every bucket (or the given ones) with null-page batches."""
+        shapes = self.config.all_buckets() if buckets is None else buckets
+        for t, r, p in shapes:
+            self.execute(_dummy_batch(t, r, p))
+        jax.block_until_ready(self.kv_cache)
+        return len(shapes)
+
+
+def _dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
+    """A batch of the given bucket with one one-token request writing to the null page."""
+    return pack_batch(
+        [([0], 0, [0])], page_size=1, num_tokens=num_tokens, num_reqs=num_reqs,
+        max_blocks=max_blocks,
+    )
