@@ -17,6 +17,7 @@ import numpy as np
 from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch, step
 from models.batch import bucket, pow2_buckets
 from models.layers import Params
+from orca_jax.sampler import SamplingMetadata, sample
 
 SeqSpec = tuple[Sequence[int], int, Sequence[int]]  # (token_ids, start_pos, block_ids)
 
@@ -109,12 +110,31 @@ class ModelRunner:
         """Pack, run, and fetch logits [len(seqs), V] of each request's last token."""
         return np.asarray(self.execute(self.build_batch(seqs)))[: len(seqs)]
 
-    def warmup(self, buckets: Sequence[tuple[int, int, int]] | None = None) -> int:
-        """Compile the step for every bucket (or the given ones) with null-page batches."""
+    def execute_and_sample(
+        self,
+        seqs: Sequence[SeqSpec],
+        sampling_rows: Sequence[tuple[float, int, float, int, int]],
+        num_top_logprobs: int = 0,
+    ) -> tuple[jax.Array, ...]:
+        """Dispatch one step and sampling; returns device arrays without waiting.
+
+        `sampling_rows` holds `(temperature, top_k, top_p, seed, step)` per request. Returns
+        (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded to R.
+        """
+        batch = self.build_batch(seqs)
+        md = SamplingMetadata.build(list(sampling_rows), batch.max_reqs)
+        return sample(self.execute(batch), md, num_top_logprobs)
+
+    def warmup(
+        self, buckets: Sequence[tuple[int, int, int]] | None = None, num_top_logprobs: int = 0
+    ) -> int:
+        """Compile step and sampling for every bucket (or the given ones); returns how many."""
         shapes = self.config.all_buckets() if buckets is None else buckets
+        out = None
         for t, r, p in shapes:
-            self.execute(_dummy_batch(t, r, p))
-        jax.block_until_ready(self.kv_cache)
+            out = sample(self.execute(_dummy_batch(t, r, p)), SamplingMetadata.greedy(r),
+                         num_top_logprobs)
+        jax.block_until_ready((self.kv_cache, out))
         return len(shapes)
 
 

@@ -1,0 +1,60 @@
+"""Engine configuration: scheduling policy, KV cache size, shape buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models import ModelConfig
+from models.kv_cache import num_pages_for_memory
+from orca_jax.runner import RunnerConfig
+from orca_jax.scheduler import SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs beyond the model; names follow vLLM's engine args."""
+
+    policy: str = "orca"  # "orca" (the paper's Algorithm 1), "paged" or "static"
+    max_batch_size: int = 16  # requests per iteration (the paper's max_bs)
+    block_size: int = 16  # tokens per KV page
+    num_kv_blocks: int | None = None  # KV pages incl. the null page; None: from memory
+    kv_cache_memory: int = 256 * 2**20  # bytes of KV cache when num_kv_blocks is None
+    n_workers: int = 1  # batches in flight (orca)
+    max_model_len: int | None = None  # longest prompt + output; None: the model's context
+    max_num_batched_tokens: int = 512  # token bucket ceiling, and paged's per-step budget
+    scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
+    max_logprobs: int = 0  # top log-probabilities a request may ask for
+    seed: int = 0  # draws a seed for requests that set none
+    warmup: bool = True  # compile every shape bucket at start-up
+
+    def resolve(self, model: ModelConfig) -> tuple[SchedulerConfig, RunnerConfig]:
+        """The scheduler's and runner's configs for this model."""
+        max_len = self.max_model_len or model.max_seq_len
+        if max_len > model.max_seq_len:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds {model.name}'s context {model.max_seq_len}"
+            )
+        num_blocks = self.num_kv_blocks or num_pages_for_memory(
+            model, self.block_size, self.kv_cache_memory
+        )
+        if num_blocks < 2:
+            raise ValueError(f"KV cache too small: {num_blocks} blocks (need >= 2)")
+        max_tokens = max(self.max_num_batched_tokens, self.max_batch_size)
+        sched = SchedulerConfig(
+            policy=self.policy,
+            max_batch_size=self.max_batch_size,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            max_num_batched_tokens=max_tokens,
+            n_workers=self.n_workers,
+            max_model_len=max_len,
+            scheduling_order=self.scheduling_order,
+        )
+        runner = RunnerConfig(
+            num_pages=num_blocks,
+            page_size=self.block_size,
+            max_num_tokens=max_tokens,
+            max_num_reqs=self.max_batch_size,
+            max_model_len=max_len,
+        )
+        return sched, runner

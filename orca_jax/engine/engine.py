@@ -1,0 +1,222 @@
+"""The engine: iteration-level scheduling around the model runner (Orca's main loop).
+
+Each `step()` asks the scheduler for one iteration's batch, dispatches it to the device
+without waiting (JAX's asynchronous dispatch), and, once `n_workers` batches are in flight or
+nothing more can be scheduled, waits for the oldest one and closes it: sampled tokens go back
+to the scheduler, finished requests return at once, new ones join at the next iteration.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from models import ModelConfig
+from models.layers import Params
+from orca_jax.engine.config import EngineConfig
+from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+from orca_jax.runner import ModelRunner
+from orca_jax.scheduler import (
+    ModelRunnerOutput,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    SchedulerOutput,
+    make_scheduler,
+)
+from orca_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """The engine's view of one live request: its text stream and cumulative output."""
+
+    output: RequestOutput
+    params: SamplingParams
+    seed: int
+    detok: IncrementalDetokenizer | None
+
+
+class Engine:
+    """Serves requests one iteration at a time; see `add_request`, `step`, `abort`."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: Params,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig = EngineConfig(),
+    ):
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.config = config
+        sched_config, runner_config = config.resolve(model_config)
+        self.scheduler = make_scheduler(sched_config)
+        self.runner = ModelRunner(model_config, params, runner_config)
+        self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
+        self._requests: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._seed_rng = np.random.default_rng(config.seed)
+        self.num_iterations = 0
+        if config.warmup:
+            self.runner.warmup(num_top_logprobs=config.max_logprobs)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its id.
+
+        Raises ValueError, with the engine unchanged, for input that can never be served
+        (empty or too long prompt, out-of-vocabulary ids, a request larger than the cache...).
+        """
+        params = sampling_params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids instead")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, "
+                             f"{self.model_config.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs="
+                             f"{self.config.max_logprobs}")
+        req_id = request_id if request_id is not None else str(next(self._ids))
+        if req_id in self._requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        now = time.monotonic() if arrival_time is None else arrival_time
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        request = Request(req_id, token_ids, params, arrival_time=now, priority=priority,
+                          eos_token_id=eos)
+        self.scheduler.add_request(request)  # validates lengths and cache fit
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        detok = (IncrementalDetokenizer(self.tokenizer, token_ids)
+                 if self.tokenizer is not None else None)
+        output = RequestOutput(req_id, text, token_ids,
+                               [CompletionOutput(0, "", [], logprobs=[] if params.logprobs
+                                                 is not None else None)],
+                               arrival_time=now)
+        self._requests[req_id] = _Tracked(output, params, seed, detok)
+        return req_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; True if it was live. Its blocks are freed."""
+        if self._requests.pop(request_id, None) is None:
+            return False
+        self.scheduler.abort_request(request_id)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._inflight)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run (at most) one iteration; return the requests that progressed in it."""
+        scheduled_any = False
+        if len(self._inflight) < self.scheduler.config.n_workers:
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                self._close(batch, None)
+            else:
+                self._inflight.append((batch, self._dispatch(batch)))
+                scheduled_any = True
+        if self._inflight and (
+            len(self._inflight) >= self.scheduler.config.n_workers or not scheduled_any
+        ):
+            return self._close(*self._inflight.popleft())
+        return []
+
+    def _dispatch(self, batch: SchedulerOutput) -> tuple:
+        seqs, rows = [], []
+        for s in batch.scheduled:
+            tracked = self._requests.get(s.req_id)
+            p = tracked.params if tracked else SamplingParams()
+            seed = tracked.seed if tracked else 0
+            num_out = len(tracked.output.outputs[0].token_ids) if tracked else 0
+            seqs.append((s.token_ids, s.start_pos, s.block_ids))
+            rows.append((p.temperature, p.top_k, p.top_p, seed, num_out))
+        self.num_iterations += 1
+        return self.runner.execute_and_sample(seqs, rows, self.config.max_logprobs)
+
+    def _close(self, batch: SchedulerOutput, device_out: tuple | None) -> list[RequestOutput]:
+        sampled, logprobs = {}, {}
+        if device_out is not None:
+            tokens, token_lp = (np.asarray(a) for a in device_out[:2])  # waits for the device
+            for row, s in enumerate(batch.scheduled):
+                if s.sample:
+                    sampled[s.req_id] = int(tokens[row])
+                    logprobs[s.req_id] = float(token_lp[row])
+        deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
+        now = time.monotonic()
+        outputs = []
+        for delta in deltas:
+            tracked = self._requests.get(delta.req_id)
+            if tracked is None:  # aborted meanwhile
+                continue
+            outputs.append(self._advance(tracked, delta, now))
+            if tracked.output.finished:
+                del self._requests[delta.req_id]
+        return outputs
+
+    def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
+        """Apply a scheduler delta: detokenize, look for stop strings, update timestamps."""
+        out, comp = tracked.output, tracked.output.outputs[0]
+        comp.delta_token_ids = list(delta.new_token_ids)
+        comp.delta_text = ""
+        if out.first_token_time is None and delta.new_token_ids:
+            out.first_token_time = now
+        out.last_token_time = now
+        comp.token_ids.extend(delta.new_token_ids)
+        if comp.logprobs is not None and delta.logprobs:
+            comp.logprobs.extend(delta.logprobs)
+        finished, reason = delta.finished, delta.finish_reason
+        if tracked.detok is not None:
+            for tok in delta.new_token_ids:
+                comp.delta_text += tracked.detok.push(tok)
+            if finished:
+                comp.delta_text += tracked.detok.flush()
+            stop_at = _find_stop(comp.text, comp.delta_text, tracked.params.stop)
+            if stop_at is not None:
+                cut, stop = stop_at
+                comp.delta_text = comp.delta_text[: max(0, cut - len(comp.text))]
+                comp.stop_reason = stop
+                if not finished:
+                    self.scheduler.finish_requests(out.request_id, RequestStatus.FINISHED_STOPPED)
+                finished, reason = True, "stop"
+            comp.text += comp.delta_text
+        if finished and comp.stop_reason is None and reason == "stop" and comp.token_ids:
+            comp.stop_reason = comp.token_ids[-1]
+        comp.finish_reason = reason if finished else None
+        out.finished = finished
+        return out
+
+
+def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Earliest stop string ending inside the new text: (index in text + delta, the stop)."""
+    if not stops or not delta:
+        return None
+    full = text + delta
+    best = None
+    for stop in stops:
+        i = full.find(stop, max(0, len(text) - len(stop) + 1))
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, stop)
+    return best

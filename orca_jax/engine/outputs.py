@@ -1,0 +1,49 @@
+"""What the engine returns to users, in vLLM's shape (`.outputs[0].text`, `.token_ids`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a request (orca-jax produces one per request)."""
+
+    index: int
+    # Text generated so far (a stop string that ended it is not included).
+    text: str
+    # Tokens generated so far.
+    token_ids: list[int]
+    # None while running, then "stop", "length" or "abort".
+    finish_reason: str | None = None
+    # The stop string or stop token id that finished the request, if any.
+    stop_reason: str | int | None = None
+    # Log-probability of each generated token, when asked for.
+    logprobs: list[float] | None = None
+    # What this iteration added (for streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after an iteration: cumulative outputs plus this iteration's delta."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    # Engine-clock timestamps (seconds): arrival, first token, last token.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated tokens of the (single) completion."""
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text

@@ -1,0 +1,106 @@
+"""`LLM`: offline batched generation in vLLM's idiom, on the iteration-level engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from models import ModelConfig
+from models.layers import Params
+from orca_jax.engine.config import EngineConfig
+from orca_jax.engine.engine import Engine
+from orca_jax.engine.outputs import RequestOutput
+from orca_jax.model_loader import load_model
+from orca_jax.scheduler import SamplingParams
+from orca_jax.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """Load a model and generate for many prompts at once.
+
+    >>> llm = LLM(model="smollm2-135m", policy="orca")
+    >>> [out] = llm.generate(["What is the capital of France?"], SamplingParams(max_tokens=8))
+    >>> out.outputs[0].text
+
+    A JAX codebase can serve its own model: pass `params=` (our params tree) and `config=`
+    (a `ModelConfig`), and optionally `tokenizer=`.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        weights: str | None = None,
+        params: Params | None = None,
+        config: ModelConfig | None = None,
+        tokenizer: Tokenizer | str | None = None,
+        seed: int = 0,
+        dtype: str | None = None,
+        attention_impl: str | None = None,
+        **engine_args,
+    ):
+        if params is not None:
+            if config is None:
+                raise ValueError("params= needs config= (a models.ModelConfig) beside it")
+            tok = tokenizer if not isinstance(tokenizer, str) else _load_tokenizer(tokenizer)
+        else:
+            loaded = load_model(
+                model,
+                weights=weights,
+                tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+                seed=seed,
+                dtype=dtype,
+                attention_impl=attention_impl,
+            )
+            config, params = loaded.config, loaded.params
+            tok = tokenizer if isinstance(tokenizer, Tokenizer) else loaded.tokenizer
+        engine_config = EngineConfig(seed=seed, **engine_args)
+        self.engine = Engine(config, params, tok, engine_config)
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        A prompt that cannot be served raises ValueError before anything runs.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params_list, strict=True):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError as e:
+            for req_id in ids:  # nothing half-submitted stays queued
+                self.engine.abort(req_id)
+            raise ValueError(f"prompt {len(ids)}: {e}") from e
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), disable=not use_tqdm or len(ids) < 8, desc="generate") as bar:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+
+def _load_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_pretrained_dir(
+        path
+    )
