@@ -9,6 +9,8 @@ buckets; padding tokens write their K/V to the reserved null slot 0 and padding 
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 from flax import struct
@@ -80,44 +82,78 @@ def pack_batch(
       page_size: tokens per KV page.
       num_tokens, num_reqs, max_blocks: the padded bucket sizes T, R and pages per request.
     """
-    total = sum(len(t) for t, _, _ in seqs)
-    if total > num_tokens or len(seqs) > num_reqs:
-        raise ValueError(f"{total} tokens / {len(seqs)} requests exceed bucket ({num_tokens}, "
-                         f"{num_reqs})")
-    input_ids = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slot_mapping = np.zeros(num_tokens, np.int32)  # padding -> null slot 0
+    n = len(seqs)
+    q_lens = np.fromiter((len(t) for t, _, _ in seqs), np.int32, n)
+    num_blocks = np.fromiter((len(b) for _, _, b in seqs), np.int32, n)
+    if n and num_blocks.max() > max_blocks:
+        r = int(np.argmax(num_blocks))
+        raise ValueError(f"request {r} owns {num_blocks[r]} pages > max_blocks={max_blocks}")
+    block_tables = np.zeros((n, max_blocks), np.int32)
+    block_tables[np.arange(max_blocks) < num_blocks[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(b for _, _, b in seqs), np.int32, int(num_blocks.sum())
+    )
+    return pack_arrays(
+        np.fromiter(itertools.chain.from_iterable(t for t, _, _ in seqs), np.int32,
+                    int(q_lens.sum())),
+        q_lens,
+        np.fromiter((s for _, s, _ in seqs), np.int32, n),
+        block_tables,
+        num_blocks,
+        page_size=page_size,
+        num_tokens=num_tokens,
+        num_reqs=num_reqs,
+    )
+
+
+def pack_arrays(
+    token_ids: np.ndarray,  # i32[total] new tokens of all requests, request after request
+    q_lens: np.ndarray,  # i32[n] new tokens per request
+    starts: np.ndarray,  # i32[n] position of each request's first new token
+    block_tables: np.ndarray,  # i32[n, max_blocks] page tables (0 beyond num_blocks)
+    num_blocks: np.ndarray,  # i32[n] pages each request owns
+    *,
+    page_size: int,
+    num_tokens: int,
+    num_reqs: int,
+) -> RaggedBatch:
+    """The vectorised core of `pack_batch`: pad per-request arrays to the (T, R) bucket."""
+    n = len(q_lens)
+    total = len(token_ids)
+    if total > num_tokens or n > num_reqs:
+        raise ValueError(f"{total} tokens / {n} requests exceed bucket ({num_tokens}, {num_reqs})")
+    kv_lens = starts + q_lens
+    bad = (q_lens < 1) | (-(-kv_lens // page_size) > num_blocks)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(
+            f"request {r}: {q_lens[r]} new tokens, context {kv_lens[r]}, {num_blocks[r]} pages "
+            f"(needs >= 1 token and pages for its whole context)"
+        )
+    cu = np.zeros(n + 1, np.int32)
+    np.cumsum(q_lens, out=cu[1:])
+    req_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)
+    pos = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1] - starts, q_lens)
+
+    def padded(values, size):
+        out = np.zeros(size, np.int32)
+        out[: len(values)] = values
+        return out
+
+    tables = np.zeros((num_reqs, block_tables.shape[1]), np.int32)
+    tables[:n] = block_tables
     cu_q_lens = np.full(num_reqs + 1, total, np.int32)
-    kv_lens = np.zeros(num_reqs, np.int32)
-    block_tables = np.zeros((num_reqs, max_blocks), np.int32)
-    logits_indices = np.zeros(num_reqs, np.int32)
-    t = 0
-    for r, (tokens, start, blocks) in enumerate(seqs):
-        n = len(tokens)
-        if n == 0:
-            raise ValueError(f"request {r} schedules no tokens")
-        kv_len = start + n
-        if -(-kv_len // page_size) > len(blocks):
-            raise ValueError(f"request {r}: {kv_len} tokens need more than {len(blocks)} pages")
-        if len(blocks) > max_blocks:
-            raise ValueError(f"request {r} owns {len(blocks)} pages > max_blocks={max_blocks}")
-        pos = np.arange(start, kv_len, dtype=np.int32)
-        blocks_np = np.asarray(blocks, np.int32)
-        cu_q_lens[r] = t
-        input_ids[t : t + n] = tokens
-        positions[t : t + n] = pos
-        slot_mapping[t : t + n] = blocks_np[pos // page_size] * page_size + pos % page_size
-        kv_lens[r] = kv_len
-        block_tables[r, : len(blocks)] = blocks_np
-        logits_indices[r] = t + n - 1
-        t += n
+    cu_q_lens[: n + 1] = cu
     return RaggedBatch(
-        input_ids=input_ids,
-        positions=positions,
+        input_ids=padded(token_ids, num_tokens),
+        positions=padded(pos, num_tokens),
         cu_q_lens=cu_q_lens,
-        kv_lens=kv_lens,
-        block_tables=block_tables,
-        slot_mapping=slot_mapping,
-        logits_indices=logits_indices,
-        num_reqs=np.int32(len(seqs)),
+        kv_lens=padded(kv_lens, num_reqs),
+        block_tables=tables,
+        # Padding tokens write to slot 0 of the null page.
+        slot_mapping=padded(
+            block_tables[req_of_token, pos // page_size] * page_size + pos % page_size,
+            num_tokens,
+        ),
+        logits_indices=padded(cu[1:] - 1, num_reqs),
+        num_reqs=np.int32(n),
     )

@@ -1,16 +1,16 @@
-"""Generate text from the command line.
+"""Generate text from the command line, through the iteration-level engine.
 
   python -m orca_jax.generate --model=smollm2-135m \
       --prompt="What is the capital of France?" --chat --max_tokens=32
+  python -m orca_jax.generate --prompts_file=prompts.txt --policy=paged --max_batch_size=32
 """
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from orca_jax.model_loader import load_model
-from orca_jax.runner import ModelRunner, RunnerConfig
-from orca_jax.simple_loop import greedy_generate
+from orca_jax.llm import LLM
+from orca_jax.scheduler import SamplingParams
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model preset name.")
 _WEIGHTS = flags.DEFINE_string(
@@ -18,53 +18,74 @@ _WEIGHTS = flags.DEFINE_string(
 )
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer path (default: the weights').")
 _PROMPT = flags.DEFINE_string("prompt", "What is the capital of France?", "Prompt text.")
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "A file of prompts, one per line, all served by the engine at once."
+)
 _PROMPT_IDS = flags.DEFINE_list("prompt_token_ids", None, "Prompt as token ids instead of text.")
-_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt in the model's chat template.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens to generate at most.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k cut (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus cut (1: off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and for sampling.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
 _ATTENTION = flags.DEFINE_enum("attention_impl", None, ["reference", "pallas"], "Attention.")
-_PAGE_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV page.")
-_NUM_PAGES = flags.DEFINE_integer("num_kv_blocks", 256, "KV pages (page 0 is reserved).")
+_POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
+_NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is reserved).")
+_KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
+_N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca policy).")
+_MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
+_MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    loaded = load_model(
+    logging.set_verbosity(logging.WARNING)
+    llm = LLM(
         _MODEL.value,
         weights=_WEIGHTS.value,
         tokenizer=_TOKENIZER.value,
         seed=_SEED.value,
         dtype=_DTYPE.value,
         attention_impl=_ATTENTION.value,
+        policy=_POLICY.value,
+        max_batch_size=_MAX_BATCH.value,
+        block_size=_BLOCK_SIZE.value,
+        num_kv_blocks=_NUM_BLOCKS.value,
+        kv_cache_memory=_KV_MEMORY.value,
+        n_workers=_N_WORKERS.value,
+        max_model_len=_MAX_LEN.value,
+        max_num_batched_tokens=_MAX_TOKENS_STEP.value,
+        warmup=False,
     )
-    tok = loaded.tokenizer
+    tok = llm.get_tokenizer()
     if _PROMPT_IDS.value:
-        prompt_ids = [int(t) for t in _PROMPT_IDS.value]
+        prompts = [[int(t) for t in _PROMPT_IDS.value]]
     else:
         if tok is None:
             raise app.UsageError(
                 f"{_MODEL.value} has no tokenizer at hand: pass --tokenizer or --prompt_token_ids"
             )
-        text = _PROMPT.value
+        if _PROMPTS_FILE.value:
+            with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        else:
+            prompts = [_PROMPT.value]
         if _CHAT.value:
-            text = tok.apply_chat_template([{"role": "user", "content": text}])
-        prompt_ids = tok.encode(text)
-    max_model_len = min(loaded.config.max_seq_len, 2048)
-    runner = ModelRunner(
-        loaded.config,
-        loaded.params,
-        RunnerConfig(
-            num_pages=_NUM_PAGES.value,
-            page_size=_PAGE_SIZE.value,
-            max_num_tokens=max(16, 1 << (len(prompt_ids) - 1).bit_length()),
-            max_num_reqs=1,
-            max_model_len=max_model_len,
-        ),
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    params = SamplingParams(
+        max_tokens=_MAX_TOKENS.value,
+        temperature=_TEMPERATURE.value,
+        top_k=_TOP_K.value,
+        top_p=_TOP_P.value,
+        seed=_SEED.value if _TEMPERATURE.value > 0 else None,
     )
-    eos = tok.eos_token_id if tok is not None else None
-    [out] = greedy_generate(runner, [prompt_ids], _MAX_TOKENS.value, eos_token_id=eos)
-    print(tok.decode(out) if tok is not None else " ".join(map(str, out)))
+    outputs = llm.generate(prompts, params)
+    for out in outputs:
+        text = out.outputs[0].text if tok is not None else " ".join(map(str, out.token_ids))
+        print(text if len(outputs) == 1 else f"[{out.request_id}] {text!r}")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class ModelRunner:
 
     def execute_and_sample(
         self,
-        seqs: Sequence[SeqSpec],
+        batch: RaggedBatch,
         sampling_rows: Sequence[tuple[float, int, float, int, int]],
         num_top_logprobs: int = 0,
     ) -> tuple[jax.Array, ...]:
@@ -121,7 +121,6 @@ class ModelRunner:
         `sampling_rows` holds `(temperature, top_k, top_p, seed, step)` per request. Returns
         (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded to R.
         """
-        batch = self.build_batch(seqs)
         md = SamplingMetadata.build(list(sampling_rows), batch.max_reqs)
         return sample(self.execute(batch), md, num_top_logprobs)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from models import ModelConfig
 from models.layers import Params
+from orca_jax.batch_builder import BatchBuilder
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.runner import ModelRunner
@@ -58,11 +59,13 @@ class Engine:
         sched_config, runner_config = config.resolve(model_config)
         self.scheduler = make_scheduler(sched_config)
         self.runner = ModelRunner(model_config, params, runner_config)
+        self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
-        self.num_iterations = 0
+        self.num_iterations = 0  # batches dispatched
+        self.num_preemptions = 0
         if config.warmup:
             self.runner.warmup(num_top_logprobs=config.max_logprobs)
 
@@ -133,6 +136,7 @@ class Engine:
         scheduled_any = False
         if len(self._inflight) < self.scheduler.config.n_workers:
             batch = self.scheduler.schedule()
+            self.num_preemptions += len(batch.preempted_req_ids)
             if batch.is_empty:
                 self._close(batch, None)
             else:
@@ -145,16 +149,16 @@ class Engine:
         return []
 
     def _dispatch(self, batch: SchedulerOutput) -> tuple:
-        seqs, rows = [], []
+        rows = []
         for s in batch.scheduled:
-            tracked = self._requests.get(s.req_id)
-            p = tracked.params if tracked else SamplingParams()
-            seed = tracked.seed if tracked else 0
-            num_out = len(tracked.output.outputs[0].token_ids) if tracked else 0
-            seqs.append((s.token_ids, s.start_pos, s.block_ids))
-            rows.append((p.temperature, p.top_k, p.top_p, seed, num_out))
+            tracked = self._requests[s.req_id]
+            p = tracked.params
+            num_out = len(tracked.output.outputs[0].token_ids)
+            rows.append((p.temperature, p.top_k, p.top_p, tracked.seed, num_out))
         self.num_iterations += 1
-        return self.runner.execute_and_sample(seqs, rows, self.config.max_logprobs)
+        return self.runner.execute_and_sample(
+            self.batch_builder.build(batch), rows, self.config.max_logprobs
+        )
 
     def _close(self, batch: SchedulerOutput, device_out: tuple | None) -> list[RequestOutput]:
         sampled, logprobs = {}, {}
