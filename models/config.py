@@ -70,7 +70,7 @@ class ModelConfig:
         norm = 2 * D if self.norm == "layernorm" else D
         attn = D * (N + 2 * K) * H + N * H * D + (bias * ((N + 2 * K) * H + D))
         mlp_mats = 3 if self.activation == "swiglu" else 2
-        mlp = mlp_mats * D * F + bias * (F + D)
+        mlp = mlp_mats * D * F + bias * ((mlp_mats - 1) * F + D)
         per_layer = attn + mlp + 2 * norm
         embed = self.vocab_size * D + (self.max_seq_len * D if self.position == "learned" else 0)
         head = 0 if self.tie_embeddings else D * self.vocab_size

@@ -51,7 +51,7 @@ def load_model(
     if weights is None or weights == "random":
         params = init_params(config, seed)
     elif weights.endswith(".gguf"):
-        gguf_config, params = load_gguf(weights)
+        gguf_config, params = load_gguf(weights, dtype=config.dtype)
         config = _check_shapes(gguf_config.replace(**overrides), config)
         tok = Tokenizer.from_gguf(weights)
     else:
