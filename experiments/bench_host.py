@@ -16,8 +16,8 @@ import numpy as np
 from absl import app, flags
 
 from models import get_config
-from orca_jax.engine.config import EngineConfig
 from orca_jax.batch_builder import BatchBuilder
+from orca_jax.engine.config import EngineConfig
 from orca_jax.sampler import SamplingMetadata
 from orca_jax.scheduler import ModelRunnerOutput, Request, SamplingParams, make_scheduler
 
@@ -36,9 +36,12 @@ def main(argv):
     # for a while before the first ones finish.
     max_tokens = max_len - ctx
     cfg = EngineConfig(
-        policy=_POLICY.value, max_batch_size=n, block_size=16,
+        policy=_POLICY.value,
+        max_batch_size=n,
+        block_size=16,
         num_kv_blocks=n * (max_len // 16) + 1,
-        max_model_len=max_len, max_num_batched_tokens=max(n, 1024),
+        max_model_len=max_len,
+        max_num_batched_tokens=max(n, 1024),
     )
     sched_cfg, runner_cfg = cfg.resolve(model)
     scheduler = make_scheduler(sched_cfg)
@@ -46,13 +49,15 @@ def main(argv):
     rng = np.random.default_rng(0)
     for i in range(n):
         prompt = rng.integers(0, model.vocab_size, ctx).tolist()
-        scheduler.add_request(Request(str(i), prompt, SamplingParams(
-            max_tokens=max_tokens, ignore_eos=True)))
+        scheduler.add_request(
+            Request(str(i), prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        )
     # Prefill everything first (not timed): iterations until all requests decode.
     while True:
         out = scheduler.schedule()
-        scheduler.update(ModelRunnerOutput(out.batch_id, {s.req_id: 1 for s in out.scheduled
-                                                          if s.sample}))
+        scheduler.update(
+            ModelRunnerOutput(out.batch_id, {s.req_id: 1 for s in out.scheduled if s.sample})
+        )
         if all(len(s.token_ids) == 1 for s in out.scheduled) and len(out.scheduled) == n:
             break
     sched_t, build_t, update_t = [], [], []
@@ -70,10 +75,12 @@ def main(argv):
         build_t.append(t2 - t1)
         update_t.append(t3 - t2)
     med = lambda xs: statistics.median(xs) * 1e3
-    print(f"policy {_POLICY.value}, {n} decoding requests, context {ctx}: "
-          f"schedule {med(sched_t):.3f} ms + build batch {med(build_t):.3f} ms = "
-          f"{med(sched_t) + med(build_t):.3f} ms; update {med(update_t):.3f} ms (medians of "
-          f"{_ITERS.value})")
+    print(
+        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}: "
+        f"schedule {med(sched_t):.3f} ms + build batch {med(build_t):.3f} ms = "
+        f"{med(sched_t) + med(build_t):.3f} ms; update {med(update_t):.3f} ms (medians of "
+        f"{_ITERS.value})"
+    )
 
 
 if __name__ == "__main__":

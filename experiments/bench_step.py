@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from models import get_config, init_kv_cache, init_params, pack_batch, step
@@ -54,7 +53,10 @@ def decode_batch(num_reqs: int, context: int, page: int, num_tokens: int | None 
         for r in range(num_reqs)
     ]
     return pack_batch(
-        seqs, page_size=page, num_tokens=num_tokens or num_reqs, num_reqs=num_reqs,
+        seqs,
+        page_size=page,
+        num_tokens=num_tokens or num_reqs,
+        num_reqs=num_reqs,
         max_blocks=pages_per,
     ), 1 + num_reqs * pages_per
 
@@ -95,7 +97,10 @@ def main(argv):
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
             context = min(_CONTEXT.value, cfg.max_seq_len - 1)
-            cases = [("decode", *decode_batch(t, context, page)), ("prefill", *prefill_batch(t, page))]
+            cases = [
+                ("decode", *decode_batch(t, context, page)),
+                ("prefill", *prefill_batch(t, page)),
+            ]
             for case, batch, num_pages in cases:
                 cache = init_kv_cache(cfg, num_pages, page)
                 sec, cache = time_step(params, cfg, cache, batch, _ITERS.value)

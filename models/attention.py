@@ -19,8 +19,16 @@ def paged_attention(
     sm_scale: float,
 ) -> jax.Array:  # [T, N, H]
     """Each packed query token attends causally to its own request's pages."""
-    args = (q, k_cache, v_cache, layer, batch.kv_lens, batch.block_tables, batch.cu_q_lens,
-            batch.num_reqs)
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        layer,
+        batch.kv_lens,
+        batch.block_tables,
+        batch.cu_q_lens,
+        batch.num_reqs,
+    )
     if config.attention_impl == "reference":
         return ragged_paged_attention_ref(*args, sm_scale=sm_scale)
     if config.attention_impl == "pallas":

@@ -93,8 +93,9 @@ def pack_batch(
         itertools.chain.from_iterable(b for _, _, b in seqs), np.int32, int(num_blocks.sum())
     )
     return pack_arrays(
-        np.fromiter(itertools.chain.from_iterable(t for t, _, _ in seqs), np.int32,
-                    int(q_lens.sum())),
+        np.fromiter(
+            itertools.chain.from_iterable(t for t, _, _ in seqs), np.int32, int(q_lens.sum())
+        ),
         q_lens,
         np.fromiter((s for _, s, _ in seqs), np.int32, n),
         block_tables,

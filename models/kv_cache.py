@@ -30,9 +30,7 @@ class KVCache:
         return self.k.shape[3]
 
 
-def init_kv_cache(
-    config: ModelConfig, num_pages: int, page_size: int, *, sharding=None
-) -> KVCache:
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, *, sharding=None) -> KVCache:
     """Zeroed cache of `num_pages` pages (page 0 included) of `page_size` tokens."""
     if num_pages < 2:
         raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")

@@ -1,6 +1,6 @@
 """orca-jax: iteration-level scheduling and selective batching for transformer serving on JAX.
 
-    from orca_jax import LLM, SamplingParams
+from orca_jax import LLM, SamplingParams
 """
 
 from orca_jax.engine.config import EngineConfig

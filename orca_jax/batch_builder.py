@@ -36,8 +36,10 @@ class BatchBuilder:
         have = self._num_blocks[row]
         if len(block_ids) != have:
             if len(block_ids) > self._table.shape[1]:
-                raise ValueError(f"request {req_id!r} owns {len(block_ids)} blocks, more than "
-                                 f"max_model_len allows ({self._table.shape[1]})")
+                raise ValueError(
+                    f"request {req_id!r} owns {len(block_ids)} blocks, more than "
+                    f"max_model_len allows ({self._table.shape[1]})"
+                )
             self._table[row, have : len(block_ids)] = block_ids[have:]
             self._num_blocks[row] = len(block_ids)
         return row
@@ -61,8 +63,11 @@ class BatchBuilder:
         num_blocks = self._num_blocks[rows]
         max_pages = bucket(int(num_blocks.max()), cfg.pages_buckets)
         return pack_arrays(
-            np.fromiter(itertools.chain.from_iterable(s.token_ids for s in sched), np.int32,
-                        int(q_lens.sum())),
+            np.fromiter(
+                itertools.chain.from_iterable(s.token_ids for s in sched),
+                np.int32,
+                int(q_lens.sum()),
+            ),
             q_lens,
             np.fromiter((s.start_pos for s in sched), np.int32, n),
             self._table[rows, :max_pages],

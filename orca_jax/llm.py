@@ -101,6 +101,6 @@ class LLM:
 
 
 def _load_tokenizer(path: str) -> Tokenizer:
-    return Tokenizer.from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_pretrained_dir(
-        path
+    return (
+        Tokenizer.from_gguf(path) if path.endswith(".gguf") else Tokenizer.from_pretrained_dir(path)
     )

@@ -73,8 +73,11 @@ def load_model(
 def _check_shapes(loaded: ModelConfig, preset: ModelConfig) -> ModelConfig:
     """The loaded file's config, after checking it has the preset's shapes."""
     fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-    diff = {f: (getattr(loaded, f), getattr(preset, f)) for f in fields
-            if getattr(loaded, f) != getattr(preset, f)}
+    diff = {
+        f: (getattr(loaded, f), getattr(preset, f))
+        for f in fields
+        if getattr(loaded, f) != getattr(preset, f)
+    }
     if diff:
         raise ValueError(f"weights do not match preset {preset.name!r}: {diff} (file, preset)")
     return loaded.replace(name=preset.name)

@@ -131,8 +131,9 @@ class ModelRunner:
         shapes = self.config.all_buckets() if buckets is None else buckets
         out = None
         for t, r, p in shapes:
-            out = sample(self.execute(_dummy_batch(t, r, p)), SamplingMetadata.greedy(r),
-                         num_top_logprobs)
+            out = sample(
+                self.execute(_dummy_batch(t, r, p)), SamplingMetadata.greedy(r), num_top_logprobs
+            )
         jax.block_until_ready((self.kv_cache, out))
         return len(shapes)
 
@@ -140,6 +141,9 @@ class ModelRunner:
 def _dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
     """A batch of the given bucket with one one-token request writing to the null page."""
     return pack_batch(
-        [([0], 0, [0])], page_size=1, num_tokens=num_tokens, num_reqs=num_reqs,
+        [([0], 0, [0])],
+        page_size=1,
+        num_tokens=num_tokens,
+        num_reqs=num_reqs,
         max_blocks=max_blocks,
     )

@@ -11,8 +11,14 @@ def _runner(name: str = "tiny-llama"):
     # A distinct config name gives each test its own jit cache entries.
     cfg = get_config("tiny-llama").replace(name=name)
     rc = RunnerConfig(
-        num_pages=64, page_size=4, max_num_tokens=32, max_num_reqs=8, max_model_len=64,
-        min_token_bucket=8, min_req_bucket=4, min_pages_bucket=16,
+        num_pages=64,
+        page_size=4,
+        max_num_tokens=32,
+        max_num_reqs=8,
+        max_model_len=64,
+        min_token_bucket=8,
+        min_req_bucket=4,
+        min_pages_bucket=16,
     )
     return ModelRunner(cfg, init_params(cfg), rc)
 
@@ -20,7 +26,12 @@ def _runner(name: str = "tiny-llama"):
 def test_warmed_up_steps_compile_nothing():
     runner = _runner()
     assert runner.config.all_buckets() == [
-        (8, 4, 16), (8, 8, 16), (16, 4, 16), (16, 8, 16), (32, 4, 16), (32, 8, 16)
+        (8, 4, 16),
+        (8, 8, 16),
+        (16, 4, 16),
+        (16, 8, 16),
+        (32, 4, 16),
+        (32, 8, 16),
     ]
     runner.warmup()
     rng = np.random.default_rng(0)
@@ -33,7 +44,9 @@ def test_warmed_up_steps_compile_nothing():
                 q = int(rng.integers(1, 4))
                 start = int(rng.integers(0, 20))
                 pages = -(-(start + q) // 4)
-                seqs.append((rng.integers(0, 256, q).tolist(), start, list(range(page, page + pages))))
+                seqs.append(
+                    (rng.integers(0, 256, q).tolist(), start, list(range(page, page + pages)))
+                )
                 page += pages
             logits = runner.run(seqs)
             assert logits.shape == (n, 256) and np.isfinite(logits).all()

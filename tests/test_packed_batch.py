@@ -71,7 +71,9 @@ def test_decode_equals_full_prefill():
     _, cache = _run(params, cfg, cache, [(toks[:10], 0, blocks)])
     for n in range(10, 20):
         inc, cache = _run(params, cfg, cache, [(toks[n : n + 1], n, blocks)])
-        full, _ = _run(params, cfg, init_kv_cache(cfg, NUM_PAGES, PAGE), [(toks[: n + 1], 0, blocks)])
+        full, _ = _run(
+            params, cfg, init_kv_cache(cfg, NUM_PAGES, PAGE), [(toks[: n + 1], 0, blocks)]
+        )
         np.testing.assert_allclose(inc, full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 

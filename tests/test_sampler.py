@@ -23,8 +23,9 @@ def test_greedy_is_argmax_and_logprobs_are_log_softmax():
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = _logits(6)
-    md = SamplingMetadata.build([(1.5, 1, 1.0, i, 0) for i in range(3)]
-                                + [(1.5, 0, 1e-6, i, 0) for i in range(3)], 6)
+    md = SamplingMetadata.build(
+        [(1.5, 1, 1.0, i, 0) for i in range(3)] + [(1.5, 0, 1e-6, i, 0) for i in range(3)], 6
+    )
     toks, *_ = sample(logits, md)
     np.testing.assert_array_equal(toks, np.argmax(logits, -1))
 

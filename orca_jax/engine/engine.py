@@ -51,11 +51,11 @@ class Engine:
         model_config: ModelConfig,
         params: Params,
         tokenizer: Tokenizer | None = None,
-        config: EngineConfig = EngineConfig(),
+        config: EngineConfig | None = None,
     ):
         self.model_config = model_config
         self.tokenizer = tokenizer
-        self.config = config
+        self.config = config = config or EngineConfig()
         sched_config, runner_config = config.resolve(model_config)
         self.scheduler = make_scheduler(sched_config)
         self.runner = ModelRunner(model_config, params, runner_config)
@@ -94,28 +94,38 @@ class Engine:
             text, token_ids = None, [int(t) for t in prompt]
         bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, "
-                             f"{self.model_config.vocab_size})")
+            raise ValueError(
+                f"token ids {bad[:5]} outside the vocabulary [0, {self.model_config.vocab_size})"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs="
-                             f"{self.config.max_logprobs}")
+            raise ValueError(
+                f"logprobs={params.logprobs} exceeds the engine's max_logprobs="
+                f"{self.config.max_logprobs}"
+            )
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         now = time.monotonic() if arrival_time is None else arrival_time
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        request = Request(req_id, token_ids, params, arrival_time=now, priority=priority,
-                          eos_token_id=eos)
+        request = Request(
+            req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
+        )
         self.scheduler.add_request(request)  # validates lengths and cache fit
         seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
-        detok = (IncrementalDetokenizer(self.tokenizer, token_ids)
-                 if self.tokenizer is not None else None)
-        output = RequestOutput(req_id, text, token_ids,
-                               [CompletionOutput(0, "", [], logprobs=[] if params.logprobs
-                                                 is not None else None)],
-                               arrival_time=now)
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, token_ids)
+            if self.tokenizer is not None
+            else None
+        )
+        output = RequestOutput(
+            req_id,
+            text,
+            token_ids,
+            [CompletionOutput(0, "", [], logprobs=[] if params.logprobs is not None else None)],
+            arrival_time=now,
+        )
         self._requests[req_id] = _Tracked(output, params, seed, detok)
         return req_id
 

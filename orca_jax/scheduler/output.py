@@ -1,0 +1,80 @@
+"""What crosses between scheduler, runner and engine each iteration: ints and lists of ints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a batch."""
+
+    req_id: str
+    # Tokens fed this iteration: a prompt chunk, the last generated token, or (after a
+    # preemption) a chunk of prompt + generated tokens being recomputed.
+    token_ids: list[int]
+    # Position of token_ids[0] in the sequence (== num_computed_tokens before this step).
+    start_pos: int
+    # The request's whole block table after this step's allocation.
+    block_ids: list[int]
+    # True when token_ids reach the end of the known tokens, so the step must sample a next
+    # token for this request; False for a non-final prefill chunk.
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens fed for this request this iteration."""
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One iteration's batch, as the scheduler decided it."""
+
+    # Identifies the batch; the ModelRunnerOutput closing it carries the same id.
+    batch_id: int
+    # Requests in packing order (their tokens are laid out on the packed axis in this order).
+    scheduled: list[ScheduledRequest]
+    # Sum of len(token_ids) over `scheduled`.
+    num_scheduled_tokens: int
+    # Requests preempted by this schedule(): their blocks are freed and their K/V is gone.
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # Requests whose blocks were released since the previous schedule() (finished or
+    # aborted): the runner may drop any state it keeps for them.
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no token is scheduled (the batch still has to be closed by update())."""
+        return not self.scheduled
+
+    @property
+    def num_reqs(self) -> int:
+        """Requests in the batch."""
+        return len(self.scheduled)
+
+
+@dataclass
+class ModelRunnerOutput:
+    """What the runner returns for one batch."""
+
+    batch_id: int
+    # One sampled token per request whose ScheduledRequest.sample was True.
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # Log-probability of each sampled token, when requested.
+    logprobs: dict[str, float] | None = None
+
+
+@dataclass
+class RequestDelta:
+    """A streaming delta of one request, returned by Scheduler.update()."""
+
+    req_id: str
+    # Tokens generated since the previous delta of this request.
+    new_token_ids: list[int]
+    # True on the request's last delta.
+    finished: bool = False
+    # "stop", "length" or "abort" once finished, else None.
+    finish_reason: str | None = None
+    # Log-probabilities of new_token_ids, when the runner reported them.
+    logprobs: list[float] | None = None

@@ -1,0 +1,70 @@
+"""How one request is sampled and when it stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping settings of one request, in vLLM's idiom.
+
+    Lists given for `stop` or `stop_token_ids` are stored as tuples, so the object stays
+    hashable. Stop strings are matched by the engine after detokenizing; the scheduler only
+    checks token ids (`stop_token_ids`, the end-of-sequence id unless `ignore_eos`) and
+    `max_tokens`.
+    """
+
+    # Most tokens to generate; the request finishes with reason "length" when it gets there.
+    max_tokens: int = 16
+    # Softmax temperature; 0 means greedy (argmax).
+    temperature: float = 0.0
+    # Keep only the k most likely tokens; 0 turns the filter off.
+    top_k: int = 0
+    # Keep the smallest set of tokens whose probability reaches top_p; 1 turns it off.
+    top_p: float = 1.0
+    # Seed of this request's random stream; None draws from the engine's stream.
+    seed: int | None = None
+    # Stop strings, checked by the engine on the detokenized text.
+    stop: tuple[str, ...] = ()
+    # Token ids that end the request (reason "stop"); the stop token is kept in the output.
+    stop_token_ids: tuple[int, ...] = ()
+    # Keep generating past the end-of-sequence token (the paper's benchmark setting).
+    ignore_eos: bool = False
+    # Number of top log-probabilities to return per token; None returns none.
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen dataclass: normalize through object.__setattr__.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_int("top_k", self.top_k, minimum=0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty str, got {s!r}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids entries", t, minimum=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when sampling reduces to argmax."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> None:
+    # bool is an int subclass; `max_tokens=True` is a bug, not 1.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

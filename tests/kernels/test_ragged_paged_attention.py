@@ -1,0 +1,377 @@
+"""The ragged paged attention kernel against its jnp reference.
+
+On CPU the kernel runs in interpret mode (its default there); on a GPU the same tests run the
+Triton kernel. Each config keeps one shape bucket (one compile) while the batch contents vary:
+decode-only, prefill-only, mixed, and a full bucket with no padding. Every batch has contexts
+ending mid-page, and the kernel sees a cache that is NaN outside the contexts (other layers
+included) and NaN query rows for padding tokens, so it must read exactly the right slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import partition as part
+from pallas_kernels.ragged_paged_attention.kernel import _forward, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_ref
+from pallas_kernels.ragged_paged_attention.testing import random_batch
+
+# Bucket shared by all configs: T tokens, R request rows, contexts up to CTX tokens.
+T, R, CTX = 64, 8, 320
+
+# (dtype, page size, N, K, H): every dtype meets every page size; GQA ratios 1, 2, 4 and 3.
+CONFIGS = [
+    (jnp.float32, 16, 4, 4, 32),
+    (jnp.float32, 32, 8, 4, 32),
+    (jnp.float32, 64, 8, 2, 16),
+    (jnp.bfloat16, 16, 8, 2, 64),
+    (jnp.bfloat16, 32, 4, 4, 64),
+    (jnp.bfloat16, 64, 4, 2, 64),
+    (jnp.float16, 16, 4, 2, 32),
+    (jnp.float16, 32, 8, 2, 32),
+    (jnp.float16, 64, 2, 2, 128),
+    (jnp.bfloat16, 16, 9, 3, 64),  # SmolLM2-135M: 9 heads over 3 kv heads
+]
+
+# (q_lens, kv_lens) of the real requests; rows past them are padding requests.
+SCENARIOS = {
+    "decode": ([1] * 7, [1, 16, 17, 31, 200, 257, 320]),
+    "prefill": ([24, 17, 3, 19], [300, 17, 3, 19]),  # a late chunk, then fresh prompts
+    "mixed": ([37, 9, 13, 1, 1, 1, 1], [250, 9, 13, 129, 64, 7, 318]),
+    "full": ([16, 1, 9, 1, 20, 1, 15, 1], [16, 111, 90, 33, 20, 2, 299, 128]),  # no padding
+}
+
+TOLERANCES = {  # dtype -> (relative L2 error, max abs error)
+    jnp.float32: (1e-5, 1e-4),
+    jnp.bfloat16: (1e-2, 5e-2),
+    jnp.float16: (1e-3, 4e-3),
+}
+
+
+def _config_id(config):
+    dtype, S, N, K, H = config
+    return f"{jnp.dtype(dtype).name}-S{S}-N{N}K{K}-H{H}"
+
+
+def _seed(*parts: str) -> int:
+    return zlib.crc32("/".join(parts).encode())
+
+
+def _make_batch(seed, config, scenario):
+    dtype, S, N, K, H = config
+    q_lens, kv_lens = SCENARIOS[scenario]
+    MB = -(-CTX // S)
+    return random_batch(
+        np.random.default_rng(seed),
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+        num_tokens=T,
+        num_rows=R,
+        max_blocks=MB,
+        num_heads=N,
+        num_kv_heads=K,
+        head_dim=H,
+        page_size=S,
+        dtype=dtype,
+        num_pages=R * MB + 4,
+    )
+
+
+def _assert_matches_reference(batch, out):
+    dtype = batch.q.dtype
+    H = batch.q.shape[-1]
+    ref = np.asarray(ragged_paged_attention_ref(*batch.args(), sm_scale=H**-0.5), np.float32)
+    out = np.asarray(out, np.float32)
+    assert out.shape == ref.shape
+    assert not np.isnan(out).any(), "NaN in the output"
+    n = batch.num_real_tokens
+    np.testing.assert_array_equal(out[n:], 0.0, err_msg="padding rows must be exactly 0")
+    rel_tol, abs_tol = TOLERANCES[jnp.dtype(dtype).type]
+    rel = np.linalg.norm(out[:n] - ref[:n]) / np.linalg.norm(ref[:n])
+    assert rel < rel_tol, f"relative L2 error {rel:.2e}"
+    np.testing.assert_allclose(out[:n], ref[:n], atol=abs_tol, rtol=0)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_matches_reference(config, scenario):
+    batch = _make_batch(_seed(_config_id(config), scenario), config, scenario)
+    H = config[-1]
+    out = ragged_paged_attention(*batch.poisoned().args(), sm_scale=H**-0.5)
+    _assert_matches_reference(batch, out)
+
+
+# Tuning variants: split-K (with empty splits on short contexts), one page per loop step,
+# and small decode tiles for GQA.
+VARIANTS = [
+    (CONFIGS[0], dict(num_kv_splits=3)),
+    (CONFIGS[9], dict(num_kv_splits=2, block_kv=64)),
+    (CONFIGS[6], dict(block_kv=16, decode_rows=32, prefill_rows=32)),
+]
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "config,tuning", VARIANTS, ids=[f"{_config_id(c)}-{t}" for c, t in VARIANTS]
+)
+def test_tuning_variants_match_reference(config, tuning, scenario):
+    batch = _make_batch(_seed(str(tuning), scenario), config, scenario)
+    out = ragged_paged_attention(*batch.poisoned().args(), sm_scale=config[-1] ** -0.5, **tuning)
+    _assert_matches_reference(batch, out)
+
+
+@pytest.mark.parametrize("scenario", ["decode", "mixed", "full"])
+def test_writes_every_real_row_and_no_padding_row(scenario):
+    """Into a NaN-poisoned output buffer: real rows must be written, padding rows untouched."""
+    config = CONFIGS[3]
+    batch = _make_batch(7, config, scenario)
+    forward = jax.jit(
+        functools.partial(
+            _forward,
+            sm_scale=0.125,
+            block_kv=None,
+            decode_rows=16,
+            prefill_rows=64,
+            num_kv_splits=1,
+            num_warps=4,
+            num_stages=3,
+            interpret=None,
+        )
+    )
+    poison = jnp.full(batch.q.shape, jnp.nan, batch.q.dtype)
+    out = np.asarray(forward(*batch.args(), poison), np.float32)
+    n = batch.num_real_tokens
+    assert not np.isnan(out[:n]).any(), "a real token's row was not written"
+    assert np.isnan(out[n:]).all(), "a padding row was written"
+
+
+def test_inside_scan_over_layers():
+    """As the decoder uses it: `layer` is a scan carry and the cache the full stacked array."""
+    dtype, S, N, K, H = CONFIGS[5]
+    batch = _make_batch(11, CONFIGS[5], "mixed")
+    args = [jnp.asarray(a) for a in batch.args()]
+
+    @jax.jit
+    def all_layers(q, k, v, kv_lens, bt, cu, n):
+        def body(layer, _):
+            out = ragged_paged_attention(q, k, v, layer, kv_lens, bt, cu, n, sm_scale=0.125)
+            return layer + 1, out
+
+        return jax.lax.scan(body, jnp.int32(0), None, length=k.shape[0])[1]
+
+    q, k, v, _, kv_lens, bt, cu, n = args
+    outs = all_layers(q, k, v, kv_lens, bt, cu, n)
+    for layer in range(k.shape[0]):
+        ref = ragged_paged_attention_ref(
+            q, k, v, jnp.int32(layer), kv_lens, bt, cu, n, sm_scale=0.125
+        )
+        np.testing.assert_allclose(
+            np.asarray(outs[layer], np.float32), np.asarray(ref, np.float32), atol=6e-2
+        )
+
+
+def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype):
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    return (
+        sds((T, N, H), dtype),
+        sds((L, K, P, S, H), dtype),
+        sds((L, K, P, S, H), dtype),
+        sds((), i32),
+        sds((R,), i32),
+        sds((R, MB), i32),
+        sds((R + 1,), i32),
+        sds((), i32),
+    )
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(H=48), "power of two"),
+        (dict(H=8), "power of two"),
+        (dict(S=8), "page size"),
+        (dict(S=128), "page size"),
+        (dict(N=10, K=4), "multiple of kv heads"),
+        (dict(dtype=jnp.int8), "dtype"),
+    ],
+)
+def test_shape_checks(change, match):
+    shape = dict(T=8, N=4, K=2, H=32, L=2, P=8, S=16, R=2, MB=4, dtype=jnp.float32) | change
+    args = _abstract_args(**shape)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(functools.partial(ragged_paged_attention, sm_scale=1.0), *args)
+
+
+def test_dtype_and_index_checks():
+    args = list(_abstract_args(8, 4, 2, 32, 2, 8, 16, 2, 4, jnp.float32))
+    f = functools.partial(ragged_paged_attention, sm_scale=1.0)
+    bad_cache = [args[0], *(jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in args[1:3])]
+    with pytest.raises(ValueError, match="must match q dtype"):
+        jax.eval_shape(f, *bad_cache, *args[3:])
+    with pytest.raises(ValueError, match="cu_q_lens must be i32"):
+        jax.eval_shape(f, *args[:6], jax.ShapeDtypeStruct((2,), jnp.int32), args[7])
+    with pytest.raises(ValueError, match="block_kv"):
+        jax.eval_shape(functools.partial(f, block_kv=8), *args)
+
+
+def test_validate_metadata():
+    batch = _make_batch(0, CONFIGS[0], "mixed")
+    kw = dict(num_tokens=T, page_size=16, num_pages=batch.k_cache.shape[2])
+    meta = (batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_reqs)
+    part.validate_metadata(*meta, **kw)
+    bad_kv = batch.kv_lens.copy()
+    bad_kv[0] = 3  # fewer context tokens than new tokens
+    with pytest.raises(ValueError, match="q_len > kv_len"):
+        part.validate_metadata(bad_kv, *meta[1:], **kw)
+    bad_bt = batch.block_tables.copy()
+    bad_bt[1, 0] = 0  # the null page inside a context
+    with pytest.raises(ValueError, match="page ids"):
+        part.validate_metadata(meta[0], bad_bt, *meta[2:], **kw)
+    with pytest.raises(ValueError, match="token bucket"):
+        part.validate_metadata(*meta, **(kw | dict(num_tokens=8)))
+
+
+@pytest.mark.parametrize("group_pow2", [1, 4, 16])
+def test_tiles_cover_every_real_token_once(group_pow2):
+    """The static tile-slot bounds hold on adversarial batches; tiles carry right positions."""
+    rng = np.random.default_rng(group_pow2)
+    num_tokens, num_rows = 96, 24
+    classes = part.plan_tile_classes(
+        num_tokens=num_tokens,
+        num_rows=num_rows,
+        group_pow2=group_pow2,
+        decode_rows=16,
+        prefill_rows=64,
+    )
+    small = classes[0].block_q
+    shapes = [[1] * 24, [small + 1] * (96 // (small + 1)), [96], [small] * (96 // small)]
+    shapes += [list(rng.integers(1, 20, size=rng.integers(1, 10))) for _ in range(12)]
+    for q_lens in shapes:
+        q_lens = [int(q) for q in q_lens if q][:num_rows]
+        while sum(q_lens) > num_tokens:
+            q_lens.pop()
+        cu = np.zeros(num_rows + 1, np.int32)
+        cu[1 : len(q_lens) + 1] = np.cumsum(q_lens)
+        cu[len(q_lens) + 1 :] = cu[len(q_lens)]
+        kv = np.zeros(num_rows, np.int32)
+        kv[: len(q_lens)] = np.asarray(q_lens) + rng.integers(0, 50, size=len(q_lens))
+        seen = np.zeros(num_tokens, int)
+        for c in classes:
+            tiles = np.asarray(
+                part.build_tiles(jnp.asarray(cu), jnp.asarray(kv), jnp.int32(len(q_lens)), c)
+            )
+            assert tiles.shape == (c.num_tiles, part.NUM_TILE_FIELDS)
+            for req, start, count, pos0 in tiles[tiles[:, part.Q_COUNT] > 0]:
+                assert cu[req] <= start and start + count <= cu[req + 1] and count <= c.block_q
+                assert pos0 == kv[req] - (cu[req + 1] - cu[req]) + (start - cu[req])
+                seen[start : start + count] += 1
+        np.testing.assert_array_equal(seen, np.arange(num_tokens) < cu[-1], err_msg=q_lens)
+
+
+def test_plan_num_splits():
+    plan = functools.partial(part.plan_num_splits, num_kv_heads=12, block_kv=128)
+    assert plan(num_tokens=8, num_rows=8, max_context=4096) > 1  # few long decodes: split
+    assert plan(num_tokens=128, num_rows=128, max_context=512) == 1  # enough programs
+    assert plan(num_tokens=8, num_rows=8, max_context=256) == 1  # too short to split
+    assert plan(num_tokens=4096, num_rows=8, max_context=4096) == 1  # prefill bucket
+
+
+H100 = jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
+)
+
+
+def _triton_calls(fn, args):
+    """Lower `fn` for an abstract H100 (no GPU needed); the Triton custom calls it emits."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh  # noqa: PLC0415
+
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=H100)
+    with use_abstract_mesh(mesh):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        target = ir.StringAttr(child.attributes["call_target_name"]).value
+                        if target == "__gpu$xla.gpu.triton":
+                            calls.append(child)
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "name,shape,tuning",
+    [  # a GQA decode bucket (planned split-K), a GQA prefill bucket, a cache over 4 GiB
+        ("decode", dict(T=128, N=9, K=3, H=64, L=30, P=4200, S=16, R=128, MB=32), {}),
+        ("smollm2", dict(T=1024, N=9, K=3, H=64, L=30, P=4096, S=16, R=64, MB=64), {}),
+        (
+            "huge",
+            dict(T=256, N=32, K=8, H=128, L=40, P=40000, S=32, R=128, MB=128),
+            dict(num_kv_splits=4),
+        ),
+    ],
+)
+def test_lowers_to_triton_for_h100(name, shape, tuning):
+    """The kernel lowers, without a GPU, to verified Triton IR for an H100 (sm_90).
+
+    Proves: every kernel op has a Triton lowering (a `jnp` op Triton cannot express, a
+    non-power-of-two block, a bad dot shape or a mixed-type dot fails here), the pallas_call
+    becomes XLA's Triton custom call with the grid, warps and stages we planned, and the
+    Triton module passes MLIR verification with the loops kept as `scf.for` and four dots
+    (QK and PV in the unmasked and the masked loop). Cannot prove: Triton's own passes down
+    to PTX (layouts, shared-memory budget, software pipelining), nor results or speed: those
+    need the GPU run (`experiments/gpu_check_attention.sh`).
+    """
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    dtype = jnp.bfloat16
+    args = _abstract_args(**shape, dtype=dtype)
+    fn = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False, **tuning)
+    calls = _triton_calls(fn, args)
+    classes = part.plan_tile_classes(
+        num_tokens=shape["T"],
+        num_rows=shape["R"],
+        group_pow2=part.next_pow2(shape["N"] // shape["K"]),
+        decode_rows=16,
+        prefill_rows=64,
+    )
+    splits = tuning.get("num_kv_splits") or part.plan_num_splits(
+        num_tokens=shape["T"],
+        num_rows=shape["R"],
+        num_kv_heads=shape["K"],
+        max_context=shape["MB"] * shape["S"],
+        block_kv=part.default_block_kv(dtype, shape["H"], shape["S"]),
+    )
+    assert len(calls) == len(classes)
+    for call, tile_class in zip(calls, classes, strict=True):
+        config = call.attributes["mhlo.backend_config"]
+        launch = {
+            k: ir.IntegerAttr(config[k]).value
+            for k in ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
+        }
+        assert launch == dict(
+            grid_x=tile_class.num_tiles, grid_y=shape["K"], grid_z=splits, num_warps=4, num_stages=3
+        )
+        with triton_lowering._new_ir_context():
+            module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+            assert module.operation.verify()
+            text = str(module)
+        assert text.count("tt.dot ") == 4 and text.count("scf.for ") == 2, text
+        cache_bytes = 2 * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
+        wide = re.findall(r"tt\.addptr .*!tt\.ptr<bf16>>, tensor<[0-9x]+xi64>", text)
+        assert bool(wide) == (cache_bytes > 2**32), "64-bit K/V offsets iff the cache > 4 GiB"

@@ -1,0 +1,165 @@
+"""The engine on the tiny model: batching changes nothing, short requests overtake long ones."""
+
+import numpy as np
+import pytest
+
+from models import get_config, init_params
+from orca_jax import Engine, EngineConfig, SamplingParams
+from orca_jax.utils.compilation import count_compiles
+
+CFG = get_config("tiny-llama")
+PARAMS = init_params(CFG, seed=3)
+SMALL = dict(max_batch_size=8, block_size=4, max_model_len=96, max_num_batched_tokens=64)
+
+
+def make_engine(policy="orca", num_kv_blocks=200, **kw):
+    cfg = EngineConfig(policy=policy, num_kv_blocks=num_kv_blocks, **{**SMALL, **kw})
+    return Engine(CFG, PARAMS, None, cfg)
+
+
+def _requests(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.integers(0, CFG.vocab_size, int(rng.integers(1, 40))).tolist(),
+            SamplingParams(max_tokens=int(rng.integers(1, 20)), ignore_eos=True),
+        )
+        for _ in range(n)
+    ]
+
+
+def run(engine, requests, arrivals=None):
+    """Add request i at iteration arrivals[i]; return each one's tokens and the finish order."""
+    arrivals = arrivals or [0] * len(requests)
+    outputs, order, it = {}, [], 0
+    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    while pending or engine.has_unfinished_requests():
+        while pending and arrivals[pending[0]] <= it:
+            i = pending.pop(0)
+            engine.add_request(requests[i][0], requests[i][1], request_id=str(i))
+        for out in engine.step():
+            if out.finished:
+                outputs[int(out.request_id)] = out.token_ids
+                order.append(int(out.request_id))
+        it += 1
+        assert it < 10_000
+    return outputs, order
+
+
+@pytest.fixture(scope="module")
+def alone():
+    """Each request generated alone (batch of one)."""
+    engine = make_engine(max_batch_size=1, warmup=False)
+    return {i: run(engine, [r])[0][0] for i, r in enumerate(_requests())}
+
+
+@pytest.mark.parametrize(
+    "policy,kw",
+    [
+        ("orca", {}),
+        ("orca", {"n_workers": 2}),
+        ("paged", {}),
+        ("paged", {"num_kv_blocks": 24, "max_num_batched_tokens": 16}),  # forces preemption
+        ("static", {}),
+    ],
+)
+def test_batched_greedy_equals_alone(alone, policy, kw):
+    reqs = _requests()
+    arrivals = np.random.default_rng(1).integers(0, 30, len(reqs)).tolist()
+    engine = make_engine(policy, warmup=False, **kw)
+    outputs, order = run(engine, reqs, arrivals)
+    assert sorted(order) == list(range(len(reqs)))  # each finished exactly once
+    for i in range(len(reqs)):
+        assert outputs[i] == alone[i], i
+    if "num_kv_blocks" in kw:
+        assert engine.num_preemptions > 0
+
+
+@pytest.mark.parametrize("policy,short_first", [("orca", True), ("paged", True), ("static", False)])
+def test_short_request_overtakes_long_one(policy, short_first):
+    long_req = ([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+    short_req = ([4, 5], SamplingParams(max_tokens=2, ignore_eos=True))
+    _, order = run(make_engine(policy, warmup=False), [long_req, short_req], arrivals=[0, 1])
+    assert (order == [1, 0]) is short_first
+
+
+def test_seeded_sampling_same_alone_and_batched():
+    sp = SamplingParams(
+        max_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=42, ignore_eos=True
+    )
+    prompt = [9, 8, 7, 6]
+    alone, _ = run(make_engine(warmup=False), [(prompt, sp)])
+    others = [
+        (p, SamplingParams(max_tokens=m.max_tokens, temperature=1.0, seed=i, ignore_eos=True))
+        for i, (p, m) in enumerate(_requests(7))
+    ]
+    batched, _ = run(
+        make_engine(warmup=False),
+        others[:3] + [(prompt, sp)] + others[3:],
+        arrivals=[0, 0, 1, 2, 2, 3, 5, 5],
+    )
+    assert batched[3] == alone[0]
+    unseeded, _ = run(
+        make_engine(warmup=False),
+        [
+            (
+                prompt,
+                SamplingParams(
+                    max_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=43, ignore_eos=True
+                ),
+            )
+        ],
+    )
+    assert unseeded[0] != alone[0]  # the seed matters
+
+
+def test_500_requests_after_warmup_compile_nothing():
+    engine = make_engine("paged", num_kv_blocks=400)
+    reqs = _requests(500, seed=5)
+    arrivals = np.random.default_rng(2).integers(0, 400, 500).tolist()
+    with count_compiles() as counts:
+        outputs, _ = run(engine, reqs, arrivals)
+    assert len(outputs) == 500
+    assert (counts.traces, counts.compiles) == (0, 0)
+
+
+def test_bad_requests_are_rejected_and_others_still_served():
+    engine = make_engine(warmup=False, num_kv_blocks=8)
+    good = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    cases = [
+        (lambda: engine.add_request([], SamplingParams()), "empty prompt"),
+        (lambda: engine.add_request([1] * 95, SamplingParams(max_tokens=4)), "max_model_len"),
+        (lambda: engine.add_request([1] * 10, SamplingParams(max_tokens=40)), "KV blocks"),
+        (lambda: engine.add_request([1, 999], SamplingParams()), "vocabulary"),
+        (lambda: engine.add_request("text", SamplingParams()), "tokenizer"),
+        (lambda: SamplingParams(max_tokens=0), "max_tokens"),
+        (lambda: engine.add_request([1], SamplingParams(), request_id=good), "in use"),
+    ]
+    for fn, words in cases:
+        with pytest.raises(ValueError, match=words):
+            fn()
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in outs] == [good] and len(outs[0].token_ids) == 4
+
+
+def test_abort_frees_blocks_and_keeps_serving():
+    engine = make_engine("paged", warmup=False, num_kv_blocks=40)
+    a = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.add_request([4, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.abort(a) and not engine.abort("nope")
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [b]
+    assert engine.scheduler.kv_cache_manager.num_free_blocks == 39
+
+
+def test_unknown_model_is_a_clear_error():
+    from orca_jax import LLM
+
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        LLM("nope")
