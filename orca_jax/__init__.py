@@ -1,12 +1,35 @@
 """orca-jax: iteration-level scheduling and selective batching for transformer serving on JAX.
 
-from orca_jax import LLM, SamplingParams
+    from orca_jax import LLM, SamplingParams
+
+Names are imported lazily, so `orca_jax.scheduler` (pure Python) can be used without JAX.
 """
 
-from orca_jax.engine.config import EngineConfig
-from orca_jax.engine.engine import Engine
-from orca_jax.engine.outputs import CompletionOutput, RequestOutput
-from orca_jax.llm import LLM
-from orca_jax.scheduler import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "CompletionOutput", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LLM": "orca_jax.llm",
+    "Engine": "orca_jax.engine.engine",
+    "EngineConfig": "orca_jax.engine.config",
+    "CompletionOutput": "orca_jax.engine.outputs",
+    "RequestOutput": "orca_jax.engine.outputs",
+    "SamplingParams": "orca_jax.scheduler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from orca_jax.engine.config import EngineConfig
+    from orca_jax.engine.engine import Engine
+    from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+    from orca_jax.llm import LLM
+    from orca_jax.scheduler import SamplingParams
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'orca_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
