@@ -22,8 +22,9 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        """True for the final states."""
-        return self in _FINISH_REASONS
+        """True for the final states (declared last; a value compare, no enum hashing, since
+        this runs for every request every iteration)."""
+        return self._value_ >= _FIRST_FINISHED
 
     @property
     def finish_reason(self) -> str | None:
@@ -31,6 +32,7 @@ class RequestStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
+_FIRST_FINISHED = RequestStatus.FINISHED_STOPPED.value
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
