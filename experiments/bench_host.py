@@ -41,7 +41,7 @@ def main(argv):
         block_size=16,
         num_kv_blocks=n * (max_len // 16) + 1,
         max_model_len=max_len,
-        max_num_batched_tokens=max(n, 1024),
+        max_num_batched_tokens=n * ctx,  # whole prompts in one iteration, for every policy
     )
     sched_cfg, runner_cfg = cfg.resolve(model)
     scheduler = make_scheduler(sched_cfg)

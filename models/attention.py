@@ -32,7 +32,7 @@ def paged_attention(
     if config.attention_impl == "reference":
         return ragged_paged_attention_ref(*args, sm_scale=sm_scale)
     if config.attention_impl == "pallas":
-        from pallas_kernels.ragged_paged_attention import kernel  # noqa: PLC0415
+        from pallas_kernels.ragged_paged_attention import kernel
 
         return kernel.ragged_paged_attention(*args, sm_scale=sm_scale)
     raise ValueError(f"unknown attention_impl {config.attention_impl!r}")

@@ -40,8 +40,8 @@ def load_model(
       dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
       attention_impl: "reference" or "pallas"; default is the preset's.
     """
-    from models.loaders.gguf_llama import default_model_path, load_gguf  # noqa: PLC0415
-    from orca_jax.tokenizer import Tokenizer  # noqa: PLC0415
+    from models.loaders.gguf_llama import default_model_path, load_gguf
+    from orca_jax.tokenizer import Tokenizer
 
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
     config = get_config(model, **overrides)
@@ -55,7 +55,7 @@ def load_model(
         config = _check_shapes(gguf_config.replace(**overrides), config)
         tok = Tokenizer.from_gguf(weights)
     else:
-        from models.loaders.hf import load_safetensors  # noqa: PLC0415
+        from models.loaders.hf import load_safetensors
 
         params = load_safetensors(weights, config)
         if os.path.isdir(weights):

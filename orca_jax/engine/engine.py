@@ -38,9 +38,15 @@ class _Tracked:
     """The engine's view of one live request: its text stream and cumulative output."""
 
     output: RequestOutput
-    params: SamplingParams
+    request: Request  # the scheduler's record (its output tokens lead ours under `static`)
     seed: int
     detok: IncrementalDetokenizer | None
+    # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
+    pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.sampling_params
 
 
 class Engine:
@@ -126,7 +132,7 @@ class Engine:
             [CompletionOutput(0, "", [], logprobs=[] if params.logprobs is not None else None)],
             arrival_time=now,
         )
-        self._requests[req_id] = _Tracked(output, params, seed, detok)
+        self._requests[req_id] = _Tracked(output, request, seed, detok)
         return req_id
 
     def abort(self, request_id: str) -> bool:
@@ -163,8 +169,9 @@ class Engine:
         for s in batch.scheduled:
             tracked = self._requests[s.req_id]
             p = tracked.params
-            num_out = len(tracked.output.outputs[0].token_ids)
-            rows.append((p.temperature, p.top_k, p.top_p, tracked.seed, num_out))
+            # The key folds in tokens generated so far: the same whatever the batch.
+            step = tracked.request.num_output_tokens
+            rows.append((p.temperature, p.top_k, p.top_p, tracked.seed, step))
         self.num_iterations += 1
         return self.runner.execute_and_sample(
             self.batch_builder.build(batch), rows, self.config.max_logprobs
@@ -173,11 +180,20 @@ class Engine:
     def _close(self, batch: SchedulerOutput, device_out: tuple | None) -> list[RequestOutput]:
         sampled, logprobs = {}, {}
         if device_out is not None:
-            tokens, token_lp = (np.asarray(a) for a in device_out[:2])  # waits for the device
+            tokens, token_lp, top_ids, top_lp = (np.asarray(a) for a in device_out)  # waits
             for row, s in enumerate(batch.scheduled):
-                if s.sample:
-                    sampled[s.req_id] = int(tokens[row])
-                    logprobs[s.req_id] = float(token_lp[row])
+                if not s.sample:
+                    continue
+                sampled[s.req_id] = int(tokens[row])
+                logprobs[s.req_id] = float(token_lp[row])
+                tracked = self._requests.get(s.req_id)
+                n = tracked.params.logprobs if tracked else None
+                if n is not None:
+                    top = {int(tokens[row]): float(token_lp[row])}
+                    top.update(
+                        zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
+                    )
+                    tracked.pending_logprobs.append(top)
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         now = time.monotonic()
         outputs = []
@@ -199,8 +215,10 @@ class Engine:
             out.first_token_time = now
         out.last_token_time = now
         comp.token_ids.extend(delta.new_token_ids)
-        if comp.logprobs is not None and delta.logprobs:
-            comp.logprobs.extend(delta.logprobs)
+        if comp.logprobs is not None:
+            num_new = len(delta.new_token_ids)
+            comp.logprobs.extend(tracked.pending_logprobs[:num_new])
+            del tracked.pending_logprobs[:num_new]
         finished, reason = delta.finished, delta.finish_reason
         if tracked.detok is not None:
             for tok in delta.new_token_ids:

@@ -18,8 +18,9 @@ class CompletionOutput:
     finish_reason: str | None = None
     # The stop string or stop token id that finished the request, if any.
     stop_reason: str | int | None = None
-    # Log-probability of each generated token, when asked for.
-    logprobs: list[float] | None = None
+    # Per generated token, when asked for (SamplingParams.logprobs = n): {token id: logprob}
+    # holding the sampled token and the n most likely ones (raw model distribution).
+    logprobs: list[dict[int, float]] | None = None
     # What this iteration added (for streaming).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
