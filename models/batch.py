@@ -56,12 +56,12 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
-    """Powers of two from lo up to (and including a final bucket of) hi."""
+def geometric_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
+    """lo, lo * factor, lo * factor**2, ... below hi, then hi itself."""
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= factor
     out.append(hi)
     return tuple(out)
 

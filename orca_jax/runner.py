@@ -8,6 +8,7 @@ bucket that fits, so a warmed-up runner never compiles again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 
 from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch, step
-from models.batch import bucket, pow2_buckets
+from models.batch import bucket, geometric_buckets
 from models.layers import Params
 from orca_jax.sampler import SamplingMetadata, sample
 
@@ -45,18 +46,22 @@ class RunnerConfig:
     def max_pages_per_req(self) -> int:
         return -(-self.max_model_len // self.page_size)
 
-    @property
+    @functools.cached_property
     def token_buckets(self) -> tuple[int, ...]:
-        return pow2_buckets(min(self.min_token_bucket, self.max_num_tokens), self.max_num_tokens)
+        return geometric_buckets(
+            min(self.min_token_bucket, self.max_num_tokens), self.max_num_tokens
+        )
 
-    @property
+    @functools.cached_property
     def req_buckets(self) -> tuple[int, ...]:
-        return pow2_buckets(min(self.min_req_bucket, self.max_num_reqs), self.max_num_reqs)
+        return geometric_buckets(min(self.min_req_bucket, self.max_num_reqs), self.max_num_reqs)
 
-    @property
+    @functools.cached_property
     def pages_buckets(self) -> tuple[int, ...]:
         hi = self.max_pages_per_req
-        return pow2_buckets(min(self.min_pages_bucket, hi), hi)
+        # Steps of 4: the page axis only bounds the reference's gather (the kernel reads just
+        # the pages in use), so fewer buckets means fewer compiles at warm-up.
+        return geometric_buckets(min(self.min_pages_bucket, hi), hi, factor=4)
 
     def all_buckets(self) -> list[tuple[int, int, int]]:
         """Every (T, R, pages) shape a step can take (R <= T)."""
