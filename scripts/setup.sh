@@ -5,15 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 find_python() {
-  local candidates=()
+  # Prefer 3.12 (the GPU machines' version), then newer ones.
+  local candidates=() root="${PYENV_ROOT:-$HOME/.pyenv}"
   [ -n "${ORCA_PYTHON:-}" ] && candidates+=("$ORCA_PYTHON")
-  candidates+=(python3.13 python3.12 python3)
-  if command -v pyenv >/dev/null 2>&1; then
-    local root; root=$(pyenv root)
-    candidates+=($(ls -d "$root"/versions/3.1[2-9]*/bin/python 2>/dev/null | sort -rV || true))
-  fi
-  candidates+=($(ls -d "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python /usr/local/bin/python3.1[2-9] \
-                   /usr/bin/python3.1[2-9] 2>/dev/null | sort -rV || true))
+  command -v pyenv >/dev/null 2>&1 && root=$(pyenv root)
+  for minor in 12 13 14 15; do
+    candidates+=("python3.$minor")
+    candidates+=($(ls -d "$root"/versions/3."$minor"*/bin/python /usr/local/bin/python3."$minor" \
+                     /usr/bin/python3."$minor" 2>/dev/null | sort -rV || true))
+  done
+  candidates+=(python3)
   for py in "${candidates[@]}"; do
     if command -v "$py" >/dev/null 2>&1 &&
        PYENV_VERSION= "$py" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
