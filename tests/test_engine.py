@@ -126,8 +126,9 @@ def test_logprobs_hold_the_sampled_and_top_tokens():
         engine.add_request([1], SamplingParams(logprobs=4))
 
 
-def test_500_requests_after_warmup_compile_nothing():
-    engine = make_engine("paged", num_kv_blocks=400)
+@pytest.mark.parametrize("policy", ["orca", "paged"])
+def test_500_requests_after_warmup_compile_nothing(policy):
+    engine = make_engine(policy, num_kv_blocks=400)
     reqs = _requests(500, seed=5)
     arrivals = np.random.default_rng(2).integers(0, 400, 500).tolist()
     with count_compiles() as counts:
