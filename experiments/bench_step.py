@@ -26,8 +26,11 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
 _ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
-    "floor_case", False, "Also time 128 decodes x 512 context against the bandwidth floor."
+    "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
 )
+_FLOOR_MODEL = flags.DEFINE_string("floor_model", "gpt2", "Model of the floor case.")
+_FLOOR_REQS = flags.DEFINE_integer("floor_reqs", 128, "Decoding requests of the floor case.")
+_FLOOR_CTX = flags.DEFINE_integer("floor_context", 512, "Context of the floor case.")
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
@@ -117,19 +120,20 @@ def main(argv):
 
 
 def floor_rows(page: int) -> list[str]:
-    """gpt2, 128 decoding requests of context 512: step time vs its memory-bandwidth floor."""
-    cfg = get_config("gpt2", dtype=_DTYPE.value, attention_impl=_ATTN.value)
+    """R decoding requests of context C: step time vs its memory-bandwidth floor."""
+    name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
+    cfg = get_config(name, dtype=_DTYPE.value, attention_impl=_ATTN.value)
     params = init_params(cfg, seed=0)
-    batch, num_pages = decode_batch(128, 512, page)
+    batch, num_pages = decode_batch(reqs, ctx, page)
     cache = init_kv_cache(cfg, num_pages, page)
     sec, _ = time_step(params, cfg, cache, batch, max(_ITERS.value, 20))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    kv_bytes = 128 * 513 * cfg.kv_bytes_per_token()
+    kv_bytes = reqs * (ctx + 1) * cfg.kv_bytes_per_token()
     bw = copy_bandwidth()
     floor = (weight_bytes + kv_bytes) / bw
     return [
         "",
-        f"gpt2 {_DTYPE.value} decode 128 x 512: {sec * 1e3:.3f} ms/step; floor "
+        f"{name} {_DTYPE.value} decode {reqs} x {ctx}: {sec * 1e3:.3f} ms/step; floor "
         f"{floor * 1e3:.3f} ms = ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB "
         f"KV) / {bw / 1e12:.2f} TB/s copy; ratio {sec / floor:.2f}x",
     ]
