@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import our_logits, patch_flax_llama_rope_theta, reference_logits, rel_err
 
-from models import get_config, init_kv_cache, pack_batch, param_shapes, step
+from models import get_config, param_shapes
 from models.loaders import gguf_llama
 from models.loaders.gguf_llama import GGUFFile, default_model_path, load_gguf, unpermute_rope_rows
 
@@ -106,20 +107,6 @@ def test_unpermute_inverts_llama_cpp_and_agrees_with_transformers(n_heads, head_
     np.testing.assert_array_equal(hf.process(permuted, "blk.0.attn_q.weight").weights, w)
 
 
-def _our_logits(cfg, params, page_size: int = 8) -> np.ndarray:
-    """Logits [1 + len(DECODE), V]: the prefill's last token, then one per decode step."""
-    blocks = [3, 1]
-    pack = dict(page_size=page_size, num_tokens=16, num_reqs=1, max_blocks=2)
-    cache = init_kv_cache(cfg, num_pages=4, page_size=page_size)
-    logits, cache = step(params, cache, pack_batch([(PROMPT, 0, blocks)], **pack), cfg)
-    out = [logits[0]]
-    for i, tok in enumerate(DECODE):
-        batch = pack_batch([([tok], len(PROMPT) + i, blocks)], **pack)
-        logits, cache = step(params, cache, batch, cfg)
-        out.append(logits[0])
-    return np.asarray(jnp.stack(out))
-
-
 def _transformers_route_logits(reader, monkeypatch) -> np.ndarray:
     """FlaxLlama logits at the positions ours predict from, weights via transformers' route."""
     gguf = pytest.importorskip("gguf")
@@ -139,17 +126,7 @@ def _transformers_route_logits(reader, monkeypatch) -> np.ndarray:
     hf_config = LlamaConfig(**{k: v for k, v in parsed.items() if k != "model_type"})
     assert hf_config.rope_theta == 100000.0 and hf_config.tie_word_embeddings
 
-    # FlaxLlama hard-codes RoPE base 10000; this is its `create_sinusoidal_positions` with
-    # the config's base (64 positions suffice here).
-    def setup(self) -> None:
-        dim = self.config.hidden_size // self.config.num_attention_heads
-        inv_freq = 1.0 / (self.config.rope_theta ** (np.arange(0, dim, 2) / dim))
-        freqs = np.einsum("i , j -> i j", np.arange(64), inv_freq).astype("float32")
-        emb = np.concatenate((freqs, freqs), axis=-1)
-        out = np.concatenate((np.sin(emb)[:, None, :], np.cos(emb)[:, None, :]), axis=-1)
-        self.sincos = jnp.array(out)  # [P, 1, 2H]: sin then cos
-
-    monkeypatch.setattr(modeling_flax_llama.FlaxLlamaRotaryEmbedding, "setup", setup)
+    patch_flax_llama_rope_theta(monkeypatch)  # FlaxLlama hard-codes RoPE base 10000 otherwise
     model = modeling_flax_llama.FlaxLlamaForCausalLM(hf_config, _do_init=False)
     shapes = flatten_dict(model.params_shape_tree)
 
@@ -170,19 +147,18 @@ def _transformers_route_logits(reader, monkeypatch) -> np.ndarray:
         )
         assert key == flax_key and w.shape == shapes[key].shape, (key, flax_key)
         flax_params[key] = jnp.asarray(w)
-    ids = jnp.asarray([PROMPT + DECODE], jnp.int32)
-    forward = jax.jit(lambda p, ids: model(ids, params=p).logits[0])  # eager dispatch is slower
-    logits = forward(unflatten_dict(flax_params), ids)  # [T, V]
-    return np.asarray(logits[len(PROMPT) - 1 :], np.float32)
+    return reference_logits(model, unflatten_dict(flax_params), PROMPT, DECODE)
 
 
 def test_logits_match_transformers_gguf_route(loaded, reader, monkeypatch):
     cfg, params = loaded
     ref = _transformers_route_logits(reader, monkeypatch)
-    ours = _our_logits(cfg, params)
+    ours = our_logits(
+        params, cfg, PROMPT, DECODE, page_size=8, blocks=[3, 1], num_pages=4, num_reqs=1
+    )
     assert ours.shape == ref.shape == (1 + len(DECODE), cfg.vocab_size)
     for i in range(len(ours)):
-        rel = np.max(np.abs(ours[i] - ref[i])) / np.max(np.abs(ref[i]))
+        rel = rel_err(ours[i], ref[i])
         assert rel < RTOL, f"step {i}: relative error {rel:.2e}"
     # Same greedy tokens, and a real model's confident predictions (not noise).
     np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))

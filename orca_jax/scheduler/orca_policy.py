@@ -37,13 +37,5 @@ class OrcaScheduler(Scheduler):
             if request.req_id not in self._inflight_req_ids:
                 batch.append(request)
                 budget -= request.num_uncomputed_tokens  # 1: prompts are fed whole
-        while self.waiting and len(batch) < max_batch_size:
-            request = self.waiting.peek()
-            if request.num_prompt_tokens > budget:
-                break
-            if not self.kv_cache_manager.reserve(request, request.max_total_tokens):
-                break
-            self._admit(request)
-            batch.append(request)
-            budget -= request.num_prompt_tokens
+        batch += self._admit_reserving(max_batch_size - len(batch), budget)
         return [(r, r.num_uncomputed_tokens) for r in batch], []

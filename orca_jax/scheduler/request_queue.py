@@ -14,7 +14,27 @@ def priority_key(request: Request) -> tuple[int, float]:
     return (request.priority, request.arrival_time)
 
 
-class FCFSQueue:
+class _QueueBase:
+    """What both queues share: a sequence `_queue` whose head is the next request to admit."""
+
+    _queue: deque[Request] | list[Request]
+
+    def peek(self) -> Request:
+        """The next request to admit, left in the queue."""
+        return self._queue[0]
+
+    def remove(self, request: Request) -> None:
+        """Take out a request wherever it is (abort)."""
+        self._queue.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._queue)
+
+
+class FCFSQueue(_QueueBase):
     """First come, first served: add_request order, preempted requests jump to the front."""
 
     def __init__(self) -> None:
@@ -28,26 +48,12 @@ class FCFSQueue:
         """Put a preempted request back at the front."""
         self._queue.appendleft(request)
 
-    def peek(self) -> Request:
-        """The next request to admit, left in the queue."""
-        return self._queue[0]
-
     def pop(self) -> Request:
         """Take out the next request to admit."""
         return self._queue.popleft()
 
-    def remove(self, request: Request) -> None:
-        """Take out a request wherever it is (abort)."""
-        self._queue.remove(request)
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
-
-
-class PriorityQueue:
+class PriorityQueue(_QueueBase):
     """Ordered by `priority_key`; ties keep add order, and a preempted request goes first."""
 
     def __init__(self) -> None:
@@ -61,23 +67,9 @@ class PriorityQueue:
         """Put a preempted request back ahead of the requests with an equal key."""
         bisect.insort_left(self._queue, request, key=priority_key)
 
-    def peek(self) -> Request:
-        """The next request to admit, left in the queue."""
-        return self._queue[0]
-
     def pop(self) -> Request:
         """Take out the next request to admit."""
         return self._queue.pop(0)
-
-    def remove(self, request: Request) -> None:
-        """Take out a request wherever it is (abort)."""
-        self._queue.remove(request)
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._queue)
 
 
 RequestQueue = FCFSQueue | PriorityQueue

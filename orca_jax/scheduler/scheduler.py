@@ -215,6 +215,24 @@ class Scheduler(abc.ABC):
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
+    def _admit_reserving(self, max_new: int, budget: int) -> list[Request]:
+        """Admit waiting requests in queue order, each reserving blocks for prompt + max_tokens.
+
+        At most `max_new` of them, their prompts (fed whole) within `budget` tokens together;
+        stops at the first request that does not fit, so nobody overtakes it.
+        """
+        admitted: list[Request] = []
+        while self.waiting and len(admitted) < max_new:
+            request = self.waiting.peek()
+            if request.num_prompt_tokens > budget:
+                break
+            if not self.kv_cache_manager.reserve(request, request.max_total_tokens):
+                break
+            self._admit(request)
+            admitted.append(request)
+            budget -= request.num_prompt_tokens
+        return admitted
+
     def _validate(self, request: Request) -> None:
         config = self.config
         name = f"request {request.req_id!r}"

@@ -36,15 +36,7 @@ class StaticScheduler(Scheduler):
         if not self.running:
             self._end_batch()
             # The first iteration feeds every prompt; later ones feed fewer tokens.
-            budget = self.config.max_num_batched_tokens
-            while self.waiting and len(self.running) < self.config.max_batch_size:
-                request = self.waiting.peek()
-                if request.num_prompt_tokens > budget:
-                    break
-                if not self.kv_cache_manager.reserve(request, request.max_total_tokens):
-                    break
-                self._admit(request)
-                budget -= request.num_prompt_tokens
+            self._admit_reserving(self.config.max_batch_size, self.config.max_num_batched_tokens)
         return [(r, r.num_uncomputed_tokens) for r in self.running], []
 
     def _on_finished(self, request: Request) -> None:

@@ -57,6 +57,11 @@ def create_requests(
     ]
 
 
+def ids(output: SchedulerOutput) -> list[str]:
+    """The req_ids of a batch, in packing order."""
+    return [s.req_id for s in output.scheduled]
+
+
 def next_token(context: list[int]) -> int:
     """The fake model: a deterministic function of the whole context."""
     return (31 * sum(context) + 7 * len(context)) % VOCAB_SIZE

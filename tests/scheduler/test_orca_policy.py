@@ -7,13 +7,10 @@ from sched_utils import (
     create_requests,
     create_scheduler,
     drive,
+    ids,
 )
 
 from orca_jax.scheduler import ModelRunnerOutput
-
-
-def ids(output):
-    return [s.req_id for s in output.scheduled]
 
 
 def test_whole_prompt_in_one_iteration_then_one_token_each():

@@ -7,13 +7,10 @@ from sched_utils import (
     create_scheduler,
     drive,
     expected_output,
+    ids,
 )
 
 from orca_jax.scheduler import Request, RequestStatus, SamplingParams
-
-
-def ids(output):
-    return [s.req_id for s in output.scheduled]
 
 
 def step(scheduler, runner):

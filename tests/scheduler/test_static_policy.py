@@ -7,11 +7,8 @@ from sched_utils import (
     create_scheduler,
     drive,
     expected_output,
+    ids,
 )
-
-
-def ids(output):
-    return [s.req_id for s in output.scheduled]
 
 
 def test_batch_runs_until_its_longest_member_ends_and_nobody_joins():
