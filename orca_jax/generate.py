@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         n_workers=_N_WORKERS.value,
         max_model_len=_MAX_LEN.value,
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
-        warmup=False,
+        warmup=False,  # a one-shot run compiles only the shapes it meets
     )
     tok = llm.get_tokenizer()
     if _PROMPT_IDS.value:

@@ -128,7 +128,7 @@ def test_logprobs_hold_the_sampled_and_top_tokens():
 
 @pytest.mark.parametrize("policy", ["orca", "paged"])
 def test_500_requests_after_warmup_compile_nothing(policy):
-    engine = make_engine(policy, num_kv_blocks=400)
+    engine = make_engine(policy, num_kv_blocks=400, warmup=True)
     reqs = _requests(500, seed=5)
     arrivals = np.random.default_rng(2).integers(0, 400, 500).tolist()
     with count_compiles() as counts:

@@ -25,7 +25,10 @@ class EngineConfig:
     scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
     max_logprobs: int = 0  # top log-probabilities a request may ask for
     seed: int = 0  # draws a seed for requests that set none
-    warmup: bool = True  # compile every shape bucket at start-up
+    # Compile every shape bucket at start-up. None: yes on accelerators; on the CPU, where one
+    # compile of a real model takes seconds and a full warm-up minutes, buckets compile on
+    # first use instead (steady state still compiles nothing once each bucket has been seen).
+    warmup: bool | None = None
 
     def resolve(self, model: ModelConfig) -> tuple[SchedulerConfig, RunnerConfig]:
         """The scheduler's and runner's configs for this model."""

@@ -14,6 +14,7 @@ import itertools
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from models import ModelConfig
@@ -72,7 +73,8 @@ class Engine:
         self._seed_rng = np.random.default_rng(config.seed)
         self.num_iterations = 0  # batches dispatched
         self.num_preemptions = 0
-        if config.warmup:
+        warmup = config.warmup if config.warmup is not None else jax.default_backend() != "cpu"
+        if warmup:
             self.runner.warmup(num_top_logprobs=config.max_logprobs)
 
     # ---- requests ----------------------------------------------------------------------------
