@@ -28,7 +28,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """A request's state after an iteration: cumulative outputs plus this iteration's delta."""
+    """A request's state after an iteration: cumulative outputs plus this iteration's delta.
+
+    The engine updates one object per request in place from iteration to iteration (no copy
+    on the hot path); copy it (`copy.deepcopy`) to keep a snapshot.
+    """
 
     request_id: str
     prompt: str | None
