@@ -177,3 +177,12 @@ def test_unknown_model_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         LLM("nope")
+
+
+def test_stop_search_spans_the_delta_boundary_without_rescanning():
+    from orca_jax.engine.engine import _find_stop
+
+    assert _find_stop("hello wor", "ld!", ["world"]) == (6, "world")  # starts in old text
+    assert _find_stop("abc", "def", ["cd", "ef"]) == (2, "cd")  # earliest wins
+    assert _find_stop("xx stop", "yy", ["stop"]) is None  # wholly in old text: already seen
+    assert _find_stop("", "xyz", ["y"]) == (1, "y")

@@ -244,13 +244,17 @@ class Engine:
 
 
 def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """Earliest stop string ending inside the new text: (index in text + delta, the stop)."""
+    """Earliest stop string ending inside the new text: (index in text + delta, the stop).
+
+    Only the last `len(stop) - 1` characters of the old text are searched again, so the cost
+    per iteration does not grow with the output.
+    """
     if not stops or not delta:
         return None
-    full = text + delta
     best = None
     for stop in stops:
-        i = full.find(stop, max(0, len(text) - len(stop) + 1))
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, stop)
+        keep = min(len(text), len(stop) - 1)
+        i = (text[len(text) - keep :] + delta).find(stop)
+        if i >= 0 and (best is None or len(text) - keep + i < best[0]):
+            best = (len(text) - keep + i, stop)
     return best
