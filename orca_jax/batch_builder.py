@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from models.batch import RaggedBatch, bucket, pack_arrays
+from models.batch import RaggedBatch, pack_arrays
 from orca_jax.runner import RunnerConfig
 from orca_jax.scheduler import SchedulerOutput
 
@@ -61,7 +61,7 @@ class BatchBuilder:
         rows = np.fromiter((self._row(s.req_id, s.block_ids) for s in sched), np.int32, n)
         q_lens = np.fromiter((len(s.token_ids) for s in sched), np.int32, n)
         num_blocks = self._num_blocks[rows]
-        max_pages = bucket(int(num_blocks.max()), cfg.pages_buckets)
+        num_tokens, num_reqs, max_pages = cfg.bucket(int(q_lens.sum()), n, int(num_blocks.max()))
         return pack_arrays(
             np.fromiter(
                 itertools.chain.from_iterable(s.token_ids for s in sched),
@@ -73,6 +73,6 @@ class BatchBuilder:
             self._table[rows, :max_pages],
             num_blocks,
             page_size=cfg.page_size,
-            num_tokens=bucket(int(q_lens.sum()), cfg.token_buckets),
-            num_reqs=bucket(n, cfg.req_buckets),
+            num_tokens=num_tokens,
+            num_reqs=num_reqs,
         )

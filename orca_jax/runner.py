@@ -63,6 +63,14 @@ class RunnerConfig:
         # the pages in use), so fewer buckets means fewer compiles at warm-up.
         return geometric_buckets(min(self.min_pages_bucket, hi), hi, factor=4)
 
+    def bucket(self, num_tokens: int, num_reqs: int, max_pages: int) -> tuple[int, int, int]:
+        """The (T, R, pages) bucket a batch of this size is padded to."""
+        return (
+            bucket(num_tokens, self.token_buckets),
+            bucket(num_reqs, self.req_buckets),
+            bucket(max_pages, self.pages_buckets),
+        )
+
     def all_buckets(self) -> list[tuple[int, int, int]]:
         """Every (T, R, pages) shape a step can take (R <= T)."""
         return [
@@ -88,20 +96,11 @@ class ModelRunner:
         self.params = params
         self.kv_cache: KVCache = init_kv_cache(model_config, config.num_pages, config.page_size)
 
-    def bucket_for(self, seqs: Sequence[SeqSpec]) -> tuple[int, int, int]:
-        """The (T, R, pages) bucket a batch of these requests is padded to."""
-        cfg = self.config
-        num_tokens = sum(len(t) for t, _, _ in seqs)
-        max_pages = max(len(b) for _, _, b in seqs)
-        return (
-            bucket(num_tokens, cfg.token_buckets),
-            bucket(len(seqs), cfg.req_buckets),
-            bucket(max_pages, cfg.pages_buckets),
-        )
-
     def build_batch(self, seqs: Sequence[SeqSpec]) -> RaggedBatch:
         """Pack requests into a numpy batch padded to its bucket."""
-        t, r, p = self.bucket_for(seqs)
+        t, r, p = self.config.bucket(
+            sum(len(t) for t, _, _ in seqs), len(seqs), max(len(b) for _, _, b in seqs)
+        )
         return pack_batch(
             list(seqs), page_size=self.config.page_size, num_tokens=t, num_reqs=r, max_blocks=p
         )
