@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import jax
+from jax.sharding import Mesh
 
 from models.batch import RaggedBatch
 from models.config import ModelConfig
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_ref
+from pallas_kernels.ragged_paged_attention.sharded import shard_over_heads
+
+# What attention_impl="auto" runs on each backend: the faster one in
+# experiments/bench_attention.py there (RESULTS.md). CPU: the reference (3.2 ms against 5.3 ms
+# for the kernel in interpret mode, tiny-gpt decode step). GPU: the reference until the
+# kernel's GPU figures are measured. "auto" falls back to the reference for geometries the
+# kernel does not take (page size, head dim).
+AUTO_ATTENTION = {"cpu": "reference", "gpu": "reference"}
+
+
+def resolve_attention_impl(config: ModelConfig, page_size: int) -> str:
+    """The implementation a step runs: `config.attention_impl`, "auto" resolved."""
+    if config.attention_impl != "auto":
+        return config.attention_impl
+    impl = AUTO_ATTENTION.get(jax.default_backend(), "reference")
+    if impl == "pallas":
+        from pallas_kernels.ragged_paged_attention import kernel
+
+        if not kernel.supports(config.head_dim, page_size, config.dtype):
+            return "reference"
+    return impl
 
 
 def paged_attention(
@@ -17,8 +39,13 @@ def paged_attention(
     batch: RaggedBatch,
     config: ModelConfig,
     sm_scale: float,
+    mesh: Mesh | None = None,
 ) -> jax.Array:  # [T, N, H]
-    """Each packed query token attends causally to its own request's pages."""
+    """Each packed query token attends causally to its own request's pages.
+
+    With a mesh whose `model` axis splits the heads, each device attends over its own heads
+    and pages under `shard_map` (no communication; a Pallas call is never replicated).
+    """
     args = (
         q,
         k_cache,
@@ -29,10 +56,15 @@ def paged_attention(
         batch.cu_q_lens,
         batch.num_reqs,
     )
-    if config.attention_impl == "reference":
-        return ragged_paged_attention_ref(*args, sm_scale=sm_scale)
-    if config.attention_impl == "pallas":
+    impl = resolve_attention_impl(config, k_cache.shape[3])
+    if impl == "reference":
+        fn = ragged_paged_attention_ref
+    elif impl == "pallas":
         from pallas_kernels.ragged_paged_attention import kernel
 
-        return kernel.ragged_paged_attention(*args, sm_scale=sm_scale)
-    raise ValueError(f"unknown attention_impl {config.attention_impl!r}")
+        fn = kernel.ragged_paged_attention
+    else:
+        raise ValueError(f"unknown attention_impl {impl!r}")
+    if mesh is not None and dict(mesh.shape).get("model", 1) > 1:
+        fn = shard_over_heads(fn, mesh, "model")
+    return fn(*args, sm_scale=sm_scale)

@@ -12,7 +12,8 @@ from typing import Literal
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 PositionEmbedding = Literal["learned", "rope"]
-AttentionImpl = Literal["reference", "pallas"]
+# "auto": per backend, whichever measured faster there (models/attention.py, AUTO_ATTENTION).
+AttentionImpl = Literal["auto", "reference", "pallas"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +38,13 @@ class ModelConfig:
     use_bias: bool = True
     # Dtype of parameters, activations and the KV cache; softmax and norms accumulate in f32.
     dtype: str = "float32"
-    attention_impl: AttentionImpl = "reference"
+    attention_impl: AttentionImpl = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_impl not in ("auto", "reference", "pallas"):
+            raise ValueError(
+                f"attention_impl must be auto, reference or pallas; got {self.attention_impl!r}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from models.attention import paged_attention
 from models.batch import RaggedBatch
@@ -92,9 +93,17 @@ def _write_kv(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Arr
 
 
 def forward(
-    params: Params, kv_cache: KVCache, batch: RaggedBatch, config: ModelConfig
+    params: Params,
+    kv_cache: KVCache,
+    batch: RaggedBatch,
+    config: ModelConfig,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """One iteration: write the batch's K/V into the pages, return next-token logits [R, V]."""
+    """One iteration: write the batch's K/V into the pages, return next-token logits [R, V].
+
+    `mesh`: when params and cache are split over its `model` axis (see `sharding/`), the
+    attention runs per head shard; everything else is partitioned by XLA from the layouts.
+    """
     embed = params["embed"]
     x = embed["tokens"][batch.input_ids]  # [T, D]
     if config.position == "learned":
@@ -112,7 +121,7 @@ def forward(
             k = rope(k, batch.positions, config.rope_theta)
         k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k)
         v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v)
-        attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale)  # [T, N, H]
+        attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale, mesh)  # [T,N,H]
         x = x + dense(p["o"], attn, "TNH,NHD->TD")
         x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config)
         return (x, k_cache, v_cache, layer + 1), None
@@ -129,9 +138,13 @@ def forward(
     return logits, KVCache(k=k_cache, v=v_cache)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("kv_cache",))
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("kv_cache",))
 def step(
-    params: Params, kv_cache: KVCache, batch: RaggedBatch, config: ModelConfig
+    params: Params,
+    kv_cache: KVCache,
+    batch: RaggedBatch,
+    config: ModelConfig,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Jitted `forward` with the cache donated, so the pages are updated in place."""
-    return forward(params, kv_cache, batch, config)
+    return forward(params, kv_cache, batch, config, mesh)

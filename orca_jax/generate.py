@@ -29,13 +29,16 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k cut (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus cut (1: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and for sampling.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
-_ATTENTION = flags.DEFINE_enum("attention_impl", None, ["reference", "pallas"], "Attention.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl", None, ["auto", "reference", "pallas"], "Attention (auto: per backend)."
+)
 _POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 _NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is reserved).")
 _KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca policy).")
+_TP = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices splitting heads and FFN.")
 _MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
@@ -56,6 +59,7 @@ def main(argv: list[str]) -> None:
         num_kv_blocks=_NUM_BLOCKS.value,
         kv_cache_memory=_KV_MEMORY.value,
         n_workers=_N_WORKERS.value,
+        tensor_parallel_size=_TP.value,
         max_model_len=_MAX_LEN.value,
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
         warmup=False,  # a one-shot run compiles only the shapes it meets

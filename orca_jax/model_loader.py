@@ -38,7 +38,7 @@ def load_model(
       tokenizer: optional tokenizer path (GGUF file, or a directory with `tokenizer.json` or
         GPT-2's `vocab.json` + `merges.txt`); by default the weights' own tokenizer.
       dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
-      attention_impl: "reference" or "pallas"; default is the preset's.
+      attention_impl: "auto" (the faster one on this backend), "reference" or "pallas".
     """
     from models.loaders.gguf_llama import default_model_path, load_gguf
     from orca_jax.tokenizer import Tokenizer

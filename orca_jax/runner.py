@@ -14,11 +14,13 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch, step
 from models.batch import bucket, geometric_buckets
 from models.layers import Params
 from orca_jax.sampler import SamplingMetadata, sample
+from sharding import shard_kv_cache, shard_params, tensor_parallel_size
 
 SeqSpec = tuple[Sequence[int], int, Sequence[int]]  # (token_ids, start_pos, block_ids)
 
@@ -83,9 +85,19 @@ class RunnerConfig:
 
 
 class ModelRunner:
-    """Runs one packed step at a time on the device; returns last-token logits per request."""
+    """Runs one packed step at a time on the device; returns last-token logits per request.
 
-    def __init__(self, model_config: ModelConfig, params: Params, config: RunnerConfig):
+    With a `mesh` (see `sharding/`), params and KV pages are split over its `model` axis
+    (tensor parallelism) and every step runs on all its devices; batches stay host-built.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params: Params,
+        config: RunnerConfig,
+        mesh: Mesh | None = None,
+    ):
         if config.max_model_len > model_config.max_seq_len:
             raise ValueError(
                 f"max_model_len={config.max_model_len} exceeds the model's context "
@@ -93,8 +105,13 @@ class ModelRunner:
             )
         self.model_config = model_config
         self.config = config
+        self.mesh = mesh if tensor_parallel_size(mesh) > 1 else None
+        cache = init_kv_cache(model_config, config.num_pages, config.page_size)
+        if self.mesh is not None:
+            params = shard_params(params, model_config, self.mesh)
+            cache = shard_kv_cache(cache, self.mesh)
         self.params = params
-        self.kv_cache: KVCache = init_kv_cache(model_config, config.num_pages, config.page_size)
+        self.kv_cache: KVCache = cache
 
     def build_batch(self, seqs: Sequence[SeqSpec]) -> RaggedBatch:
         """Pack requests into a numpy batch padded to its bucket."""
@@ -107,7 +124,9 @@ class ModelRunner:
 
     def execute(self, batch: RaggedBatch) -> jax.Array:
         """One step on the device; returns logits [R, V] (padding rows included)."""
-        logits, self.kv_cache = step(self.params, self.kv_cache, batch, self.model_config)
+        logits, self.kv_cache = step(
+            self.params, self.kv_cache, batch, self.model_config, self.mesh
+        )
         return logits
 
     def run(self, seqs: Sequence[SeqSpec]) -> np.ndarray:

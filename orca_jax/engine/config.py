@@ -8,6 +8,7 @@ from models import ModelConfig
 from models.kv_cache import num_pages_for_memory
 from orca_jax.runner import RunnerConfig
 from orca_jax.scheduler import SchedulerConfig
+from sharding import check_tensor_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +19,9 @@ class EngineConfig:
     max_batch_size: int = 16  # requests per iteration (the paper's max_bs)
     block_size: int = 16  # tokens per KV page
     num_kv_blocks: int | None = None  # KV pages incl. the null page; None: from memory
-    kv_cache_memory: int = 256 * 2**20  # bytes of KV cache when num_kv_blocks is None
+    kv_cache_memory: int = 256 * 2**20  # bytes of KV cache (all devices) if no num_kv_blocks
     n_workers: int = 1  # batches in flight (orca)
+    tensor_parallel_size: int = 1  # devices that split heads and FFN (see sharding/)
     max_model_len: int | None = None  # longest prompt + output; None: the model's context
     max_num_batched_tokens: int = 512  # token bucket ceiling, and paged's per-step budget
     scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
@@ -37,6 +39,7 @@ class EngineConfig:
             raise ValueError(
                 f"max_model_len={max_len} exceeds {model.name}'s context {model.max_seq_len}"
             )
+        check_tensor_parallel(model, self.tensor_parallel_size)
         num_blocks = self.num_kv_blocks or num_pages_for_memory(
             model, self.block_size, self.kv_cache_memory
         )

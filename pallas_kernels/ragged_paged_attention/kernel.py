@@ -215,6 +215,17 @@ def _attention_call(
     )(*inputs)
 
 
+def supports(head_dim: int, page_size: int, dtype) -> bool:
+    """Whether the kernel handles this geometry (what `_check_shapes` would accept)."""
+    pow2 = head_dim & (head_dim - 1) == 0
+    return (
+        16 <= head_dim <= 256
+        and pow2
+        and page_size in (16, 32, 64)
+        and jnp.dtype(dtype) in _SUPPORTED_DTYPES
+    )
+
+
 def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv):
     """Trace-time shape and dtype checks (values are checked by `validate_metadata`)."""
     if q.ndim != 3 or k_cache.ndim != 5:

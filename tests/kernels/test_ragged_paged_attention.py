@@ -334,7 +334,7 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     Triton module passes MLIR verification with the loops kept as `scf.for` and four dots
     (QK and PV in the unmasked and the masked loop). Cannot prove: Triton's own passes down
     to PTX (layouts, shared-memory budget, software pipelining), nor results or speed: those
-    need the GPU run (`experiments/gpu_check_attention.sh`).
+    need the GPU run (`experiments/gpu_check.sh`).
     """
     from jax._src.lib.mlir import ir  # noqa: PLC0415
     from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415

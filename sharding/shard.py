@@ -1,0 +1,30 @@
+"""Placing params and the KV cache on a mesh by the rules."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from sharding.mesh import tensor_parallel_size
+from sharding.rules import cache_spec, param_specs
+
+
+def shard_params(params, config: ModelConfig, mesh: Mesh):
+    """`params` laid out on `mesh` by `PARAM_RULES` (each device holds only its slices)."""
+    specs = param_specs(params, config, tensor_parallel_size(mesh))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    return jax.device_put(params, shardings)
+
+
+def shard_kv_cache(cache: KVCache, mesh: Mesh) -> KVCache:
+    """The cache split by KV head over the mesh."""
+    sharding = NamedSharding(mesh, cache_spec())
+    return KVCache(k=jax.device_put(cache.k, sharding), v=jax.device_put(cache.v, sharding))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (the batch metadata, sampling inputs)."""
+    return NamedSharding(mesh, P())
