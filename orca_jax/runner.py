@@ -20,7 +20,7 @@ from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch,
 from models.batch import bucket, geometric_buckets
 from models.layers import Params
 from orca_jax.sampler import SamplingMetadata, sample
-from sharding import shard_kv_cache, shard_params, tensor_parallel_size
+from sharding import kv_cache_sharding, shard_params, tensor_parallel_size
 
 SeqSpec = tuple[Sequence[int], int, Sequence[int]]  # (token_ids, start_pos, block_ids)
 
@@ -106,12 +106,15 @@ class ModelRunner:
         self.model_config = model_config
         self.config = config
         self.mesh = mesh if tensor_parallel_size(mesh) > 1 else None
-        cache = init_kv_cache(model_config, config.num_pages, config.page_size)
         if self.mesh is not None:
             params = shard_params(params, model_config, self.mesh)
-            cache = shard_kv_cache(cache, self.mesh)
         self.params = params
-        self.kv_cache: KVCache = cache
+        self.kv_cache: KVCache = init_kv_cache(
+            model_config,
+            config.num_pages,
+            config.page_size,
+            sharding=kv_cache_sharding(self.mesh) if self.mesh is not None else None,
+        )  # allocated split over the mesh, never whole on one device
 
     def build_batch(self, seqs: Sequence[SeqSpec]) -> RaggedBatch:
         """Pack requests into a numpy batch padded to its bucket."""

@@ -19,9 +19,14 @@ def shard_params(params, config: ModelConfig, mesh: Mesh):
     return jax.device_put(params, shardings)
 
 
+def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    """Pages split by KV head; pass to `init_kv_cache(..., sharding=)` to allocate in place."""
+    return NamedSharding(mesh, cache_spec())
+
+
 def shard_kv_cache(cache: KVCache, mesh: Mesh) -> KVCache:
-    """The cache split by KV head over the mesh."""
-    sharding = NamedSharding(mesh, cache_spec())
+    """An existing cache moved onto the mesh, split by KV head."""
+    sharding = kv_cache_sharding(mesh)
     return KVCache(k=jax.device_put(cache.k, sharding), v=jax.device_put(cache.v, sharding))
 
 

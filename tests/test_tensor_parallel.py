@@ -131,4 +131,5 @@ def test_engine_tokens_with_two_devices():
     with count_compiles() as compiles:
         two = generate(engine)
     assert two == one
+    assert engine.runner.kv_cache.k.sharding.spec == P(None, "model")
     assert (compiles.traces, compiles.compiles) == (0, 0)
