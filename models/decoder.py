@@ -92,22 +92,23 @@ def _write_kv(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Arr
     return cache.at[layer, :, slots // S, slots % S].set(new.astype(cache.dtype))
 
 
-def forward(
-    params: Params,
+def embed(params: Params, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
+    """Token (and learned position) embeddings of the packed tokens: [T, D]."""
+    x = params["embed"]["tokens"][batch.input_ids]  # [T, D]
+    if config.position == "learned":
+        x = x + params["embed"]["positions"][batch.positions]
+    return x
+
+
+def decoder_layers(
+    layers: Params,
     kv_cache: KVCache,
+    x: jax.Array,  # [T, D]
     batch: RaggedBatch,
     config: ModelConfig,
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """One iteration: write the batch's K/V into the pages, return next-token logits [R, V].
-
-    `mesh`: when params and cache are split over its `model` axis (see `sharding/`), the
-    attention runs per head shard; everything else is partitioned by XLA from the layouts.
-    """
-    embed = params["embed"]
-    x = embed["tokens"][batch.input_ids]  # [T, D]
-    if config.position == "learned":
-        x = x + embed["positions"][batch.positions]
+    """The stacked layers `layers` (leading axis l) over x, with their l layers of cache."""
     sm_scale = config.head_dim**-0.5
 
     def layer_step(carry, p):
@@ -127,15 +128,37 @@ def forward(
         return (x, k_cache, v_cache, layer + 1), None
 
     init = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-    (x, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, init, params["layers"])
+    (x, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, init, layers)
+    return x, KVCache(k=k_cache, v=v_cache)
+
+
+def lm_head(params: Params, x: jax.Array, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
+    """Final norm and LM head on each request's last scheduled row: logits [R, V] in f32."""
     h = norm(params["final_norm"], x[batch.logits_indices], config)  # [R, D]
     if config.tie_embeddings:
-        logits = jnp.einsum("RD,VD->RV", h, embed["tokens"], preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum(
-            "RD,DV->RV", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+        return jnp.einsum(
+            "RD,VD->RV", h, params["embed"]["tokens"], preferred_element_type=jnp.float32
         )
-    return logits, KVCache(k=k_cache, v=v_cache)
+    return jnp.einsum(
+        "RD,DV->RV", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+    )
+
+
+def forward(
+    params: Params,
+    kv_cache: KVCache,
+    batch: RaggedBatch,
+    config: ModelConfig,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """One iteration: write the batch's K/V into the pages, return next-token logits [R, V].
+
+    `mesh`: when params and cache are split over its `model` axis (see `sharding/`), the
+    attention runs per head shard; everything else is partitioned by XLA from the layouts.
+    """
+    x = embed(params, batch, config)  # [T, D]
+    x, kv_cache = decoder_layers(params["layers"], kv_cache, x, batch, config, mesh)
+    return lm_head(params, x, batch, config), kv_cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames=("kv_cache",))
@@ -148,3 +171,27 @@ def step(
 ) -> tuple[jax.Array, KVCache]:
     """Jitted `forward` with the cache donated, so the pages are updated in place."""
     return forward(params, kv_cache, batch, config, mesh)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "mesh", "first", "last"), donate_argnames=("kv_cache",)
+)
+def stage_step(
+    params: Params,
+    kv_cache: KVCache,
+    x: jax.Array | None,  # [T, D] from the previous stage; None on the first
+    batch: RaggedBatch,
+    config: ModelConfig,
+    mesh: Mesh | None = None,
+    *,
+    first: bool,
+    last: bool,
+) -> tuple[jax.Array, KVCache]:
+    """One pipeline stage: its slice of the layers (and cache), plus the embedding on the
+    first stage and the LM head on the last. Returns (x [T, D] or, last, logits [R, V]) and
+    the stage's cache, updated in place. `params` holds the stage's slice (sharding/pipeline).
+    """
+    if first:
+        x = embed(params, batch, config)
+    x, kv_cache = decoder_layers(params["layers"], kv_cache, x, batch, config, mesh)
+    return (lm_head(params, x, batch, config) if last else x), kv_cache

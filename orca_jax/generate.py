@@ -39,6 +39,7 @@ _NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is
 _KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca policy).")
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices splitting heads and FFN.")
+_PP = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layer groups).")
 _MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> None:
         kv_cache_memory=_KV_MEMORY.value,
         n_workers=_N_WORKERS.value,
         tensor_parallel_size=_TP.value,
+        pipeline_parallel_size=_PP.value,
         max_model_len=_MAX_LEN.value,
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
         warmup=False,  # a one-shot run compiles only the shapes it meets

@@ -16,11 +16,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch, step
+from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch
 from models.batch import bucket, geometric_buckets
+from models.decoder import stage_step
 from models.layers import Params
 from orca_jax.sampler import SamplingMetadata, sample
-from sharding import kv_cache_sharding, shard_params, tensor_parallel_size
+from sharding import (
+    ParallelConfig,
+    check_tensor_parallel,
+    kv_cache_sharding,
+    plan_stages,
+    replicated,
+    shard_params,
+    stage_params,
+)
 
 SeqSpec = tuple[Sequence[int], int, Sequence[int]]  # (token_ids, start_pos, block_ids)
 
@@ -84,11 +93,24 @@ class RunnerConfig:
         ]
 
 
+@dataclasses.dataclass
+class _Stage:
+    """What the runner holds per pipeline stage (one stage without pipeline parallelism)."""
+
+    params: Params  # the stage's slice, placed on its devices
+    kv_cache: KVCache  # the pages of the stage's layers
+    mesh: Mesh | None  # passed to the step when it splits heads (tensor parallel > 1)
+    first: bool
+    last: bool
+    inputs: jax.sharding.Sharding | None  # where the batch and activations go; None: as given
+
+
 class ModelRunner:
     """Runs one packed step at a time on the device; returns last-token logits per request.
 
-    With a `mesh` (see `sharding/`), params and KV pages are split over its `model` axis
-    (tensor parallelism) and every step runs on all its devices; batches stay host-built.
+    With a `ParallelConfig` the model is spread over devices (see `sharding/`): heads and FFN
+    split over each stage's devices, layers cut into pipeline stages. Batches stay host-built;
+    every call dispatches all stages without waiting, so batches in flight overlap stages.
     """
 
     def __init__(
@@ -96,7 +118,7 @@ class ModelRunner:
         model_config: ModelConfig,
         params: Params,
         config: RunnerConfig,
-        mesh: Mesh | None = None,
+        parallel: ParallelConfig | None = None,
     ):
         if config.max_model_len > model_config.max_seq_len:
             raise ValueError(
@@ -105,16 +127,43 @@ class ModelRunner:
             )
         self.model_config = model_config
         self.config = config
-        self.mesh = mesh if tensor_parallel_size(mesh) > 1 else None
-        if self.mesh is not None:
-            params = shard_params(params, model_config, self.mesh)
-        self.params = params
-        self.kv_cache: KVCache = init_kv_cache(
-            model_config,
-            config.num_pages,
-            config.page_size,
-            sharding=kv_cache_sharding(self.mesh) if self.mesh is not None else None,
-        )  # allocated split over the mesh, never whole on one device
+        self.parallel = parallel = parallel or ParallelConfig()
+        if parallel.num_devices == 1:
+            cache = init_kv_cache(model_config, config.num_pages, config.page_size)
+            self.stages = [_Stage(params, cache, None, True, True, None)]
+            return
+        check_tensor_parallel(model_config, parallel.tensor_parallel_size)
+        self.stages = []
+        plans = plan_stages(
+            model_config, parallel.pipeline_parallel_size, parallel.tensor_parallel_size
+        )
+        for plan in plans:
+            stage_config = model_config.replace(n_layers=plan.num_layers)
+            cache = init_kv_cache(
+                stage_config,
+                config.num_pages,
+                config.page_size,
+                sharding=kv_cache_sharding(plan.mesh),
+            )  # allocated split over the stage's devices, never whole on one device
+            self.stages.append(
+                _Stage(
+                    params=shard_params(
+                        stage_params(params, plan, model_config), model_config, plan.mesh
+                    ),
+                    kv_cache=cache,
+                    mesh=plan.mesh if parallel.tensor_parallel_size > 1 else None,
+                    first=plan.first,
+                    last=plan.last,
+                    inputs=replicated(plan.mesh) if len(plans) > 1 else None,
+                )
+            )
+
+    @property
+    def kv_cache(self) -> KVCache:
+        """The KV cache (single-stage runners; see `stages` for a pipeline's)."""
+        if len(self.stages) != 1:
+            raise AttributeError("a pipelined runner has one cache per stage: see .stages")
+        return self.stages[0].kv_cache
 
     def build_batch(self, seqs: Sequence[SeqSpec]) -> RaggedBatch:
         """Pack requests into a numpy batch padded to its bucket."""
@@ -127,10 +176,23 @@ class ModelRunner:
 
     def execute(self, batch: RaggedBatch) -> jax.Array:
         """One step on the device; returns logits [R, V] (padding rows included)."""
-        logits, self.kv_cache = step(
-            self.params, self.kv_cache, batch, self.model_config, self.mesh
-        )
-        return logits
+        x = None  # [T, D] between stages; the last stage returns logits
+        for st in self.stages:
+            b = batch
+            if st.inputs is not None:
+                b = jax.device_put(batch, st.inputs)
+                x = None if x is None else jax.device_put(x, st.inputs)
+            x, st.kv_cache = stage_step(
+                st.params,
+                st.kv_cache,
+                x,
+                b,
+                self.model_config,
+                st.mesh,
+                first=st.first,
+                last=st.last,
+            )
+        return x
 
     def run(self, seqs: Sequence[SeqSpec]) -> np.ndarray:
         """Pack, run, and fetch logits [len(seqs), V] of each request's last token."""
@@ -160,7 +222,7 @@ class ModelRunner:
             out = sample(
                 self.execute(_dummy_batch(t, r, p)), SamplingMetadata.greedy(r), num_top_logprobs
             )
-        jax.block_until_ready((self.kv_cache, out))
+        jax.block_until_ready(([st.kv_cache for st in self.stages], out))
         return len(shapes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -9,6 +10,24 @@ import numpy as np
 from jax.sharding import Mesh
 
 MODEL_AXIS = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How one model is spread over devices: heads/FFN split `tensor_parallel_size` ways
+    within each of `pipeline_parallel_size` stages of consecutive layers."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def make_mesh(tensor_parallel: int, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -6,34 +6,11 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from parallel_utils import NUM_PAGES, PAGE, engine_matches_one_device, mixed_batches
 
-from models import get_config, init_kv_cache, init_params, pack_batch, param_shapes, step
-from orca_jax import Engine, EngineConfig, SamplingParams
-from orca_jax.utils.compilation import count_compiles
+from models import get_config, init_kv_cache, init_params, param_shapes, step
+from orca_jax import EngineConfig
 from sharding import make_mesh, param_specs, shard_kv_cache, shard_params
-
-PAGE, NUM_PAGES = 16, 24
-
-
-def _mixed_batch(cfg, rng):
-    """Two prefills and three decodes (the decodes' contexts cached by a first batch)."""
-    ctx = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (20, 7, 33)]
-    blocks = [[1, 2], [3], [4, 5, 6]]
-    first = pack_batch(
-        [(t, 0, b) for t, b in zip(ctx, blocks, strict=True)],
-        page_size=PAGE,
-        num_tokens=64,
-        num_reqs=8,
-        max_blocks=4,
-    )
-    prefills = [
-        (rng.integers(0, cfg.vocab_size, n).tolist(), 0, b) for n, b in ((11, [7]), (18, [8, 9]))
-    ]
-    decodes = [
-        ([int(rng.integers(cfg.vocab_size))], len(t), b) for t, b in zip(ctx, blocks, strict=True)
-    ]
-    second = pack_batch(prefills + decodes, page_size=PAGE, num_tokens=64, num_reqs=8, max_blocks=4)
-    return first, second
 
 
 def _two_steps(params, cache, batches, cfg, mesh=None):
@@ -56,7 +33,7 @@ def _two_steps(params, cache, batches, cfg, mesh=None):
 def test_sharded_step_matches_one_device(name, impl, tp):
     cfg = get_config(name, attention_impl=impl)
     params = init_params(cfg, seed=5)
-    batches = _mixed_batch(cfg, np.random.default_rng(tp))
+    batches = mixed_batches(cfg, np.random.default_rng(tp))
     want, _ = _two_steps(params, init_kv_cache(cfg, NUM_PAGES, PAGE), batches, cfg)
 
     mesh = make_mesh(tp)
@@ -111,25 +88,11 @@ def test_too_many_devices_is_a_clear_error():
 
 def test_engine_tokens_with_two_devices():
     """Greedy tokens with tensor_parallel_size=2 equal one device's; warm, it compiles nothing."""
-    cfg = get_config("tiny-llama")
-    params = init_params(cfg, seed=7)
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, cfg.vocab_size, int(n)).tolist() for n in (5, 19, 33, 2)]
-    sp = SamplingParams(max_tokens=12, ignore_eos=True)
-    kw = dict(policy="paged", max_batch_size=4, block_size=16, num_kv_blocks=32)
-    kw |= dict(max_model_len=64, max_num_batched_tokens=32)
-
-    def generate(engine):
-        ids = [engine.add_request(p, sp) for p in prompts]
-        done = {}
-        while engine.has_unfinished_requests():
-            done |= {o.request_id: list(o.token_ids) for o in engine.step() if o.finished}
-        return [done[i] for i in ids]
-
-    one = generate(Engine(cfg, params, None, EngineConfig(**kw, warmup=False)))
-    engine = Engine(cfg, params, None, EngineConfig(**kw, tensor_parallel_size=2, warmup=True))
-    with count_compiles() as compiles:
-        two = generate(engine)
-    assert two == one
+    engine = engine_matches_one_device(
+        get_config("tiny-llama"),
+        seed=7,
+        parallel_kw=dict(tensor_parallel_size=2),
+        policy="paged",
+        max_num_batched_tokens=32,
+    )
     assert engine.runner.kv_cache.k.sharding.spec == P(None, "model")
-    assert (compiles.traces, compiles.compiles) == (0, 0)

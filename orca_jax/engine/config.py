@@ -8,7 +8,7 @@ from models import ModelConfig
 from models.kv_cache import num_pages_for_memory
 from orca_jax.runner import RunnerConfig
 from orca_jax.scheduler import SchedulerConfig
-from sharding import check_tensor_parallel
+from sharding import ParallelConfig, check_tensor_parallel, layer_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_memory: int = 256 * 2**20  # bytes of KV cache (all devices) if no num_kv_blocks
     n_workers: int = 1  # batches in flight (orca)
     tensor_parallel_size: int = 1  # devices that split heads and FFN (see sharding/)
+    pipeline_parallel_size: int = 1  # stages of consecutive layers, each on its own devices
     max_model_len: int | None = None  # longest prompt + output; None: the model's context
     max_num_batched_tokens: int = 512  # token bucket ceiling, and paged's per-step budget
     scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
@@ -32,6 +33,10 @@ class EngineConfig:
     # first use instead (steady state still compiles nothing once each bucket has been seen).
     warmup: bool | None = None
 
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size)
+
     def resolve(self, model: ModelConfig) -> tuple[SchedulerConfig, RunnerConfig]:
         """The scheduler's and runner's configs for this model."""
         max_len = self.max_model_len or model.max_seq_len
@@ -39,7 +44,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_model_len={max_len} exceeds {model.name}'s context {model.max_seq_len}"
             )
-        check_tensor_parallel(model, self.tensor_parallel_size)
+        check_tensor_parallel(model, self.parallel.tensor_parallel_size)
+        layer_ranges(model.n_layers, self.parallel.pipeline_parallel_size)  # raises if too many
         num_blocks = self.num_kv_blocks or num_pages_for_memory(
             model, self.block_size, self.kv_cache_memory
         )

@@ -32,7 +32,6 @@ from orca_jax.scheduler import (
     make_scheduler,
 )
 from orca_jax.tokenizer import IncrementalDetokenizer, Tokenizer
-from sharding import make_mesh
 
 
 @dataclasses.dataclass
@@ -66,8 +65,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         sched_config, runner_config = config.resolve(model_config)
         self.scheduler = make_scheduler(sched_config)
-        mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
-        self.runner = ModelRunner(model_config, params, runner_config, mesh)
+        self.runner = ModelRunner(model_config, params, runner_config, config.parallel)
         self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
