@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from orca_jax import distributed
 from orca_jax.llm import LLM
 from orca_jax.scheduler import SamplingParams
 
@@ -40,6 +41,11 @@ _KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if n
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca policy).")
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices splitting heads and FFN.")
 _PP = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layer groups).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, to run over several processes."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index (0 schedules).")
 _MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
@@ -47,6 +53,8 @@ _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens p
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    if _COORDINATOR.value:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     llm = LLM(
         _MODEL.value,
         weights=_WEIGHTS.value,
@@ -66,6 +74,16 @@ def main(argv: list[str]) -> None:
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
         warmup=False,  # a one-shot run compiles only the shapes it meets
     )
+    if not distributed.is_leader():
+        distributed.follow(llm.engine)  # run the leader's steps until it stops
+        return
+    try:
+        _generate(llm)
+    finally:
+        llm.engine.stop_followers()
+
+
+def _generate(llm: LLM) -> None:
     tok = llm.get_tokenizer()
     if _PROMPT_IDS.value:
         prompts = [[int(t) for t in _PROMPT_IDS.value]]

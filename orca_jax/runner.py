@@ -210,6 +210,13 @@ class ModelRunner:
         (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded to R.
         """
         md = SamplingMetadata.build(list(sampling_rows), batch.max_reqs)
+        return self.execute_sampling(batch, md, num_top_logprobs)
+
+    def execute_sampling(
+        self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int = 0
+    ) -> tuple[jax.Array, ...]:
+        """`execute_and_sample` with the sampling inputs already built (what other processes
+        receive from process 0 under `orca_jax.distributed`)."""
         return sample(self.execute(batch), md, num_top_logprobs)
 
     def warmup(
@@ -220,13 +227,13 @@ class ModelRunner:
         out = None
         for t, r, p in shapes:
             out = sample(
-                self.execute(_dummy_batch(t, r, p)), SamplingMetadata.greedy(r), num_top_logprobs
+                self.execute(dummy_batch(t, r, p)), SamplingMetadata.greedy(r), num_top_logprobs
             )
         jax.block_until_ready(([st.kv_cache for st in self.stages], out))
         return len(shapes)
 
 
-def _dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
+def dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
     """A batch of the given bucket with one one-token request writing to the null page."""
     return pack_batch(
         [([0], 0, [0])],

@@ -31,8 +31,9 @@ class ParallelConfig:
 
 
 def make_mesh(tensor_parallel: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh of the first `tensor_parallel` devices (of `devices`, default all local)."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    """A 1-D mesh of the first `tensor_parallel` devices (of `devices`; default: all, of every
+    process)."""
+    devices = list(jax.devices() if devices is None else devices)
     if tensor_parallel < 1:
         raise ValueError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
     if tensor_parallel > len(devices):

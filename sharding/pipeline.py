@@ -54,7 +54,7 @@ def plan_stages(
     devices: Sequence[jax.Device] | None = None,
 ) -> list[StagePlan]:
     """Stages over disjoint groups of `tensor_parallel` consecutive devices."""
-    devices = list(jax.local_devices() if devices is None else devices)
+    devices = list(jax.devices() if devices is None else devices)
     need = pipeline_parallel * tensor_parallel
     if need > len(devices):
         raise ValueError(

@@ -2,11 +2,18 @@
 
 import numpy as np
 
-from models import ModelConfig, init_params, pack_batch
+from models import ModelConfig, get_config, init_params, pack_batch
 from orca_jax import Engine, EngineConfig, SamplingParams
 from orca_jax.utils.compilation import count_compiles
 
 PAGE, NUM_PAGES = 16, 24
+# The multi-process test's model, prompts and engine (both processes and the parent agree).
+MODEL = get_config("tiny-gpt")
+SEED = 21
+PROMPTS = [np.random.default_rng(SEED).integers(0, 256, n).tolist() for n in (3, 17, 30, 9, 1, 22)]
+ENGINE_KW = dict(
+    policy="paged", max_batch_size=4, block_size=16, num_kv_blocks=40, max_model_len=64
+)
 
 
 def mixed_batches(cfg: ModelConfig, rng: np.random.Generator):

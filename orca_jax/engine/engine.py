@@ -20,9 +20,11 @@ import numpy as np
 from models import ModelConfig
 from models.layers import Params
 from orca_jax.batch_builder import BatchBuilder
+from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.runner import ModelRunner
+from orca_jax.sampler import SamplingMetadata
 from orca_jax.scheduler import (
     ModelRunnerOutput,
     Request,
@@ -66,6 +68,9 @@ class Engine:
         sched_config, runner_config = config.resolve(model_config)
         self.scheduler = make_scheduler(sched_config)
         self.runner = ModelRunner(model_config, params, runner_config, config.parallel)
+        # With several processes (orca_jax.distributed), this one schedules when it is
+        # process 0 and sends each step's inputs; the others receive them in `follow`.
+        self.broadcast = StepBroadcast() if jax.process_count() > 1 else None
         self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
@@ -175,9 +180,16 @@ class Engine:
             step = tracked.request.num_output_tokens
             rows.append((p.temperature, p.top_k, p.top_p, tracked.seed, step))
         self.num_iterations += 1
-        return self.runner.execute_and_sample(
-            self.batch_builder.build(batch), rows, self.config.max_logprobs
-        )
+        packed = self.batch_builder.build(batch)
+        md = SamplingMetadata.build(rows, packed.max_reqs)
+        if self.broadcast is not None:  # other processes run this step on their devices too
+            self.broadcast.send(packed, md, self.config.max_logprobs)
+        return self.runner.execute_sampling(packed, md, self.config.max_logprobs)
+
+    def stop_followers(self) -> None:
+        """Multi-process runs: tell the other processes' `distributed.follow` loops to end."""
+        if self.broadcast is not None:
+            self.broadcast.send_stop()
 
     def _close(self, batch: SchedulerOutput, device_out: tuple | None) -> list[RequestOutput]:
         sampled, logprobs = {}, {}
