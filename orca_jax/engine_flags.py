@@ -1,0 +1,63 @@
+"""The absl flags that build an `LLM` (model, engine, parallelism), shared by the CLIs
+(`orca_jax.generate`, `orca_jax.serve`). Library code never reads them."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from orca_jax import distributed
+from orca_jax.llm import LLM
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model preset name.")
+_WEIGHTS = flags.DEFINE_string(
+    "weights", None, "Weights: a .gguf, a Hugging Face directory, or 'random' (uses --seed)."
+)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer path (default: the weights').")
+SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and for sampling.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl", None, ["auto", "reference", "pallas"], "Attention (auto: per backend)."
+)
+_POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
+_NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is reserved).")
+_KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
+_N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca policy).")
+_TP = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices splitting heads and FFN.")
+_PP = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layer groups).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, to run over several processes."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index (0 schedules).")
+_MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
+_MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
+
+
+def build_llm(**overrides) -> LLM:
+    """Join a multi-process run if asked (--coordinator_address), then build the `LLM`."""
+    if _COORDINATOR.value:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    kwargs = dict(
+        weights=_WEIGHTS.value,
+        tokenizer=_TOKENIZER.value,
+        seed=SEED.value,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTENTION.value,
+        policy=_POLICY.value,
+        max_batch_size=_MAX_BATCH.value,
+        block_size=_BLOCK_SIZE.value,
+        num_kv_blocks=_NUM_BLOCKS.value,
+        kv_cache_memory=_KV_MEMORY.value,
+        n_workers=_N_WORKERS.value,
+        tensor_parallel_size=_TP.value,
+        pipeline_parallel_size=_PP.value,
+        max_model_len=_MAX_LEN.value,
+        max_num_batched_tokens=_MAX_TOKENS_STEP.value,
+    )
+    return LLM(_MODEL.value, **(kwargs | overrides))
+
+
+def model_name() -> str:
+    return _MODEL.value

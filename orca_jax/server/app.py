@@ -1,0 +1,177 @@
+"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models.
+
+Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
+status 400 for requests we cannot serve (validation, unsupported options, prompts too long
+for the cache) and 404 for an unknown model. Streams are server-sent events ending with
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from orca_jax.engine.outputs import RequestOutput
+from orca_jax.server import responses
+from orca_jax.server.async_engine import AsyncEngine
+from orca_jax.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+    """The server's routes over `engine` (already running), serving `model_name`."""
+    app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
+    tokenizer = engine.engine.tokenizer
+    max_model_len = engine.engine.scheduler.config.max_model_len
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(
+            400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        )
+
+    def check(req) -> JSONResponse | None:
+        if req.model is not None and req.model != model_name:
+            return error(
+                404,
+                f"model {req.model!r} does not exist; this server has {model_name!r}",
+                "not_found_error",
+            )
+        why = req.unsupported()
+        return error(400, why) if why else None
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.error is not None:
+            return error(500, f"engine loop failed: {engine.error!r}", "internal_error")
+        return JSONResponse({})
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(responses.model_list(model_name))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if (bad := check(req)) is not None:
+            return bad
+        if any(isinstance(p, str) for p in req.prompts()) and tokenizer is None:
+            return error(400, "this model has no tokenizer: send token ids as the prompt")
+        try:
+            params = req.sampling_params(req.max_tokens, req.logprobs)
+        except ValueError as e:
+            return error(400, str(e))
+        return await _serve(
+            req.prompts(), params, req, "cmpl", responses.completion_chunk, responses.completion
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        if (bad := check(req)) is not None:
+            return bad
+        if tokenizer is None or tokenizer.chat_template is None:
+            return error(400, "this model has no chat template")
+        try:
+            text = tokenizer.apply_chat_template([m.as_template_message() for m in req.messages])
+        except Exception as e:  # noqa: BLE001 -- a template's raise_exception, bad content parts
+            return error(400, f"chat template: {e}")
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        max_tokens = (
+            req.max_completion_tokens or req.max_tokens or max(1, max_model_len - len(prompt))
+        )
+        try:
+            params = req.sampling_params(max_tokens, req.num_logprobs())
+        except ValueError as e:
+            return error(400, str(e))
+        return await _serve([prompt], params, req, "chatcmpl", responses.chat_chunk, responses.chat)
+
+    async def _serve(prompts, params, req, prefix, chunk_fn, final_fn):
+        """Queue every prompt (all or none), then stream or collect their outputs."""
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(await engine.add(prompt, params, f"{rid}-{i}"))
+        except ValueError as e:
+            for i in range(len(streams)):
+                engine.abort(f"{rid}-{i}")
+            return error(400, str(e))
+        meta = dict(
+            id=rid,
+            created=created,
+            model=model_name,
+            tokenizer=tokenizer,
+            top_n=params.logprobs or 0,
+        )
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(
+                _sse(streams, chunk_fn, meta, usage), media_type="text/event-stream"
+            )
+        finals = await asyncio.gather(*(_last(s) for s in streams))
+        return JSONResponse(final_fn(finals, **meta))
+
+    return app
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    return last
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]):
+    """(index, snapshot) pairs from all streams as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, out = await queue.get()
+            if out is None:
+                live -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:  # let each stream's finally run (it aborts an unfinished request)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+async def _sse(streams, chunk_fn, meta, include_usage: bool):
+    finals: dict[int, RequestOutput] = {}
+    first = [True] * len(streams)
+    async for i, out in _merge(streams):
+        chunk = chunk_fn(i, out, first[i], **meta)
+        first[i] = False
+        if chunk is not None:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if out.finished:
+            finals[i] = out
+    if include_usage:
+        usage = responses.usage_chunk(list(finals.values()), chunk_fn, **meta)
+        yield f"data: {json.dumps(usage)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,185 @@
+"""Response bodies in OpenAI's shapes, built from engine snapshots (`RequestOutput`)."""
+
+from __future__ import annotations
+
+from orca_jax.engine.outputs import RequestOutput
+from orca_jax.tokenizer import Tokenizer
+
+
+def model_list(model_name: str) -> dict:
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "orca-jax"}
+    return {"object": "list", "data": [card]}
+
+
+def _usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(o.token_ids) for o in outs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _ranked(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
+    """The n most likely of one token's {id: logprob} (the sampled one is there too)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
+
+
+def _new_logprobs(out: RequestOutput, new_only: bool):
+    comp = out.outputs[0]
+    if comp.logprobs is None:
+        return None, None
+    n = len(comp.delta_token_ids) if new_only else len(comp.token_ids)
+    return comp.token_ids[len(comp.token_ids) - n :], comp.logprobs[len(comp.logprobs) - n :]
+
+
+def completion_logprobs(out, tokenizer, num: int, new_only: bool, offset: int = 0) -> dict | None:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    ids, entries = _new_logprobs(out, new_only)
+    if ids is None:
+        return None
+    tokens = [_token_text(tokenizer, t) for t in ids]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e[t] for t, e in zip(ids, entries, strict=True)],
+        "top_logprobs": [
+            {_token_text(tokenizer, k): v for k, v in _ranked(e, num)} for e in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(out, tokenizer, num: int, new_only: bool) -> dict | None:
+    """The chat format: per token its text, logprob, UTF-8 bytes and its top alternatives."""
+    ids, entries = _new_logprobs(out, new_only)
+    if ids is None:
+        return None
+
+    def item(token_id: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**item(t, e[t]), "top_logprobs": [item(k, v) for k, v in _ranked(e, num)]}
+            for t, e in zip(ids, entries, strict=True)
+        ]
+    }
+
+
+def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n) -> dict:
+    choices = []
+    for i, out in enumerate(outs):
+        comp = out.outputs[0]
+        text = comp.text if tokenizer is not None else ""
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "finish_reason": comp.finish_reason,
+                "stop_reason": comp.stop_reason,
+                "logprobs": completion_logprobs(out, tokenizer, top_n, False),
+                "token_ids": list(comp.token_ids),  # an extension, as vLLM's return_token_ids
+            }
+        )
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": _usage(outs),
+    }
+
+
+def completion_chunk(
+    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n
+):
+    comp = out.outputs[0]
+    if not comp.delta_token_ids and not out.finished:
+        return None
+    choice = {
+        "index": i,
+        "text": comp.delta_text,
+        "finish_reason": comp.finish_reason,
+        "stop_reason": comp.stop_reason,
+        "logprobs": completion_logprobs(
+            out, tokenizer, top_n, True, len(comp.text) - len(comp.delta_text)
+        ),
+        "token_ids": list(comp.delta_token_ids),
+    }
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n) -> dict:
+    (out,) = outs
+    comp = out.outputs[0]
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": comp.text},
+        "finish_reason": comp.finish_reason,
+        "stop_reason": comp.stop_reason,
+        "logprobs": chat_logprobs(out, tokenizer, top_n, False),
+    }
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(outs),
+    }
+
+
+def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n):
+    comp = out.outputs[0]
+    if not first and not comp.delta_token_ids and not out.finished:
+        return None
+    delta = (
+        {"role": "assistant", "content": comp.delta_text} if first else {"content": comp.delta_text}
+    )
+    choice = {
+        "index": i,
+        "delta": delta,
+        "finish_reason": comp.finish_reason,
+        "logprobs": chat_logprobs(out, tokenizer, top_n, True),
+    }
+    return {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def usage_chunk(
+    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n
+) -> dict:
+    """The last chunk of a stream with `stream_options.include_usage`: no choices, usage."""
+    kind = "chat.completion.chunk" if chunk_fn is chat_chunk else "text_completion"
+    return {
+        "id": id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": _usage(outs),
+    }

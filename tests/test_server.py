@@ -1,0 +1,181 @@
+"""The OpenAI-compatible server on SmolLM2's real weights, driven by the official `openai`
+client (an independent reading of the protocol) and by raw HTTP for the error shapes."""
+
+import asyncio
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from orca_jax import LLM, SamplingParams
+from orca_jax.server import AsyncEngine, build_app
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(
+        "smollm2-135m",
+        max_batch_size=4,
+        max_model_len=256,
+        max_num_batched_tokens=128,
+        num_kv_blocks=64,
+        max_logprobs=5,
+        warmup=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(llm):
+    engine = AsyncEngine(llm.engine)
+    with TestClient(build_app(engine, "smollm2")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http)
+        yield http, client, engine
+    engine.shutdown()
+
+
+def _offline(llm, prompt, **kw):
+    """The same request through the offline `LLM` (same engine, no server)."""
+    return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+
+
+def test_chat_answers_and_streams_the_same_text(served, llm):
+    http, client, _ = served
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=24, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    tok = llm.get_tokenizer()
+    prompt = tok.apply_chat_template(messages)
+    assert text == _offline(llm, prompt, max_tokens=24).text
+    assert reply.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert reply.usage.completion_tokens <= 24
+
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == (
+        reply.choices[0].finish_reason
+    )
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_completions_batch_stop_and_logprobs(served, llm):
+    _, client, _ = served
+    ids = [llm.get_tokenizer().encode(p) for p in (QUESTION, "The capital of Germany is")]
+    out = client.completions.create(
+        model="smollm2",
+        prompt=ids,
+        max_tokens=8,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},  # our extension, as vLLM's
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice, prompt in zip(out.choices, ids, strict=True):
+        want = _offline(llm, prompt, max_tokens=8, ignore_eos=True)
+        assert choice.text == want.text
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == len(want.token_ids) == 8
+        for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert len(top) == 2 and max(top.values()) == pytest.approx(chosen)  # greedy
+    assert out.usage.completion_tokens == 16
+
+    prompt = "The capital of France is"
+    full = _offline(llm, prompt, max_tokens=16).text
+    stop = full.strip().split()[2]  # a word the greedy text contains
+    streamed = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=16, temperature=0, stop=[stop], stream=True
+    )
+    chunks = list(streamed)
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == full[: full.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(served):
+    http, client, _ = served
+    assert [m.id for m in client.models.list()] == ["smollm2"]
+    assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "route,body,status,words",
+    [
+        ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "word " * 400}, 400, "max_model_len"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "vocabulary"),
+        ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}], "tools": []}, 400, "tools"),
+    ],
+)
+def test_bad_requests_get_openai_errors_and_lose_nothing(served, route, body, status, words):
+    http, client, engine = served
+    r = http.post(route, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"]
+    assert not engine.engine.has_unfinished_requests()
+    ok = client.completions.create(
+        model="smollm2", prompt="hi", max_tokens=2, extra_body={"ignore_eos": True}
+    )
+    assert ok.usage.completion_tokens == 2  # the server still serves
+
+
+def test_a_client_that_leaves_aborts_its_request(served):
+    _, _, engine = served
+
+    async def leave_after_first_token():
+        stream = await engine.add([1, 2, 3], SamplingParams(max_tokens=200), "leaver")
+        async for _ in stream:
+            break
+        await stream.aclose()  # what Starlette does when the client disconnects
+        for _ in range(200):
+            if not engine.engine.has_unfinished_requests():
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(leave_after_first_token())
+
+
+def test_concurrent_requests_share_iterations(served, llm):
+    """Requests arriving together are served in the same iterations (not one after another),
+    each getting the tokens it gets alone."""
+    _, _, engine = served
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    alone = [_offline(llm, p, max_tokens=12, ignore_eos=True).token_ids for p in prompts]
+
+    async def together():
+        streams = [await engine.add(p, params, f"c{i}") for i, p in enumerate(prompts)]
+
+        async def last(stream):
+            async for out in stream:
+                final = out
+            return final.token_ids
+
+        before = engine.engine.num_iterations
+        tokens = await asyncio.gather(*(last(s) for s in streams))
+        return tokens, engine.engine.num_iterations - before
+
+    tokens, iterations = asyncio.run(together())
+    assert tokens == alone
+    assert iterations < 2 * 12  # four requests of 12 tokens alone would take 4 x 12
