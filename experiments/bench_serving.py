@@ -3,13 +3,18 @@
   python experiments/bench_serving.py --model=tiny-gpt --rates=2,4,8,16 \
       --policies=orca,static:8,paged --num_requests=100 --plot=/tmp/latency.png
   python experiments/bench_serving.py --trace=AzureLLMInferenceTrace_conv.csv --time_scale=4
+  python experiments/bench_serving.py --simulate --model=gpt3-175b --hardware=a100 --tp=8 \
+      --pp=2 --n_workers=2 --policies=orca,static:8,static:32 --rates=0.5,1,2,4,8 \
+      --prompt_len=32,512 --output_len=1,128 --max_model_len=2048 --num_requests=500
 
 Each (policy, rate) point serves a fresh workload in real time on a fresh, warmed-up engine
 (`orca_jax.replay`): Poisson arrivals, prompts U[--prompt_len], outputs U[--output_len],
 EOS ignored (the paper's setting), or a replayed Azure trace (lengths clipped to the
 context; the counts are printed). A policy "static:8" is the request-level baseline at max
 batch size 8. Prints a table of `orca_jax.metrics.summarize` figures; --out writes them as
-JSON and --plot draws the paper's figure (matplotlib).
+JSON and --plot draws the paper's figure (matplotlib). With --simulate no model runs: the
+same schedulers run on a virtual clock with a roofline cost model of --hardware
+(`orca_jax.simulate`), for the paper's GPT-3 sizes.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from models import get_config, init_params
 from orca_jax import Engine, EngineConfig
 from orca_jax.metrics import summarize
 from orca_jax.replay import replay
+from orca_jax.simulate import A100_40GB, H100_80GB, CostModel, simulate
 from orca_jax.workload import azure_trace, poisson
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
@@ -33,11 +39,22 @@ _PROMPT = flags.DEFINE_list("prompt_len", ["32", "128"], "Prompt length range lo
 _OUTPUT = flags.DEFINE_list("output_len", ["1", "64"], "Output length range lo,hi.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Default max batch size.")
 _MAX_LEN = flags.DEFINE_integer("max_model_len", 256, "Context per request.")
+_BATCHED_TOKENS = flags.DEFINE_integer(
+    "max_num_batched_tokens",
+    None,
+    "Token cap per iteration (default: max(512, context) on a model; max_batch x context, "
+    "i.e. exactly the paper's Algorithm 1, in simulation).",
+)
 _KV_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (default: from memory).")
 _TRACE = flags.DEFINE_string("trace", None, "Replay this Azure trace CSV instead of Poisson.")
 _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Trace replay speed-up.")
 _SLO_TTFT = flags.DEFINE_float("slo_ttft", None, "TTFT SLO (s) for goodput.")
 _SLO_TPOT = flags.DEFINE_float("slo_tpot", None, "TPOT SLO (s) for goodput.")
+_SIMULATE = flags.DEFINE_bool("simulate", False, "Virtual clock and cost model, no model run.")
+_HARDWARE = flags.DEFINE_enum("hardware", "a100", ["a100", "h100"], "Simulated accelerator.")
+_TP = flags.DEFINE_integer("tp", 1, "Simulated tensor-parallel size.")
+_PP = flags.DEFINE_integer("pp", 1, "Simulated pipeline stages.")
+_N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca).")
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw normalized latency vs throughput (PNG).")
 
@@ -57,23 +74,34 @@ COLUMNS = [
 
 def run_point(model, params, policy: str, workload) -> dict:
     name, _, bs = policy.partition(":")
+    cost = None
+    num_kv_blocks = _KV_BLOCKS.value
+    if _SIMULATE.value:
+        hw = {"a100": A100_40GB, "h100": H100_80GB}[_HARDWARE.value]
+        cost = CostModel(model, hw, tp=_TP.value, pp=_PP.value)
+        num_kv_blocks = num_kv_blocks or cost.kv_capacity_tokens() // 16
+    max_batch = int(bs) if bs else _MAX_BATCH.value
+    default_cap = max_batch * _MAX_LEN.value if cost else max(512, _MAX_LEN.value)
     config = EngineConfig(
         policy=name,
-        max_batch_size=int(bs) if bs else _MAX_BATCH.value,
+        max_batch_size=max_batch,
         max_model_len=_MAX_LEN.value,
-        max_num_batched_tokens=max(512, _MAX_LEN.value),
-        num_kv_blocks=_KV_BLOCKS.value,
+        max_num_batched_tokens=_BATCHED_TOKENS.value or default_cap,
+        num_kv_blocks=num_kv_blocks,
+        n_workers=_N_WORKERS.value if name == "orca" else 1,
         warmup=True,  # compile every bucket first: no compile inside the timed run
     )
-    engine = Engine(model, params, None, config)
-    timings, duration = replay(engine, workload)
+    if cost is not None:
+        timings, duration = simulate(workload, config.resolve(model)[0], cost)
+    else:
+        timings, duration = replay(Engine(model, params, None, config), workload)
     return summarize(timings, duration, _SLO_TTFT.value, _SLO_TPOT.value)
 
 
 def main(argv):
     del argv
     model = get_config(_MODEL.value, dtype=_DTYPE.value)
-    params = init_params(model, seed=0)
+    params = None if _SIMULATE.value else init_params(model, seed=0)
     lo_p, hi_p = map(int, _PROMPT.value)
     lo_o, hi_o = map(int, _OUTPUT.value)
     if _TRACE.value:
@@ -125,7 +153,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
     ax.set_xlabel("throughput (req/s)")
     ax.set_ylabel("median normalized latency (ms/token)")
-    ax.set_title(f"{_MODEL.value}, {_DTYPE.value}")
+    where = f"simulated {_HARDWARE.value} tp={_TP.value} pp={_PP.value}" if _SIMULATE.value else ""
+    ax.set_title(f"{_MODEL.value}, {_DTYPE.value} {where}".strip())
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=150)

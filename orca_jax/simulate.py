@@ -1,0 +1,159 @@
+"""Simulated serving: the real schedulers on a virtual clock, the model replaced by a cost model.
+
+For the paper's GPT-3 sizes (13B to 341B on tens of A100s), which no machine here can run:
+the scheduling policies are the engine's own (`orca_jax.scheduler`, pure Python), and each
+batch takes the time a roofline cost model gives it. This shows how the policies compare at
+scale; it predicts no absolute figure better than its cost model, so calibrate that against
+measured step times (`experiments/bench_step.py`) before quoting numbers.
+
+Cost model, per pipeline stage and iteration (bf16, per device of a `tp`-way shard):
+- every layer reads its weights once, and the K/V of every scheduled token's context;
+- its matmuls cost 2 x params FLOPs per token, attention 4 x D FLOPs per (token, context) pair;
+- a layer takes max(bytes / bandwidth, FLOPs / peak), both derated by `efficiency`, plus two
+  ring all-reduces of the activations over the tensor-parallel group;
+- the last stage adds the LM head; each iteration pays a fixed `overhead_s` (host, launch).
+Stages of one batch run one after another; a stage starts a batch when it is free, so with
+`n_workers` batches in flight stage 0 works on batch i+1 while stage 1 runs batch i (Orca).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+from collections.abc import Sequence
+
+from models.config import ModelConfig
+from orca_jax.metrics import RequestTiming
+from orca_jax.scheduler import (
+    ModelRunnerOutput,
+    Request,
+    SamplingParams,
+    SchedulerConfig,
+    SchedulerOutput,
+    make_scheduler,
+)
+from orca_jax.workload import WorkItem
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One accelerator, from its spec sheet."""
+
+    name: str
+    memory_bytes: float
+    hbm_bytes_per_s: float
+    flops_per_s: float  # dense bf16
+    link_bytes_per_s: float  # per direction, to its tensor-parallel peers
+
+
+A100_40GB = Hardware("A100-SXM4-40GB", 40e9, 1.555e12, 312e12, 300e9)
+H100_80GB = Hardware("H100-SXM5-80GB", 80e9, 3.35e12, 989e12, 450e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Iteration time of `model` split `tp` ways within each of `pp` stages on `hw`."""
+
+    model: ModelConfig
+    hw: Hardware
+    tp: int = 1
+    pp: int = 1
+    efficiency: float = 0.7  # fraction of peak bandwidth / FLOPs reached
+    overhead_s: float = 1e-3  # per iteration
+    bytes_per_param: int = 2
+
+    def layer_params(self) -> int:
+        m = self.model
+        attn = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+        mlp = (3 if m.activation == "swiglu" else 2) * m.d_model * m.d_ff
+        return attn + mlp
+
+    def kv_bytes_per_token_layer(self) -> float:
+        return 2 * self.model.n_kv_heads * self.model.head_dim * self.bytes_per_param
+
+    def kv_capacity_tokens(self, reserve_fraction: float = 0.1) -> int:
+        """Tokens of K/V that fit beside the weights (all layers), keeping some memory back."""
+        weights = self.model.num_params() * self.bytes_per_param / (self.tp * self.pp)
+        free = self.hw.memory_bytes * (1 - reserve_fraction) - weights
+        per_token = self.kv_bytes_per_token_layer() * self.model.n_layers / (self.tp * self.pp)
+        if free <= 0:
+            raise ValueError(
+                f"{self.model.name} weights ({weights / 1e9:.1f} GB per device) do not fit on "
+                f"{self.hw.name} with tp={self.tp}, pp={self.pp}"
+            )
+        return int(free // per_token)
+
+    def stage_time(self, batch: Sequence[tuple[int, int]], last: bool) -> float:
+        """Seconds one stage takes for `batch`: (new tokens, context after them) per request."""
+        m, hw, eff = self.model, self.hw, self.efficiency
+        tokens = sum(n for n, _ in batch)
+        pairs = sum(n * (ctx - (n - 1) / 2) for n, ctx in batch)  # causal (query, key) pairs
+        context = sum(ctx for _, ctx in batch)
+        read = (
+            self.layer_params() * self.bytes_per_param + context * self.kv_bytes_per_token_layer()
+        ) / self.tp
+        flops = (2 * tokens * self.layer_params() + 4 * pairs * m.n_heads * m.head_dim) / self.tp
+        layer = max(read / (hw.hbm_bytes_per_s * eff), flops / (hw.flops_per_s * eff))
+        if self.tp > 1:  # two ring all-reduces of [tokens, D] activations
+            msg = tokens * m.d_model * self.bytes_per_param
+            layer += 2 * 2 * (self.tp - 1) / self.tp * msg / hw.link_bytes_per_s
+        t = layer * m.n_layers / self.pp
+        if last:
+            head = m.vocab_size * m.d_model * self.bytes_per_param / self.tp
+            t += head / (hw.hbm_bytes_per_s * eff)
+        return t
+
+
+def simulate(
+    workload: Sequence[WorkItem], config: SchedulerConfig, cost: CostModel
+) -> tuple[list[RequestTiming], float]:
+    """Serve `workload` under `config`'s policy on the virtual clock of `cost`.
+
+    Returns each request's timing (tokens stamped when their batch leaves the last stage)
+    and the time the last request finished. Every request generates its `output_len`.
+    """
+    scheduler = make_scheduler(config)
+    pending = collections.deque(sorted(workload, key=lambda w: w.arrival))
+    timings: dict[str, RequestTiming] = {}
+    inflight: list[tuple[float, int, SchedulerOutput]] = []  # heap of (done time, id, batch)
+    stage_free = [0.0] * cost.pp
+    now, ids = 0.0, 0
+
+    def record(deltas, t: float) -> None:
+        for delta in deltas:
+            timings[delta.req_id].token_times += [t] * len(delta.new_token_ids)
+
+    while pending or scheduler.has_unfinished_requests() or inflight:
+        while pending and pending[0].arrival <= now:
+            item = pending.popleft()
+            rid = str(len(timings))
+            params = SamplingParams(max_tokens=item.output_len, ignore_eos=True)
+            scheduler.add_request(Request(rid, [0] * item.prompt_len, params, item.arrival))
+            timings[rid] = RequestTiming(item.arrival, item.prompt_len)
+        batch = None
+        if len(inflight) < config.n_workers and scheduler.has_unfinished_requests():
+            batch = scheduler.schedule()
+            if batch.is_empty:
+                record(scheduler.update(ModelRunnerOutput(batch.batch_id)), now)
+                batch = None
+        if batch is not None:
+            shape = [(s.num_tokens, s.start_pos + s.num_tokens) for s in batch.scheduled]
+            t = now
+            for stage in range(cost.pp):
+                start = max(t, stage_free[stage])
+                t = stage_free[stage] = start + cost.stage_time(shape, stage == cost.pp - 1)
+            heapq.heappush(inflight, (t + cost.overhead_s, ids, batch))
+            ids += 1
+            continue
+        # Nothing to start now: jump to the next event (a batch returns or a request arrives).
+        next_arrival = pending[0].arrival if pending else float("inf")
+        if inflight and inflight[0][0] <= next_arrival:
+            now, _, done = heapq.heappop(inflight)
+            sampled = {s.req_id: 0 for s in done.scheduled if s.sample}
+            record(scheduler.update(ModelRunnerOutput(done.batch_id, sampled)), now)
+        elif pending:
+            now = max(now, next_arrival)
+        else:  # requests wait for room no batch in flight will free: a config error
+            raise RuntimeError("simulation stalled: requests cannot be scheduled")
+    return list(timings.values()), now
