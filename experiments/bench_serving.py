@@ -54,7 +54,7 @@ _SIMULATE = flags.DEFINE_bool("simulate", False, "Virtual clock and cost model, 
 _HARDWARE = flags.DEFINE_enum("hardware", "a100", ["a100", "h100"], "Simulated accelerator.")
 _TP = flags.DEFINE_integer("tp", 1, "Simulated tensor-parallel size.")
 _PP = flags.DEFINE_integer("pp", 1, "Simulated pipeline stages.")
-_N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca).")
+_N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca, paged).")
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw normalized latency vs throughput (PNG).")
 
@@ -88,7 +88,7 @@ def run_point(model, params, policy: str, workload) -> dict:
         max_model_len=_MAX_LEN.value,
         max_num_batched_tokens=_BATCHED_TOKENS.value or default_cap,
         num_kv_blocks=num_kv_blocks,
-        n_workers=_N_WORKERS.value if name == "orca" else 1,
+        n_workers=_N_WORKERS.value if name != "static" else 1,
         warmup=True,  # compile every bucket first: no compile inside the timed run
     )
     if cost is not None:

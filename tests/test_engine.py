@@ -62,6 +62,8 @@ def alone():
         ("orca", {"n_workers": 2}),
         ("paged", {}),
         ("paged", {"num_kv_blocks": 24, "max_num_batched_tokens": 16}),  # forces preemption
+        ("paged", {"n_workers": 2}),
+        ("paged", {"n_workers": 2, "num_kv_blocks": 24, "max_num_batched_tokens": 16}),
         ("static", {}),
     ],
 )

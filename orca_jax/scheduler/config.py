@@ -26,7 +26,7 @@ class SchedulerConfig:
     # chunks to fit it; orca and static feed prompts whole, so their batches stop growing at
     # the first prompt that would not fit, and a longer prompt is rejected at add_request.
     max_num_batched_tokens: int = 2048
-    # Batches in flight at once (the paper's n_workers, pipeline stages); orca only.
+    # Batches in flight at once (the paper's n_workers, pipeline stages); orca and paged.
     n_workers: int = 1
     # Longest sequence (prompt + max_tokens) a request may ask for.
     max_model_len: int = 2048
@@ -51,7 +51,7 @@ class SchedulerConfig:
             raise ValueError(
                 f"num_blocks must be an int >= 2 (block 0 is reserved), got {self.num_blocks!r}"
             )
-        if self.policy != "orca" and self.n_workers != 1:
+        if self.policy == "static" and self.n_workers != 1:
             raise ValueError(
                 f"n_workers must be 1 for policy {self.policy!r}, got {self.n_workers}"
             )

@@ -22,6 +22,12 @@ class PagedScheduler(Scheduler):
     tokens it already streamed are not produced again. The victim may be the request itself.
     An iteration that preempted admits no new request, and a waiting request that does not
     fit stops admission (no skipping ahead, no preemption to make room for it).
+
+    With `n_workers` > 1 batches in flight (pipeline stages, or host work overlapping the
+    device), a request in a batch in flight is neither scheduled nor preempted until that
+    batch returns, as in the paper's Algorithm 1: when the victim the policy picks is in
+    flight, the request that needs room waits for the next iteration instead (and nothing
+    new is admitted in this one).
     """
 
     chunked_prefill = True
@@ -32,15 +38,24 @@ class PagedScheduler(Scheduler):
         # req_id -> (request, num_new_tokens), in packing order.
         picked: dict[str, tuple[Request, int]] = {}
         preempted: list[Request] = []
+        waits = False  # a running request is waiting for room a batch in flight holds
 
         for request in self._running_order():
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.req_id in self._inflight_req_ids:
+                continue  # its next token is still on the device (n_workers > 1)
             if len(picked) == config.max_batch_size or budget == 0:
                 break
             num_new_tokens = min(request.num_uncomputed_tokens, budget)
             while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
                 victim = self._pick_victim()
+                if victim.req_id in self._inflight_req_ids:
+                    # The victim's batch is still on the device: this request waits for the
+                    # next iteration (the victim is preempted then), rather than giving way
+                    # to a newer request, which could livelock two requests.
+                    waits = True
+                    break
                 if victim.req_id in picked:
                     budget += picked.pop(victim.req_id)[1]
                 self._preempt(victim)
@@ -51,7 +66,7 @@ class PagedScheduler(Scheduler):
                 picked[request.req_id] = (request, num_new_tokens)
                 budget -= num_new_tokens
 
-        while self.waiting and not preempted:
+        while self.waiting and not preempted and not waits:
             if len(picked) == config.max_batch_size or budget == 0:
                 break
             request = self.waiting.peek()

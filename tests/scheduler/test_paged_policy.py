@@ -171,3 +171,30 @@ def test_priority_order_admits_and_preempts_by_priority():
     check_outputs(trace, [low])
     assert high.output_token_ids == expected_output(high)[0]
     assert mid.output_token_ids == expected_output(mid)[0]
+
+
+def test_batches_in_flight_wait_for_their_victim_instead_of_livelocking():
+    """n_workers=3, room for one request: a request whose victim is in flight waits for it
+    (nothing new is admitted meanwhile) instead of preempting itself; every request ends.
+
+    Found by the property test: q1 (in flight) and q2 kept preempting each other forever
+    when a request that needed room gave way to a newer one that was in flight."""
+    scheduler = create_scheduler(
+        "paged",
+        block_size=1,
+        num_blocks=5,
+        max_num_batched_tokens=2,
+        max_batch_size=1,
+        n_workers=3,
+        max_model_len=4,
+    )
+    params = SamplingParams(max_tokens=1)
+    requests = [Request(f"q{i}", [0] * n, params, float(i)) for i, n in enumerate((1, 3, 3))]
+
+    def check(output, in_flight):
+        busy = {s.req_id for batch in in_flight for s in batch.scheduled}
+        assert not busy & set(output.preempted_req_ids), "preempted a request in flight"
+
+    trace = drive(scheduler, {0: requests}, on_schedule=check, max_steps=100)
+    check_outputs(trace, requests)
+    assert trace.num_steps < 30

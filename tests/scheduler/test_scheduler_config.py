@@ -32,7 +32,6 @@ def test_factory_builds_each_policy(policy, cls):
         ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be an int >= 1"),
         ({"n_workers": 0}, "n_workers must be an int >= 1"),
         ({"max_model_len": 0}, "max_model_len must be an int >= 1"),
-        ({"policy": "paged", "n_workers": 2}, "n_workers must be 1 for policy 'paged'"),
         ({"policy": "static", "n_workers": 2}, "n_workers must be 1 for policy 'static'"),
         ({"scheduling_order": "lifo"}, "scheduling_order must be"),
         ({"policy": "orca", "scheduling_order": "priority"}, "needs policy 'paged'"),

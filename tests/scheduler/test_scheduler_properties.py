@@ -37,7 +37,7 @@ def workloads(draw, policy: str, max_cache_factor: int = 3):
         block_size=block_size,
         max_model_len=max_prompt + max_output,
     )
-    if policy == "orca":
+    if policy in ("orca", "paged"):
         config["n_workers"] = draw(st.integers(1, 3))
     # orca and static feed prompts whole: their ceiling must hold the longest one.
     min_budget = 1 if policy == "paged" else max_prompt
