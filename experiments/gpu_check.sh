@@ -10,10 +10,12 @@
 #   2. whole gpt2 bf16 step, 128 decodes x 512, Pallas then reference, against its floor
 #   3. the kernel test suite on the GPU (Triton, not interpret)
 #   4. host time per iteration on this machine's CPU
+#   5. engine throughput, host work overlapped (n_workers=2) or not, gpt2 bf16, if time is left
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
 #   STEP_FLAGS="--models=tiny-gpt --buckets=16 --iters=1 --floor_model=tiny-gpt --floor_reqs=4
-#   --floor_context=32" OUT=/tmp/o bash experiments/gpu_check.sh
+#   --floor_context=32" ENGINE_FLAGS="--model=tiny-gpt --dtype=float32 --num_reqs=8
+#   --prompt_len=16 --output_len=8" OUT=/tmp/o bash experiments/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -54,6 +56,8 @@ done
 stage attention_tests 300 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q -x \
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
+stage engine 100 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
+  --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
 
 {
   echo "--- attention (ours vs shipped vs reference)"
@@ -67,6 +71,8 @@ stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
   grep -E "^(FAILED|ERROR)" "$OUT/attention_tests.log" 2>/dev/null | head -10
   echo "--- host"
   tail -1 "$OUT/host.log" 2>/dev/null
+  echo "--- engine (n_workers 1 vs 2)"
+  cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
 cat "$summary"

@@ -188,3 +188,25 @@ def test_stop_search_spans_the_delta_boundary_without_rescanning():
     assert _find_stop("abc", "def", ["cd", "ef"]) == (2, "cd")  # earliest wins
     assert _find_stop("xx stop", "yy", ["stop"]) is None  # wholly in old text: already seen
     assert _find_stop("", "xyz", ["y"]) == (1, "y")
+
+
+@pytest.mark.parametrize("policy", ["orca", "paged"])
+def test_requests_freed_in_an_empty_iteration_give_back_their_rows(policy):
+    """With two batches in flight an iteration can schedule nothing yet report finished
+    requests; their block-table rows must be freed too, or later waves run out of rows."""
+    engine = make_engine(
+        policy,
+        num_kv_blocks=5,
+        block_size=16,
+        max_model_len=11,
+        n_workers=2,
+        max_batch_size=2,
+        warmup=False,
+    )
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for _ in range(3):  # waves of 4 one-block requests; the cache and the row table hold 4
+        ids = [engine.add_request(list(range(1, 9)), params) for _ in range(4)]
+        done = set()
+        while engine.has_unfinished_requests():
+            done |= {o.request_id for o in engine.step() if o.finished}
+        assert done == set(ids)

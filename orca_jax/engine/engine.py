@@ -161,6 +161,9 @@ class Engine:
             batch = self.scheduler.schedule()
             self.num_preemptions += len(batch.preempted_req_ids)
             if batch.is_empty:
+                # Nothing to run, but it may report requests whose blocks were freed.
+                self.batch_builder.release(batch.finished_req_ids)
+                self.batch_builder.release(batch.preempted_req_ids)
                 self._close(batch, None)
             else:
                 self._inflight.append((batch, self._dispatch(batch)))

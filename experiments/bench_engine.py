@@ -1,0 +1,86 @@
+"""Engine throughput with host work overlapped (n_workers=2) or not (n_workers=1).
+
+  PYTHONPATH=. python experiments/bench_engine.py --model=gpt2 --dtype=bfloat16   # on a GPU
+
+R requests of P prompt tokens each generate O tokens (EOS ignored), all together, under
+`--policy`. Each configuration runs the same workload twice on one engine: the first pass
+compiles the shapes it meets, the second is timed (so no compile is timed). Reports time per
+iteration and output tokens/s for one batch of all R requests (n_workers=1), and for two
+batches of R/2 in flight (n_workers=2: a request in flight is not scheduled again, so the
+requests alternate, as in Orca's pipeline): there the host schedules and packs one batch
+while the device runs the other.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import app, flags
+
+from models import get_config, init_params
+from orca_jax import Engine, EngineConfig, SamplingParams
+
+_MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
+_POLICY = flags.DEFINE_string("policy", "paged", "orca or paged.")
+_REQS = flags.DEFINE_integer("num_reqs", 64, "Requests running together.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
+_OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
+_OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
+    """Seconds to serve every prompt to completion, and iterations taken."""
+    start_iters = engine.num_iterations
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return time.perf_counter() - t0, engine.num_iterations - start_iters
+
+
+def main(argv):
+    del argv
+    model = get_config(_MODEL.value, dtype=_DTYPE.value)
+    weights = init_params(model, seed=0)
+    n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.vocab_size, p).tolist() for _ in range(n)]
+    params = SamplingParams(max_tokens=o, ignore_eos=True)
+    pages = n * -(-(p + o) // 16) + 1
+    rows = [
+        f"{model.name} {_DTYPE.value}, {_POLICY.value}, {n} requests x ({p} prompt + {o} "
+        "output) tokens; second pass of each engine timed",
+        "",
+        "| n_workers | max batch | s | iterations | ms/iteration | output tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n_workers, max_batch in ((1, n), (2, -(-n // 2))):
+        config = EngineConfig(
+            policy=_POLICY.value,
+            max_batch_size=max_batch,
+            num_kv_blocks=pages,
+            max_model_len=p + o,
+            max_num_batched_tokens=max(n, 512),
+            n_workers=n_workers,
+            warmup=False,
+        )
+        engine = Engine(model, weights, None, config)
+        run(engine, prompts, params)  # compiles the shapes this workload meets
+        sec, iters = run(engine, prompts, params)
+        rows.append(
+            f"| {n_workers} | {max_batch} | {sec:.3f} | {iters} | {1e3 * sec / iters:.3f} | "
+            f"{n * o / sec:,.0f} |"
+        )
+        print(rows[-1], flush=True)
+    text = "\n".join(rows)
+    print(text)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
