@@ -43,8 +43,8 @@ def paged_attention(
 ) -> jax.Array:  # [T, N, H]
     """Each packed query token attends causally to its own request's pages.
 
-    With a mesh whose `model` axis splits the heads, each device attends over its own heads
-    and pages under `shard_map` (no communication; a Pallas call is never replicated).
+    With a mesh (its `model` axis splitting the heads), each device attends over its own
+    heads and pages under `shard_map` (no communication; a Pallas call is never replicated).
     """
     args = (
         q,
@@ -65,6 +65,6 @@ def paged_attention(
         fn = kernel.ragged_paged_attention
     else:
         raise ValueError(f"unknown attention_impl {impl!r}")
-    if mesh is not None and dict(mesh.shape).get("model", 1) > 1:
-        fn = shard_over_heads(fn, mesh, "model")
+    if mesh is not None:
+        fn = shard_over_heads(fn, mesh)
     return fn(*args, sm_scale=sm_scale)

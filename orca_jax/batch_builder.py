@@ -51,10 +51,15 @@ class BatchBuilder:
             if row is not None:
                 self._free_rows.append(row)
 
-    def build(self, out: SchedulerOutput) -> RaggedBatch:
-        """The padded batch of one iteration (requests in `out.scheduled` order)."""
+    def forget(self, out: SchedulerOutput) -> None:
+        """Release the rows of requests whose blocks `out` reports freed. Every scheduler
+        output must pass here (`build` does it), an empty one too."""
         self.release(out.finished_req_ids)
         self.release(out.preempted_req_ids)
+
+    def build(self, out: SchedulerOutput) -> RaggedBatch:
+        """The padded batch of one iteration (requests in `out.scheduled` order)."""
+        self.forget(out)
         cfg = self.config
         sched = out.scheduled
         n = len(sched)

@@ -88,6 +88,6 @@ def follow(engine) -> int:
     steps = 0
     while (inputs := channel.recv()) is not None:
         batch, md, n = inputs
-        runner.execute_sampling(batch, md, n)
+        runner.execute_and_sample(batch, md, n)
         steps += 1
     return steps

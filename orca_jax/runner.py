@@ -199,24 +199,14 @@ class ModelRunner:
         return np.asarray(self.execute(self.build_batch(seqs)))[: len(seqs)]
 
     def execute_and_sample(
-        self,
-        batch: RaggedBatch,
-        sampling_rows: Sequence[tuple[float, int, float, int, int]],
-        num_top_logprobs: int = 0,
+        self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int = 0
     ) -> tuple[jax.Array, ...]:
         """Dispatch one step and sampling; returns device arrays without waiting.
 
-        `sampling_rows` holds `(temperature, top_k, top_p, seed, step)` per request. Returns
-        (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded to R.
+        Returns (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded
+        to R. `md` from `SamplingMetadata.build` (what other processes receive from process
+        0 under `orca_jax.distributed`).
         """
-        md = SamplingMetadata.build(list(sampling_rows), batch.max_reqs)
-        return self.execute_sampling(batch, md, num_top_logprobs)
-
-    def execute_sampling(
-        self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int = 0
-    ) -> tuple[jax.Array, ...]:
-        """`execute_and_sample` with the sampling inputs already built (what other processes
-        receive from process 0 under `orca_jax.distributed`)."""
         return sample(self.execute(batch), md, num_top_logprobs)
 
     def warmup(

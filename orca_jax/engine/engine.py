@@ -161,9 +161,7 @@ class Engine:
             batch = self.scheduler.schedule()
             self.num_preemptions += len(batch.preempted_req_ids)
             if batch.is_empty:
-                # Nothing to run, but it may report requests whose blocks were freed.
-                self.batch_builder.release(batch.finished_req_ids)
-                self.batch_builder.release(batch.preempted_req_ids)
+                self.batch_builder.forget(batch)  # it may report freed requests
                 self._close(batch, None)
             else:
                 self._inflight.append((batch, self._dispatch(batch)))
@@ -187,7 +185,7 @@ class Engine:
         md = SamplingMetadata.build(rows, packed.max_reqs)
         if self.broadcast is not None:  # other processes run this step on their devices too
             self.broadcast.send(packed, md, self.config.max_logprobs)
-        return self.runner.execute_sampling(packed, md, self.config.max_logprobs)
+        return self.runner.execute_and_sample(packed, md, self.config.max_logprobs)
 
     def stop_followers(self) -> None:
         """Multi-process runs: tell the other processes' `distributed.follow` loops to end."""

@@ -66,14 +66,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def completions(req: CompletionRequest):
         if (bad := check(req)) is not None:
             return bad
-        if any(isinstance(p, str) for p in req.prompts()) and tokenizer is None:
+        prompts = req.prompts()
+        if any(isinstance(p, str) for p in prompts) and tokenizer is None:
             return error(400, "this model has no tokenizer: send token ids as the prompt")
         try:
             params = req.sampling_params(req.max_tokens, req.logprobs)
         except ValueError as e:
             return error(400, str(e))
         return await _serve(
-            req.prompts(), params, req, "cmpl", responses.completion_chunk, responses.completion
+            prompts, params, req, "cmpl", responses.completion_chunk, responses.completion
         )
 
     @app.post("/v1/chat/completions")

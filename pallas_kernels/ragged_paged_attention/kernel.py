@@ -215,15 +215,20 @@ def _attention_call(
     )(*inputs)
 
 
+def _geometry_problem(head_dim: int, page_size: int, dtype) -> str | None:
+    """Why the kernel cannot take this head dim / page size / dtype, or None."""
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"head dim must be a power of two in [16, 256] for Triton; got {head_dim}"
+    if page_size not in (16, 32, 64):
+        return f"page size must be 16, 32 or 64; got {page_size}"
+    if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
+        return f"q dtype must be one of f32, bf16, f16; got {jnp.dtype(dtype)}"
+    return None
+
+
 def supports(head_dim: int, page_size: int, dtype) -> bool:
-    """Whether the kernel handles this geometry (what `_check_shapes` would accept)."""
-    pow2 = head_dim & (head_dim - 1) == 0
-    return (
-        16 <= head_dim <= 256
-        and pow2
-        and page_size in (16, 32, 64)
-        and jnp.dtype(dtype) in _SUPPORTED_DTYPES
-    )
+    """Whether the kernel handles this geometry (what `_check_shapes` accepts of it)."""
+    return _geometry_problem(head_dim, page_size, dtype) is None
 
 
 def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv):
@@ -242,14 +247,10 @@ def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, 
     R = kv_lens.shape[0]
     if Hk != H:
         raise ValueError(f"head dim of q ({H}) and of the cache ({Hk}) differ")
-    if H < 16 or H > 256 or H & (H - 1):
-        raise ValueError(f"head dim must be a power of two in [16, 256] for Triton; got {H}")
-    if S not in (16, 32, 64):
-        raise ValueError(f"page size must be 16, 32 or 64; got {S}")
+    if (problem := _geometry_problem(H, S, q.dtype)) is not None:
+        raise ValueError(problem)
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"q dtype must be one of f32, bf16, f16; got {q.dtype}")
     if k_cache.dtype != q.dtype:
         raise ValueError(f"cache dtype {k_cache.dtype} must match q dtype {q.dtype}")
     if block_kv is not None and (block_kv < S or block_kv & (block_kv - 1)):
