@@ -26,6 +26,7 @@ from absl import app, flags
 from models import get_config, init_params
 from orca_jax import Engine, EngineConfig
 from orca_jax.metrics import summarize
+from orca_jax.plotting import latency_throughput, pyplot
 from orca_jax.replay import replay
 from orca_jax.simulate import A100_40GB, H100_80GB, CostModel, simulate
 from orca_jax.workload import azure_trace, poisson
@@ -55,6 +56,9 @@ _HARDWARE = flags.DEFINE_enum("hardware", "a100", ["a100", "h100"], "Simulated a
 _TP = flags.DEFINE_integer("tp", 1, "Simulated tensor-parallel size.")
 _PP = flags.DEFINE_integer("pp", 1, "Simulated pipeline stages.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca, paged).")
+_PAD_STATIC = flags.DEFINE_bool(
+    "pad_static", True, "Simulated static batches cost FasterTransformer's padded shapes."
+)
 _OUT = flags.DEFINE_string("out", None, "Write the rows as JSON.")
 _PLOT = flags.DEFINE_string("plot", None, "Draw normalized latency vs throughput (PNG).")
 
@@ -92,7 +96,7 @@ def run_point(model, params, policy: str, workload) -> dict:
         warmup=True,  # compile every bucket first: no compile inside the timed run
     )
     if cost is not None:
-        timings, duration = simulate(workload, config.resolve(model)[0], cost)
+        timings, duration = simulate(workload, config.resolve(model)[0], cost, _PAD_STATIC.value)
     else:
         timings, duration = replay(Engine(model, params, None, config), workload)
     return summarize(timings, duration, _SLO_TTFT.value, _SLO_TPOT.value)
@@ -137,25 +141,11 @@ def main(argv):
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """The paper's figure: median normalized latency (ms/token) against throughput."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The paper's figure for this sweep, as a PNG."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted(
-            (r["throughput_req_s"], 1e3 * r["normalized_latency_median"])
-            for r in rows
-            if r["policy"] == policy
-        )
-        ax.plot(*zip(*pts, strict=True), marker="o", label=policy)
-    ax.set_xlabel("throughput (req/s)")
-    ax.set_ylabel("median normalized latency (ms/token)")
     where = f"simulated {_HARDWARE.value} tp={_TP.value} pp={_PP.value}" if _SIMULATE.value else ""
-    ax.set_title(f"{_MODEL.value}, {_DTYPE.value} {where}".strip())
-    ax.legend()
+    latency_throughput(ax, rows, f"{_MODEL.value}, {_DTYPE.value} {where}".strip())
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     print(f"plot: {path}")

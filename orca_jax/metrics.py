@@ -91,3 +91,24 @@ def summarize(
         ]
         row["goodput_req_s"] = len(good) / duration
     return row
+
+
+def throughput_at_latency(points: Sequence[tuple[float, float]], slo: float) -> float:
+    """The paper's headline figure: throughput reachable at a latency SLO.
+
+    `points` are (throughput, latency) pairs of one policy's sweep over arrival rates. Returns
+    the highest throughput whose latency meets `slo`, linearly interpolated towards the next
+    point when that one misses it (0 when no point meets it).
+    """
+    pts = sorted(points)
+    best = 0.0
+    for i, (tput, lat) in enumerate(pts):
+        if math.isnan(lat):
+            raise ValueError(f"latency is NaN at throughput {tput}")
+        if lat > slo:
+            continue
+        best = max(best, tput)
+        if i + 1 < len(pts) and pts[i + 1][1] > slo:
+            (t1, l1) = pts[i + 1]
+            best = max(best, tput + (t1 - tput) * (slo - lat) / (l1 - lat))
+    return best

@@ -14,6 +14,11 @@ Cost model, per pipeline stage and iteration (bf16, per device of a `tp`-way sha
 - the last stage adds the LM head; each iteration pays a fixed `overhead_s` (host, launch).
 Stages of one batch run one after another; a stage starts a batch when it is free, so with
 `n_workers` batches in flight stage 0 works on batch i+1 while stage 1 runs batch i (Orca).
+
+The `static` policy is the paper's baseline, FasterTransformer behind a request-level
+batcher. By default (`pad_static`) its batches cost what FasterTransformer spends on them:
+every prompt padded to the batch's longest, and every member decoding until the batch's
+last one finishes. Without padding it is a stronger baseline than the paper's.
 """
 
 from __future__ import annotations
@@ -105,13 +110,34 @@ class CostModel:
         return t
 
 
+class _PaddedStaticBatch:
+    """The shapes FasterTransformer runs for a request-level batch: [members, longest prompt]
+    for the prompts, then [members, 1] per decode step, finished members included."""
+
+    def __init__(self) -> None:
+        self.members = self.longest = self.steps = 0
+
+    def shape(self, batch: SchedulerOutput) -> list[tuple[int, int]]:
+        if all(s.start_pos == 0 for s in batch.scheduled):  # a new batch: its prompts
+            self.members = len(batch.scheduled)
+            self.longest = max(s.num_tokens for s in batch.scheduled)
+            self.steps = 0
+            return [(self.longest, self.longest)] * self.members
+        self.steps += 1
+        return [(1, self.longest + self.steps)] * self.members
+
+
 def simulate(
-    workload: Sequence[WorkItem], config: SchedulerConfig, cost: CostModel
+    workload: Sequence[WorkItem],
+    config: SchedulerConfig,
+    cost: CostModel,
+    pad_static: bool = True,
 ) -> tuple[list[RequestTiming], float]:
     """Serve `workload` under `config`'s policy on the virtual clock of `cost`.
 
     Returns each request's timing (tokens stamped when their batch leaves the last stage)
     and the time the last request finished. Every request generates its `output_len`.
+    `pad_static`: cost `static` batches as FasterTransformer runs them (module docstring).
     """
     scheduler = make_scheduler(config)
     pending = collections.deque(sorted(workload, key=lambda w: w.arrival))
@@ -119,6 +145,7 @@ def simulate(
     inflight: list[tuple[float, int, SchedulerOutput]] = []  # heap of (done time, id, batch)
     stage_free = [0.0] * cost.pp
     now, ids = 0.0, 0
+    padded = _PaddedStaticBatch() if pad_static and config.policy == "static" else None
 
     def record(deltas, t: float) -> None:
         for delta in deltas:
@@ -138,7 +165,10 @@ def simulate(
                 record(scheduler.update(ModelRunnerOutput(batch.batch_id)), now)
                 batch = None
         if batch is not None:
-            shape = [(s.num_tokens, s.start_pos + s.num_tokens) for s in batch.scheduled]
+            if padded is not None:
+                shape = padded.shape(batch)
+            else:
+                shape = [(s.num_tokens, s.start_pos + s.num_tokens) for s in batch.scheduled]
             t = now
             for stage in range(cost.pp):
                 start = max(t, stage_free[stage])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from orca_jax.metrics import RequestTiming, percentile, summarize
+from orca_jax.metrics import RequestTiming, percentile, summarize, throughput_at_latency
 
 
 def test_figures_by_hand():
@@ -25,3 +25,15 @@ def test_percentile_matches_numpy():
     xs = list(np.random.default_rng(0).random(37))
     for q in (0, 13, 50, 90, 99, 100):
         assert percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+
+
+def test_throughput_at_latency_interpolates_to_the_slo():
+    # (throughput, median normalized latency) over a rate sweep; saturates past 4 req/s.
+    sweep = [(1.0, 0.05), (2.0, 0.06), (4.0, 0.10), (5.0, 0.30), (5.1, 0.90)]
+    assert throughput_at_latency(sweep, 0.10) == 4.0
+    # Between (4, 0.10) and (5, 0.30): a quarter of the way in latency, so in throughput.
+    assert throughput_at_latency(sweep, 0.15) == pytest.approx(4.25)
+    assert throughput_at_latency(sweep, 0.04) == 0.0
+    assert throughput_at_latency(list(reversed(sweep)), 1.0) == 5.1
+    with pytest.raises(ValueError, match="NaN"):
+        throughput_at_latency([(1.0, float("nan"))], 0.1)

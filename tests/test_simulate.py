@@ -74,3 +74,26 @@ def test_iteration_level_scheduling_beats_request_level_under_load():
     orca, static = rows["orca"], rows["static"]
     assert orca["normalized_latency_median"] < 0.5 * static["normalized_latency_median"]
     assert orca["throughput_req_s"] > static["throughput_req_s"]
+
+
+def test_static_batches_cost_what_fastertransformer_runs():
+    """Prompts padded to the batch's longest; every member decodes until the batch ends."""
+    cost = CostModel(GPT3_13B, A100_40GB)
+    work = [WorkItem(0.0, 10, 1), WorkItem(0.0, 100, 4)]
+    want, t = [], 0.0
+    steps = [[(100, 100)] * 2] + [[(1, 100 + i)] * 2 for i in (1, 2, 3)]
+    for shape in steps:
+        t += cost.stage_time(shape, last=True) + cost.overhead_s
+        want.append(t)
+    timings, end = simulate(work, _config("static"), cost)
+    # Both answer when the batch ends, as FasterTransformer's callers saw it.
+    assert [len(t.token_times) for t in timings] == [1, 4]
+    assert [x for t in timings for x in t.token_times] == pytest.approx([want[-1]] * 5)
+    assert end == pytest.approx(want[-1])
+    # Unpadded, the batch costs only its real tokens: a stronger baseline than the paper's.
+    _, unpadded = simulate(work, _config("static"), cost, pad_static=False)
+    real = [[(10, 10), (100, 100)]] + [[(1, 100 + i)] for i in (1, 2, 3)]
+    assert unpadded == pytest.approx(
+        sum(cost.stage_time(s, last=True) + cost.overhead_s for s in real)
+    )
+    assert unpadded < end
