@@ -179,3 +179,47 @@ def test_concurrent_requests_share_iterations(served, llm):
     tokens, iterations = asyncio.run(together())
     assert tokens == alone
     assert iterations < 2 * 12  # four requests of 12 tokens alone would take 4 x 12
+
+
+def _scrape(http) -> dict[tuple[str, tuple], float]:
+    """GET /metrics, parsed by prometheus_client's own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_the_responses_report(served):
+    http, client, _ = served
+    before = _scrape(http)
+    replies = [
+        client.completions.create(
+            model="smollm2", prompt=p, max_tokens=n, extra_body={"ignore_eos": True}
+        )
+        for p, n in (("The capital of France is", 5), ("Hello", 1))
+    ]
+    after = _scrape(http)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("orca:prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
+    assert grew("orca:generation_tokens_total") == 6
+    assert grew("orca:request_success_total", finished_reason="length") == 2
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert grew(f"orca:{name}_count") == 2
+        assert grew(f"orca:{name}_sum") > 0
+    assert grew("orca:time_per_output_token_seconds_count") == 1  # a 1-token reply has none
+    assert grew("orca:request_generation_tokens_sum") == 6
+    assert grew("orca:request_generation_tokens_bucket", le="5.0") == 2
+    assert grew("orca:request_generation_tokens_bucket", le="2.0") == 1
+    assert grew("orca:iterations_total") >= 5
+    # Nothing is left running, waiting or holding KV blocks.
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert after[(f"orca:{gauge}", ())] == 0.0

@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models.
+"""The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus
+/health and Prometheus' /metrics (`metrics.py`).
 
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
 status 400 for requests we cannot serve (validation, unsupported options, prompts too long
@@ -17,11 +18,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.server import responses
 from orca_jax.server.async_engine import AsyncEngine
+from orca_jax.server.metrics import ServerMetrics
 from orca_jax.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -35,6 +38,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
+    metrics = ServerMetrics(engine.engine, model_name)
+    engine.observers.append(metrics.observe)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -57,6 +62,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if engine.error is not None:
             return error(500, f"engine loop failed: {engine.error!r}", "internal_error")
         return JSONResponse({})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -14,7 +14,7 @@ import copy
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from orca_jax.engine.engine import Engine
 from orca_jax.engine.outputs import RequestOutput
@@ -44,6 +44,9 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None  # set if the engine loop died
+        # Called on the engine thread with each iteration's outputs (the live objects), before
+        # the handlers get their snapshots; the server's metrics hook in here.
+        self.observers: list[Callable[[list[RequestOutput]], None]] = []
         self._thread = threading.Thread(target=self._run, name="orca-engine", daemon=True)
         self._thread.start()
 
@@ -107,7 +110,10 @@ class AsyncEngine:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                for observe in self.observers:
+                    observe(outputs)
+                for out in outputs:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
                         continue

@@ -1,0 +1,112 @@
+"""Prometheus metrics of the server (`GET /metrics`), named as vLLM's with `orca:` for `vllm:`.
+
+Dashboards written for vLLM's server read these with the prefix changed. Request figures
+are observed on the engine thread after every iteration (`observe`), from the timestamps the
+engine keeps on each `RequestOutput`; scheduler state is read when Prometheus scrapes. Each
+server has its own registry, so several apps in one process do not collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from orca_jax.engine.engine import Engine
+from orca_jax.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+class ServerMetrics:
+    """The server's counters, gauges and histograms over one `Engine`."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        label = {"model_name": model_name}
+        reg = dict(labelnames=["model_name"], registry=self.registry)
+
+        def gauge(name: str, doc: str, read) -> None:
+            Gauge(name, doc, **reg).labels(**label).set_function(read)
+
+        sched = engine.scheduler
+        gauge(
+            "orca:num_requests_running",
+            "Requests admitted (holding KV).",
+            lambda: len(sched.running),
+        )
+        gauge("orca:num_requests_waiting", "Requests queued.", lambda: len(sched.waiting))
+        gauge(
+            "orca:kv_cache_usage_perc",
+            "Fraction of KV blocks held by requests (0-1).",
+            lambda: sched.kv_cache_manager.usage,
+        )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, **reg).labels(**label)
+
+        self.prompt_tokens = counter("orca:prompt_tokens", "Prompt tokens of started requests.")
+        self.generation_tokens = counter("orca:generation_tokens", "Tokens generated.")
+        self.iterations = counter("orca:iterations", "Engine iterations that returned outputs.")
+        self.preemptions = counter("orca:num_preemptions", "Requests preempted (recomputed).")
+        self._success = Counter(
+            "orca:request_success",
+            "Finished requests by finish reason.",
+            labelnames=["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self._label = label
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, **reg).labels(**label)
+
+        self.ttft = histogram(
+            "orca:time_to_first_token_seconds", "Arrival to first token.", _LATENCY_BUCKETS
+        )
+        self.tpot = histogram(
+            "orca:time_per_output_token_seconds",
+            "Per finished request: (last - first token time) / (tokens - 1).",
+            _LATENCY_BUCKETS,
+        )
+        self.e2e = histogram(
+            "orca:e2e_request_latency_seconds", "Arrival to last token.", _LATENCY_BUCKETS
+        )
+        self.prompt_len = histogram(
+            "orca:request_prompt_tokens", "Prompt tokens per finished request.", _TOKEN_BUCKETS
+        )
+        self.output_len = histogram(
+            "orca:request_generation_tokens", "Tokens per finished request.", _TOKEN_BUCKETS
+        )
+        self._preemptions_seen = engine.num_preemptions
+
+    def observe(self, outputs: Sequence[RequestOutput]) -> None:
+        """Account one iteration's outputs (engine thread; outputs are the live objects)."""
+        if outputs:
+            self.iterations.inc()
+        preempted = self.engine.num_preemptions - self._preemptions_seen
+        if preempted:
+            self.preemptions.inc(preempted)
+            self._preemptions_seen += preempted
+        for out in outputs:
+            completion = out.outputs[0]
+            new = len(completion.delta_token_ids)
+            self.generation_tokens.inc(new)
+            if new and new == len(completion.token_ids):  # the request's first tokens
+                self.prompt_tokens.inc(len(out.prompt_token_ids))
+                self.ttft.observe(out.first_token_time - out.arrival_time)
+            if not out.finished:
+                continue
+            self._success.labels(finished_reason=completion.finish_reason, **self._label).inc()
+            self.prompt_len.observe(len(out.prompt_token_ids))
+            self.output_len.observe(len(completion.token_ids))
+            if out.last_token_time is not None:
+                self.e2e.observe(out.last_token_time - out.arrival_time)
+            if len(completion.token_ids) > 1:
+                span = out.last_token_time - out.first_token_time
+                self.tpot.observe(span / (len(completion.token_ids) - 1))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
