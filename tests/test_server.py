@@ -115,7 +115,8 @@ def test_models_and_health(served):
 @pytest.mark.parametrize(
     "route,body,status,words",
     [
-        ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n=1"),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+        ("/v1/completions", {"prompt": "hi", "n": 65}, 400, "n"),
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
@@ -223,3 +224,38 @@ def test_metrics_count_what_the_responses_report(served):
     # Nothing is left running, waiting or holding KV blocks.
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert after[(f"orca:{gauge}", ())] == 0.0
+
+
+def test_n_completions_per_prompt(served, llm):
+    """n > 1: choice i * n + j is completion j of prompt i, sampled from seed + j; usage
+    counts each prompt once."""
+    _, client, _ = served
+    prompts = ["The capital of France is", "Once upon a time"]
+    kw = dict(max_tokens=6, temperature=1.0, seed=7)
+    out = client.completions.create(
+        model="smollm2", prompt=prompts, n=3, extra_body={"ignore_eos": True}, **kw
+    )
+    assert [c.index for c in out.choices] == list(range(6))
+    for i, prompt in enumerate(prompts):
+        for j in range(3):
+            want = _offline(llm, prompt, ignore_eos=True, **{**kw, "seed": 7 + j})
+            assert out.choices[3 * i + j].text == want.text
+    assert len({c.text for c in out.choices[:3]}) > 1  # different seeds, different samples
+    tok = llm.get_tokenizer()
+    assert out.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert out.usage.completion_tokens == 6 * 6
+
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = dict(model="smollm2", messages=messages, max_tokens=8, temperature=1.0, seed=3, n=2)
+    reply = client.chat.completions.create(**chat)
+    assert [c.index for c in reply.choices] == [0, 1]
+    chunks = list(
+        client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = ["", ""]
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in reply.choices]
+    assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens

@@ -107,13 +107,17 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return await _serve([prompt], params, req, "chatcmpl", responses.chat_chunk, responses.chat)
 
     async def _serve(prompts, params, req, prefix, chunk_fn, final_fn):
-        """Queue every prompt (all or none), then stream or collect their outputs."""
+        """Queue n completions of every prompt (all or none), then stream or collect them.
+
+        Choice i * n + j is completion j of prompt i, as OpenAI numbers them.
+        """
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = []
         try:
-            for i, prompt in enumerate(prompts):
-                streams.append(await engine.add(prompt, params, f"{rid}-{i}"))
+            for prompt in prompts:
+                for p in params:
+                    streams.append(await engine.add(prompt, p, f"{rid}-{len(streams)}"))
         except ValueError as e:
             for i in range(len(streams)):
                 engine.abort(f"{rid}-{i}")
@@ -123,7 +127,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             created=created,
             model=model_name,
             tokenizer=tokenizer,
-            top_n=params.logprobs or 0,
+            top_n=params[0].logprobs or 0,
+            n=len(params),
         )
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
@@ -182,6 +187,6 @@ async def _sse(streams, chunk_fn, meta, include_usage: bool):
         if out.finished:
             finals[i] = out
     if include_usage:
-        usage = responses.usage_chunk(list(finals.values()), chunk_fn, **meta)
+        usage = responses.usage_chunk([finals[i] for i in sorted(finals)], chunk_fn, **meta)
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"

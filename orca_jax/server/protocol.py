@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orca_jax.scheduler import SamplingParams
 
+MAX_N = 64  # most completions one request may ask per prompt
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -30,7 +32,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)  # completions per prompt
     user: str | None = None
     # Accepted only at their neutral values.
     presence_penalty: float = 0.0
@@ -40,25 +42,28 @@ class _Common(BaseModel):
         """Why this request cannot be served as asked, or None."""
         if self.model_extra:
             return f"unsupported fields: {sorted(self.model_extra)}"
-        if self.n != 1:
-            return "only n=1 is supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty and frequency_penalty are not supported"
         return None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+        """One SamplingParams per completion of a prompt (`n`); with a `seed`, completion j
+        samples from seed + j, so the n completions differ yet each is reproducible."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=tuple(stop),
-            stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
+        return [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+                seed=None if self.seed is None else self.seed + j,
+                stop=tuple(stop),
+                stop_token_ids=tuple(self.stop_token_ids),
+                ignore_eos=self.ignore_eos,
+                logprobs=logprobs,
+            )
+            for j in range(self.n)
+        ]
 
 
 class CompletionRequest(_Common):

@@ -11,8 +11,9 @@ def model_list(model_name: str) -> dict:
     return {"object": "list", "data": [card]}
 
 
-def _usage(outs: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in outs)
+def _usage(outs: list[RequestOutput], n: int) -> dict:
+    """Token counts; each prompt counts once however many (n) completions it has."""
+    prompt = sum(len(o.prompt_token_ids) for o in outs[::n])
     completion = sum(len(o.token_ids) for o in outs)
     return {
         "prompt_tokens": prompt,
@@ -78,7 +79,7 @@ def chat_logprobs(out, tokenizer, num: int, new_only: bool) -> dict | None:
     }
 
 
-def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n) -> dict:
+def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n) -> dict:
     choices = []
     for i, out in enumerate(outs):
         comp = out.outputs[0]
@@ -99,12 +100,12 @@ def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": _usage(outs),
+        "usage": _usage(outs, n),
     }
 
 
 def completion_chunk(
-    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n
+    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n
 ):
     comp = out.outputs[0]
     if not comp.delta_token_ids and not out.finished:
@@ -128,27 +129,28 @@ def completion_chunk(
     }
 
 
-def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n) -> dict:
-    (out,) = outs
-    comp = out.outputs[0]
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": comp.text},
-        "finish_reason": comp.finish_reason,
-        "stop_reason": comp.stop_reason,
-        "logprobs": chat_logprobs(out, tokenizer, top_n, False),
-    }
+def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n) -> dict:
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": out.outputs[0].text},
+            "finish_reason": out.outputs[0].finish_reason,
+            "stop_reason": out.outputs[0].stop_reason,
+            "logprobs": chat_logprobs(out, tokenizer, top_n, False),
+        }
+        for i, out in enumerate(outs)
+    ]
     return {
         "id": id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [choice],
-        "usage": _usage(outs),
+        "choices": choices,
+        "usage": _usage(outs, n),
     }
 
 
-def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n):
+def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n):
     comp = out.outputs[0]
     if not first and not comp.delta_token_ids and not out.finished:
         return None
@@ -171,7 +173,7 @@ def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, t
 
 
 def usage_chunk(
-    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n
+    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n, n
 ) -> dict:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, usage."""
     kind = "chat.completion.chunk" if chunk_fn is chat_chunk else "text_completion"
@@ -181,5 +183,5 @@ def usage_chunk(
         "created": created,
         "model": model,
         "choices": [],
-        "usage": _usage(outs),
+        "usage": _usage(outs, n),
     }
