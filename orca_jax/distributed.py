@@ -54,23 +54,24 @@ class StepBroadcast:
     """Process 0 sends each step's inputs; every other process receives them, in order.
 
     Each message is two collective broadcasts: a fixed-size header `[kind, T, R, pages,
-    num_top_logprobs]`, then the arrays, whose shapes the header fixes.
+    num_top_logprobs, penalty history width]`, then the arrays, whose shapes the header fixes.
     """
 
     def send(self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int) -> None:
         T, R, P = batch.num_tokens, batch.max_reqs, batch.block_tables.shape[1]
-        self._header(np.array([_STEP, T, R, P, num_top_logprobs], np.int32))
+        W = md.history.shape[1]
+        self._header(np.array([_STEP, T, R, P, num_top_logprobs, W], np.int32))
         multihost_utils.broadcast_one_to_all((batch, md))
 
     def send_stop(self) -> None:
-        self._header(np.array([_STOP, 0, 0, 0, 0], np.int32))
+        self._header(np.array([_STOP, 0, 0, 0, 0, 0], np.int32))
 
     def recv(self) -> tuple[RaggedBatch, SamplingMetadata, int] | None:
         """The next step's inputs, or None when the leader has stopped."""
-        kind, T, R, P, n = (int(v) for v in self._header(np.zeros(5, np.int32)))
+        kind, T, R, P, n, W = (int(v) for v in self._header(np.zeros(6, np.int32)))
         if kind == _STOP:
             return None
-        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R))
+        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R, W))
         batch, md = multihost_utils.broadcast_one_to_all(template, is_source=False)
         to_host = lambda tree: jax.tree.map(np.asarray, tree)
         return to_host(batch), to_host(md), n

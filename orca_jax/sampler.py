@@ -1,17 +1,53 @@
-"""Sampling on the device, per request: greedy, temperature, top-k, top-p, seeded.
+"""Sampling on the device, per request: penalties, greedy, temperature, top-k, top-p, seeded.
 
 Each request's randomness is `fold_in(key(seed), step)` where `step` counts the tokens it has
 generated, so a request samples the same tokens alone or in any batch, at any row.
+
+Penalties, as vLLM defines them, change the logits before anything else (greedy included):
+repetition (over prompt and output tokens: a seen token's logit is divided by r when
+positive, multiplied by r otherwise), then frequency and presence (over output tokens:
+minus f x count, minus p if present). The tokens come as a padded `history [R, W]` whose
+width W is a power of two (>= 16) when some row has penalties and 0 otherwise, so batches
+without penalties pay nothing and each (R, W) compiles once.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+
+class RowSampling(NamedTuple):
+    """One request's sampling inputs for a step (defaults: no penalties)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    step: int  # tokens generated so far
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    prompt: Sequence[int] = ()  # token ids the penalties read (only when some is on)
+    output: Sequence[int] = ()
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence or self.frequency or self.repetition != 1.0)
+
+
+_GREEDY = RowSampling(0.0, 0, 1.0, 0, 0)
+
+
+def history_width(num_tokens: int) -> int:
+    """The penalty history bucket: 0 for none, else the next power of two >= 16."""
+    return 0 if num_tokens == 0 else max(16, 1 << (num_tokens - 1).bit_length())
 
 
 @struct.dataclass
@@ -23,25 +59,60 @@ class SamplingMetadata:
     top_p: jax.Array  # f32[R]; 1 means no nucleus cut
     seeds: jax.Array  # u32[R] per-request seed
     steps: jax.Array  # i32[R] tokens generated so far (the key is folded with it)
+    presence: jax.Array  # f32[R]; 0 means off
+    frequency: jax.Array  # f32[R]; 0 means off
+    repetition: jax.Array  # f32[R]; 1 means off
+    history: jax.Array  # i32[R, W] prompt then output tokens of penalized rows, -1 padded
+    num_prompt: jax.Array  # i32[R] how many of a row's history tokens are prompt
 
     @classmethod
-    def greedy(cls, num_reqs: int) -> SamplingMetadata:
-        return cls.build([(0.0, 0, 1.0, 0, 0)] * num_reqs, num_reqs)
+    def greedy(cls, num_reqs: int, history_width: int = 0) -> SamplingMetadata:
+        """All-greedy rows (warm-up, and the shapes a follower process receives into)."""
+        md = cls.build([_GREEDY] * num_reqs, num_reqs)
+        return md.replace(history=np.full((num_reqs, history_width), -1, np.int32))
 
     @classmethod
-    def build(
-        cls, rows: list[tuple[float, int, float, int, int]], num_reqs: int
-    ) -> SamplingMetadata:
-        """From `(temperature, top_k, top_p, seed, step)` per request, padded greedy to R."""
-        pad = [(0.0, 0, 1.0, 0, 0)] * (num_reqs - len(rows))
-        t, k, p, s, n = zip(*(list(rows) + pad), strict=True)
+    def build(cls, rows: Sequence[tuple], num_reqs: int) -> SamplingMetadata:
+        """From one `RowSampling` (or its leading fields as a tuple) per request, padded
+        greedy to R."""
+        rows = [RowSampling(*r) for r in rows] + [_GREEDY] * (num_reqs - len(rows))
+        col = lambda name, dtype: np.asarray([getattr(r, name) for r in rows], dtype)
+        lengths = [len(r.prompt) + len(r.output) for r in rows if r.penalized]
+        history = np.full((num_reqs, history_width(max(lengths, default=0))), -1, np.int32)
+        num_prompt = np.zeros(num_reqs, np.int32)
+        for i, r in enumerate(rows):
+            if r.penalized:
+                tokens = list(r.prompt) + list(r.output)
+                history[i, : len(tokens)] = tokens
+                num_prompt[i] = len(r.prompt)
         return cls(
-            temperature=np.asarray(t, np.float32),
-            top_k=np.asarray(k, np.int32),
-            top_p=np.asarray(p, np.float32),
-            seeds=np.asarray(s, np.uint32),
-            steps=np.asarray(n, np.int32),
+            temperature=col("temperature", np.float32),
+            top_k=col("top_k", np.int32),
+            top_p=col("top_p", np.float32),
+            seeds=col("seed", np.uint32),
+            steps=col("step", np.int32),
+            presence=col("presence", np.float32),
+            frequency=col("frequency", np.float32),
+            repetition=col("repetition", np.float32),
+            history=history,
+            num_prompt=num_prompt,
         )
+
+
+def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Repetition, frequency and presence penalties on f32 logits [R, V] (module docstring)."""
+    R, V = logits.shape
+    W = md.history.shape[1]
+    if W == 0:  # static: no row has penalties
+        return logits
+    rows = jnp.broadcast_to(jnp.arange(R)[:, None], (R, W))
+    ids = jnp.where(md.history >= 0, md.history, V)  # padding scatters out of range: dropped
+    is_output = jnp.arange(W)[None, :] >= md.num_prompt[:, None]  # [R, W]
+    seen = jnp.zeros((R, V), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    counts = jnp.zeros((R, V), jnp.float32).at[rows, ids].add(is_output, mode="drop")
+    rep = md.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - md.frequency[:, None] * counts - md.presence[:, None] * (counts > 0)
 
 
 def _sample_row(logits, temperature, top_k, top_p, seed, step):
@@ -70,9 +141,10 @@ def sample(
 
     Returns (tokens i32[R], logprob of each token f32[R], top token ids i32[R, n],
     their logprobs f32[R, n]) with n = num_top_logprobs; log-probabilities are those of the
-    model's raw distribution (before temperature and cuts), as vLLM reports them.
+    model's raw distribution (before penalties, temperature and cuts), as vLLM reports them.
     """
-    logits = logits.astype(jnp.float32)
+    raw = logits.astype(jnp.float32)
+    logits = apply_penalties(raw, md)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = md.temperature <= 0
 
@@ -83,7 +155,7 @@ def sample(
 
     # Sorting the vocabulary is skipped entirely when every request is greedy.
     tokens = jax.lax.cond(jnp.all(is_greedy), lambda: greedy_tokens, sampled)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logprobs = jax.nn.log_softmax(raw, axis=-1)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp

@@ -210,3 +210,40 @@ def test_requests_freed_in_an_empty_iteration_give_back_their_rows(policy):
         while engine.has_unfinished_requests():
             done |= {o.request_id for o in engine.step() if o.finished}
         assert done == set(ids)
+
+
+def test_penalties_follow_the_raw_logprobs_and_the_batch_does_not_matter():
+    """Greedy with frequency and presence penalties: each token is the argmax of the step's
+    raw log-probabilities (all V reported) minus the penalties of the tokens before it; the
+    same tokens come out alone and in a batch (with preemption under `paged`)."""
+    V = CFG.vocab_size
+    sp = SamplingParams(
+        max_tokens=24, presence_penalty=0.4, frequency_penalty=0.7, logprobs=V, ignore_eos=True
+    )
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    engine = make_engine(warmup=False, max_logprobs=V)
+    engine.add_request(prompt, sp)
+    out = None
+    while engine.has_unfinished_requests():
+        out = next((o for o in engine.step() if o.finished), out)
+    comp = out.outputs[0]
+    for t, (tok, lps) in enumerate(zip(comp.token_ids, comp.logprobs, strict=True)):
+        raw = np.array([lps[v] for v in range(V)])
+        before = comp.token_ids[:t]
+        penalty = np.array([0.7 * before.count(v) + 0.4 * (v in before) for v in range(V)])
+        assert tok == int(np.argmax(raw - penalty))
+    unpenalized = SamplingParams(max_tokens=24, ignore_eos=True)
+    plain, _ = run(make_engine(warmup=False), [(prompt, unpenalized)])
+    assert plain[0] != comp.token_ids  # the penalties changed the output
+
+    rep = dataclasses.replace(sp, repetition_penalty=1.3, logprobs=None)
+    for policy, kw in [("orca", {}), ("paged", dict(num_kv_blocks=40))]:
+        alone, _ = run(make_engine(policy, warmup=False, **kw), [(prompt, rep)])
+        others = _requests(7, seed=4)
+        others[2] = (others[2][0], dataclasses.replace(others[2][1], frequency_penalty=1.0))
+        engine = make_engine(policy, warmup=False, **kw)
+        batched, _ = run(
+            engine, others[:3] + [(prompt, rep)] + others[3:], arrivals=[0, 0, 1, 1, 2, 3, 3, 4]
+        )
+        assert batched[3] == alone[0], policy
+        assert (engine.num_preemptions > 0) == (policy == "paged")

@@ -1,10 +1,18 @@
 """On-device sampling: cuts, seeds, and independence from the rest of the batch."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from orca_jax.sampler import SamplingMetadata, sample
+from orca_jax.sampler import (
+    RowSampling,
+    SamplingMetadata,
+    apply_penalties,
+    history_width,
+    sample,
+)
 
 
 def _logits(rows, vocab=64, seed=0):
@@ -62,3 +70,49 @@ def test_top_p_keeps_the_smallest_nucleus():
     md = SamplingMetadata.build([(1.0, 0, 0.75, s, 0) for s in range(2000)], 2000)
     toks = np.asarray(sample(logits, md)[0])
     assert set(toks.tolist()) == {0, 1}  # 0.5 < 0.75 so token 1 is needed; 0.8 >= 0.75 stops
+
+
+def _penalized_reference(logits, prompt, output, presence, frequency, repetition):
+    """vLLM's penalties for one row, token by token in plain Python."""
+    out = np.array(logits, np.float64)
+    for tok in set(prompt) | set(output):
+        out[tok] = out[tok] / repetition if out[tok] > 0 else out[tok] * repetition
+    for tok, count in collections.Counter(output).items():
+        out[tok] -= frequency * count + presence
+    return out
+
+
+def test_penalties_match_a_per_token_reference():
+    vocab = 40
+    logits = _logits(5, vocab, seed=1)
+    rng = np.random.default_rng(2)
+    specs = [  # presence, frequency, repetition, prompt length, output length
+        (0.5, 0.0, 1.0, 7, 12),
+        (0.0, 0.3, 1.0, 3, 20),
+        (0.0, 0.0, 1.7, 9, 5),
+        (0.0, 0.0, 1.0, 4, 4),  # no penalties: untouched, and its tokens are not sent
+        (-1.0, 1.5, 0.6, 30, 9),
+    ]
+    rows, want = [], []
+    for r, (pres, freq, rep, n_p, n_o) in enumerate(specs):
+        prompt = rng.integers(0, vocab, n_p).tolist()
+        output = rng.integers(0, 8, n_o).tolist()  # few distinct ids: repeats
+        rows.append(RowSampling(0.0, 0, 1.0, 0, n_o, pres, freq, rep, prompt, output))
+        want.append(_penalized_reference(logits[r], prompt, output, pres, freq, rep))
+    md = SamplingMetadata.build(rows, 6)  # one padding row
+    assert md.history.shape == (6, 64)  # longest history 39 tokens -> bucket 64
+    assert (md.history[3] == -1).all() and (md.history[5] == -1).all()
+    got = apply_penalties(jnp.concatenate([logits, logits[:1]]), md)
+    np.testing.assert_allclose(got[:5], np.stack(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[5], logits[0])  # padding row untouched
+
+    toks, lp, *_ = sample(jnp.concatenate([logits, logits[:1]]), md)
+    np.testing.assert_array_equal(toks[:5], np.argmax(np.stack(want), -1))  # greedy too
+    raw = jax.nn.log_softmax(logits)[np.arange(5), np.asarray(toks[:5])]
+    np.testing.assert_allclose(lp[:5], raw, rtol=1e-6)  # logprobs stay the model's
+
+
+def test_batches_without_penalties_send_no_history():
+    md = SamplingMetadata.build([(0.8, 5, 0.9, 1, 3)] * 3, 4)
+    assert md.history.shape == (4, 0)
+    assert [history_width(n) for n in (0, 1, 16, 17, 100)] == [0, 16, 16, 32, 128]

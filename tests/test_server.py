@@ -120,6 +120,8 @@ def test_models_and_health(served):
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
         ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+        ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition"),
         ("/v1/completions", {"prompt": "word " * 400}, 400, "max_model_len"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "vocabulary"),
         ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9"),
@@ -259,3 +261,17 @@ def test_n_completions_per_prompt(served, llm):
     assert streamed == [c.message.content for c in reply.choices]
     assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_penalties_reach_the_sampler(served, llm):
+    _, client, _ = served
+    kw = dict(max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
+    out = client.completions.create(
+        model="smollm2",
+        prompt=QUESTION,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.2},
+        **kw,
+    )
+    text = out.choices[0].text
+    assert text == _offline(llm, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
+    assert text != _offline(llm, QUESTION, ignore_eos=True, max_tokens=12).text

@@ -24,7 +24,7 @@ from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.runner import ModelRunner
-from orca_jax.sampler import SamplingMetadata
+from orca_jax.sampler import RowSampling, SamplingMetadata
 from orca_jax.scheduler import (
     ModelRunnerOutput,
     Request,
@@ -176,10 +176,20 @@ class Engine:
         rows = []
         for s in batch.scheduled:
             tracked = self._requests[s.req_id]
-            p = tracked.params
+            p, request = tracked.params, tracked.request
             # The key folds in tokens generated so far: the same whatever the batch.
-            step = tracked.request.num_output_tokens
-            rows.append((p.temperature, p.top_k, p.top_p, tracked.seed, step))
+            row = RowSampling(
+                p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens
+            )
+            if p.has_penalties:
+                row = row._replace(
+                    presence=p.presence_penalty,
+                    frequency=p.frequency_penalty,
+                    repetition=p.repetition_penalty,
+                    prompt=request.prompt_token_ids,
+                    output=request.output_token_ids,
+                )
+            rows.append(row)
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         md = SamplingMetadata.build(rows, packed.max_reqs)

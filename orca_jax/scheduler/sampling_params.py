@@ -33,6 +33,14 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of top log-probabilities to return per token; None returns none.
     logprobs: int | None = None
+    # Penalties on tokens already seen, applied to the logits before sampling (greedy too),
+    # as vLLM does. presence / frequency in [-2, 2] over the generated tokens: minus p once a
+    # token appeared, minus f per time it did; 0 turns them off. repetition > 0 over prompt
+    # and generated tokens: a seen token's logit is divided by it when positive, multiplied
+    # otherwise; 1 turns it off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalize through object.__setattr__.
@@ -55,6 +63,18 @@ class SamplingParams:
             _check_int("stop_token_ids entries", t, minimum=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when some penalty changes the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
     @property
     def is_greedy(self) -> bool:

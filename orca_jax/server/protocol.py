@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI API subset we serve, as pydantic models.
 
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
-silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`.
+silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
+`repetition_penalty`.
 """
 
 from __future__ import annotations
@@ -34,16 +35,14 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)  # completions per prompt
     user: str | None = None
-    # Accepted only at their neutral values.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # a vLLM extension
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
         if self.model_extra:
             return f"unsupported fields: {sorted(self.model_extra)}"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty and frequency_penalty are not supported"
         return None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
@@ -61,6 +60,9 @@ class _Common(BaseModel):
                 stop_token_ids=tuple(self.stop_token_ids),
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
             )
             for j in range(self.n)
         ]

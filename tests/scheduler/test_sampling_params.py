@@ -44,6 +44,10 @@ def test_sampling_is_not_greedy_with_temperature():
         ({"stop": [""]}, "stop strings must be non-empty"),
         ({"stop_token_ids": [-1]}, "stop_token_ids entries must be >= 0"),
         ({"logprobs": -1}, "logprobs must be >= 0"),
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
+        ({"frequency_penalty": float("nan")}, r"frequency_penalty must be in \[-2, 2\]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty must be > 0"),
     ],
 )
 def test_invalid_values_name_the_field_and_limit(kwargs, message):
