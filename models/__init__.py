@@ -2,7 +2,7 @@
 
 from models.batch import RaggedBatch, pack_batch
 from models.config import PRESETS, ModelConfig, get_config
-from models.decoder import forward, init_params, param_shapes, step
+from models.decoder import RandomWeights, forward, init_params, param_shapes, step
 from models.kv_cache import KVCache, init_kv_cache
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "forward",
     "get_config",
     "init_kv_cache",
+    "RandomWeights",
     "init_params",
     "pack_batch",
     "param_shapes",

@@ -7,6 +7,7 @@ compile time does not grow with depth.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -69,8 +70,20 @@ def param_shapes(config: ModelConfig) -> Params:
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomWeights:
+    """Params still to be drawn (`init_params(config, seed)`), so that whoever places them
+    can draw each device's slice where it lives instead of the whole tree on one device
+    (`sharding.init_sharded`; the runner does this)."""
+
+    seed: int = 0
+
+
 def init_params(config: ModelConfig, seed: int = 0) -> Params:
-    """Random weights (normal, std 0.02; norm scales 1, biases 0) of the config's shapes."""
+    """Random weights (normal, std 0.02; norm scales 1, biases 0) of the config's shapes.
+
+    Values depend only on (config, seed): traced under `jax.jit` with sharded outputs they
+    come out the same (to rounding: jit fuses the scaling), each device drawing its slice."""
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))

@@ -7,15 +7,16 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models import ModelConfig, get_config, init_params
+from models import ModelConfig, RandomWeights, get_config
 from models.layers import Params
 
 
 @dataclasses.dataclass
 class LoadedModel:
     config: ModelConfig
-    params: Params
+    params: Params | RandomWeights  # host arrays, or random weights still to be drawn
     tokenizer: object | None  # orca_jax.tokenizer.Tokenizer, or None for random-weight presets
 
 
@@ -49,7 +50,7 @@ def load_model(
     if weights is None and model == "smollm2-135m":
         weights = default_model_path()
     if weights is None or weights == "random":
-        params = init_params(config, seed)
+        params = RandomWeights(seed)  # drawn by the runner where each slice will live
     elif weights.endswith(".gguf"):
         gguf_config, params = load_gguf(weights, dtype=config.dtype)
         config = _check_shapes(gguf_config.replace(**overrides), config)
@@ -60,7 +61,10 @@ def load_model(
         params = load_safetensors(weights, config)
         if os.path.isdir(weights):
             tok = Tokenizer.from_pretrained_dir(weights)
-    params = jax.tree.map(lambda a: jnp.asarray(a, config.dtype), params)
+    if not isinstance(params, RandomWeights):
+        # On the host: the runner places them (whole on one device, or each device its
+        # slices), so a model larger than one device still loads.
+        params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(config.dtype)), params)
     if tokenizer is not None:
         tok = (
             Tokenizer.from_gguf(tokenizer)

@@ -16,7 +16,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from models import KVCache, ModelConfig, RaggedBatch, init_kv_cache, pack_batch
+from models import (
+    KVCache,
+    ModelConfig,
+    RaggedBatch,
+    RandomWeights,
+    init_kv_cache,
+    init_params,
+    pack_batch,
+)
 from models.batch import bucket, geometric_buckets
 from models.decoder import stage_step
 from models.layers import Params
@@ -24,6 +32,7 @@ from orca_jax.sampler import SamplingMetadata, sample
 from sharding import (
     ParallelConfig,
     check_tensor_parallel,
+    init_sharded,
     kv_cache_sharding,
     plan_stages,
     replicated,
@@ -116,10 +125,12 @@ class ModelRunner:
     def __init__(
         self,
         model_config: ModelConfig,
-        params: Params,
+        params: Params | RandomWeights,
         config: RunnerConfig,
         parallel: ParallelConfig | None = None,
     ):
+        """`params`: a tree of arrays (host arrays are best: each device then receives only
+        its slices), or `RandomWeights(seed)`, drawn on the devices that hold them."""
         if config.max_model_len > model_config.max_seq_len:
             raise ValueError(
                 f"max_model_len={config.max_model_len} exceeds the model's context "
@@ -130,7 +141,9 @@ class ModelRunner:
         self.parallel = parallel = parallel or ParallelConfig()
         if parallel.num_devices == 1:
             cache = init_kv_cache(model_config, config.num_pages, config.page_size)
-            self.stages = [_Stage(params, cache, None, True, True, None)]
+            if isinstance(params, RandomWeights):
+                params = init_params(model_config, params.seed)
+            self.stages = [_Stage(jax.device_put(params), cache, None, True, True, None)]
             return
         check_tensor_parallel(model_config, parallel.tensor_parallel_size)
         self.stages = []
@@ -145,11 +158,16 @@ class ModelRunner:
                 config.page_size,
                 sharding=kv_cache_sharding(plan.mesh),
             )  # allocated split over the stage's devices, never whole on one device
+            if isinstance(params, RandomWeights):
+                make = functools.partial(_random_stage, model_config, params.seed, plan)
+                placed = init_sharded(make, model_config, plan.mesh)
+            else:
+                placed = shard_params(
+                    stage_params(params, plan, model_config), model_config, plan.mesh
+                )
             self.stages.append(
                 _Stage(
-                    params=shard_params(
-                        stage_params(params, plan, model_config), model_config, plan.mesh
-                    ),
+                    params=placed,
                     kv_cache=cache,
                     mesh=plan.mesh if parallel.tensor_parallel_size > 1 else None,
                     first=plan.first,
@@ -221,6 +239,11 @@ class ModelRunner:
             )
         jax.block_until_ready(([st.kv_cache for st in self.stages], out))
         return len(shapes)
+
+
+def _random_stage(config: ModelConfig, seed: int, plan) -> Params:
+    """The random params of one pipeline stage (traced under jit: only its slice is drawn)."""
+    return stage_params(init_params(config, seed), plan, config)
 
 
 def dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:

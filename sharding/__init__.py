@@ -3,7 +3,14 @@
 from sharding.mesh import MODEL_AXIS, ParallelConfig, make_mesh, tensor_parallel_size
 from sharding.pipeline import StagePlan, layer_ranges, plan_stages, stage_params
 from sharding.rules import PARAM_RULES, cache_spec, check_tensor_parallel, param_specs
-from sharding.shard import kv_cache_sharding, replicated, shard_kv_cache, shard_params
+from sharding.shard import (
+    init_sharded,
+    kv_cache_sharding,
+    param_shardings,
+    replicated,
+    shard_kv_cache,
+    shard_params,
+)
 
 __all__ = [
     "MODEL_AXIS",
@@ -11,10 +18,12 @@ __all__ = [
     "ParallelConfig",
     "StagePlan",
     "cache_spec",
+    "init_sharded",
     "check_tensor_parallel",
     "kv_cache_sharding",
     "layer_ranges",
     "make_mesh",
+    "param_shardings",
     "param_specs",
     "plan_stages",
     "replicated",
