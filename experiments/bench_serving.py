@@ -25,10 +25,11 @@ from absl import app, flags
 
 from models import get_config, init_params
 from orca_jax import Engine, EngineConfig
+from orca_jax.calibration import Calibration
 from orca_jax.metrics import summarize
 from orca_jax.plotting import latency_throughput, pyplot
 from orca_jax.replay import replay
-from orca_jax.simulate import A100_40GB, H100_80GB, CostModel, simulate
+from orca_jax.simulate import HARDWARE, CostModel, simulate
 from orca_jax.workload import azure_trace, poisson
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
@@ -52,7 +53,13 @@ _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Trace replay speed-up.")
 _SLO_TTFT = flags.DEFINE_float("slo_ttft", None, "TTFT SLO (s) for goodput.")
 _SLO_TPOT = flags.DEFINE_float("slo_tpot", None, "TPOT SLO (s) for goodput.")
 _SIMULATE = flags.DEFINE_bool("simulate", False, "Virtual clock and cost model, no model run.")
-_HARDWARE = flags.DEFINE_enum("hardware", "a100", ["a100", "h100"], "Simulated accelerator.")
+_HARDWARE = flags.DEFINE_enum("hardware", "a100", list(HARDWARE), "Simulated accelerator.")
+_CALIBRATION = flags.DEFINE_string(
+    "calibration",
+    None,
+    "With --simulate: a Calibration JSON (experiments/calibrate_simulator.py) giving the "
+    "hardware, efficiencies and overhead instead of --hardware's spec sheet and guesses.",
+)
 _TP = flags.DEFINE_integer("tp", 1, "Simulated tensor-parallel size.")
 _PP = flags.DEFINE_integer("pp", 1, "Simulated pipeline stages.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca, paged).")
@@ -81,8 +88,11 @@ def run_point(model, params, policy: str, workload) -> dict:
     cost = None
     num_kv_blocks = _KV_BLOCKS.value
     if _SIMULATE.value:
-        hw = {"a100": A100_40GB, "h100": H100_80GB}[_HARDWARE.value]
-        cost = CostModel(model, hw, tp=_TP.value, pp=_PP.value)
+        if _CALIBRATION.value:
+            with open(_CALIBRATION.value) as f:
+                cost = Calibration.from_json(f.read()).cost_model(model, _TP.value, _PP.value)
+        else:
+            cost = CostModel(model, HARDWARE[_HARDWARE.value], tp=_TP.value, pp=_PP.value)
         num_kv_blocks = num_kv_blocks or cost.kv_capacity_tokens() // 16
     max_batch = int(bs) if bs else _MAX_BATCH.value
     default_cap = max_batch * _MAX_LEN.value if cost else max(512, _MAX_LEN.value)

@@ -15,8 +15,9 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from step_shapes import decode_batch, prefill_batch, time_step
 
-from models import get_config, init_kv_cache, init_params, pack_batch, step
+from models import get_config, init_kv_cache, init_params, step
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt", "gpt2"], "Presets to time.")
 _BUCKETS = flags.DEFINE_list("buckets", ["16", "64", "256"], "Token buckets T.")
@@ -35,21 +36,6 @@ _FLOOR_CTX = flags.DEFINE_integer("floor_context", 512, "Context of the floor ca
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
-def time_step(params, cfg, cache, batch, iters: int) -> tuple[float, object]:
-    """Median seconds per step, each waited for (after two warm-up steps); the final cache."""
-    batch = jax.device_put(batch)
-    for _ in range(2):
-        logits, cache = step(params, cache, batch, cfg)
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        logits, cache = step(params, cache, batch, cfg)
-        jax.block_until_ready(logits)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), cache
-
-
 def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
     """Median seconds per step when `steps` steps are queued before one wait (as the engine
     runs with batches in flight: the host's dispatch hides behind the device's work)."""
@@ -62,29 +48,6 @@ def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
         jax.block_until_ready(logits)
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times), cache
-
-
-def decode_batch(num_reqs: int, context: int, page: int, num_tokens: int | None = None):
-    pages_per = -(-(context + 1) // page)
-    seqs = [
-        ([1], context, list(range(1 + r * pages_per, 1 + (r + 1) * pages_per)))
-        for r in range(num_reqs)
-    ]
-    return pack_batch(
-        seqs,
-        page_size=page,
-        num_tokens=num_tokens or num_reqs,
-        num_reqs=num_reqs,
-        max_blocks=pages_per,
-    ), 1 + num_reqs * pages_per
-
-
-def prefill_batch(num_tokens: int, page: int):
-    pages = -(-num_tokens // page)
-    seqs = [(list(range(num_tokens)), 0, list(range(1, 1 + pages)))]
-    return pack_batch(seqs, page_size=page, num_tokens=num_tokens, num_reqs=8, max_blocks=pages), (
-        1 + pages
-    )
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:

@@ -11,11 +11,15 @@
 #   3. the kernel test suite on the GPU (Triton, not interpret)
 #   4. host time per iteration on this machine's CPU
 #   5. engine throughput, host work overlapped (n_workers=2) or not, gpt2 bf16, if time is left
+#   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
+#      (calibration.json), if time is left
+# The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
 #   STEP_FLAGS="--models=tiny-gpt --buckets=16 --iters=1 --floor_model=tiny-gpt --floor_reqs=4
 #   --floor_context=32" ENGINE_FLAGS="--model=tiny-gpt --dtype=float32 --num_reqs=8
-#   --prompt_len=16 --output_len=8" OUT=/tmp/o bash experiments/gpu_check.sh
+#   --prompt_len=16 --output_len=8" CAL_FLAGS="--model=tiny-gpt --dtype=float32 --iters=2
+#   --num_requests=10 --policies=orca --rates=50" OUT=/tmp/o bash experiments/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -58,6 +62,8 @@ stage attention_tests 300 "$PY" -m pytest tests/kernels/test_ragged_paged_attent
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage engine 100 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
   --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
+stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
+  --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
 
 {
   echo "--- attention (ours vs shipped vs reference)"
@@ -73,6 +79,9 @@ stage engine 100 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16
   tail -1 "$OUT/host.log" 2>/dev/null
   echo "--- engine (n_workers 1 vs 2)"
   cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
+  echo "--- simulator calibration (gpt2 bf16)"
+  grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
+(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 cat "$summary"

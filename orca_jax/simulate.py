@@ -6,10 +6,10 @@ batch takes the time a roofline cost model gives it. This shows how the policies
 scale; it predicts no absolute figure better than its cost model, so calibrate that against
 measured step times (`experiments/bench_step.py`) before quoting numbers.
 
-Cost model, per pipeline stage and iteration (bf16, per device of a `tp`-way shard):
+Cost model, per pipeline stage and iteration (the model's dtype, per device of a `tp`-way shard):
 - every layer reads its weights once, and the K/V of every scheduled token's context;
 - its matmuls cost 2 x params FLOPs per token, attention 4 x D FLOPs per (token, context) pair;
-- a layer takes max(bytes / bandwidth, FLOPs / peak), both derated by `efficiency`, plus two
+- a layer takes max(bytes / bandwidth, FLOPs / peak), each derated by its efficiency, plus two
   ring all-reduces of the activations over the tensor-parallel group;
 - the last stage adds the LM head; each iteration pays a fixed `overhead_s` (host, launch).
 Stages of one batch run one after another; a stage starts a batch when it is free, so with
@@ -54,19 +54,32 @@ class Hardware:
 
 A100_40GB = Hardware("A100-SXM4-40GB", 40e9, 1.555e12, 312e12, 300e9)
 H100_80GB = Hardware("H100-SXM5-80GB", 80e9, 3.35e12, 989e12, 450e9)
+H200_141GB = Hardware("H200-SXM-141GB", 141e9, 4.8e12, 989e12, 450e9)
+HARDWARE = {"a100": A100_40GB, "h100": H100_80GB, "h200": H200_141GB}
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-    """Iteration time of `model` split `tp` ways within each of `pp` stages on `hw`."""
+    """Iteration time of `model` split `tp` ways within each of `pp` stages on `hw`.
+
+    The efficiencies and the overhead default to rough guesses; `orca_jax.calibration`
+    fits them to step times measured on the machine.
+    """
 
     model: ModelConfig
     hw: Hardware
     tp: int = 1
     pp: int = 1
-    efficiency: float = 0.7  # fraction of peak bandwidth / FLOPs reached
+    bandwidth_efficiency: float = 0.7  # fraction of `hw.hbm_bytes_per_s` reached
+    flops_efficiency: float = 0.7  # fraction of `hw.flops_per_s` reached
     overhead_s: float = 1e-3  # per iteration
-    bytes_per_param: int = 2
+
+    @property
+    def bytes_per_param(self) -> int:
+        """Bytes per weight and per cached K/V value (the model's dtype)."""
+        return _DTYPE_BYTES[self.model.dtype]
 
     def layer_params(self) -> int:
         m = self.model
@@ -91,7 +104,8 @@ class CostModel:
 
     def stage_time(self, batch: Sequence[tuple[int, int]], last: bool) -> float:
         """Seconds one stage takes for `batch`: (new tokens, context after them) per request."""
-        m, hw, eff = self.model, self.hw, self.efficiency
+        m, hw = self.model, self.hw
+        bandwidth = hw.hbm_bytes_per_s * self.bandwidth_efficiency
         tokens = sum(n for n, _ in batch)
         pairs = sum(n * (ctx - (n - 1) / 2) for n, ctx in batch)  # causal (query, key) pairs
         context = sum(ctx for _, ctx in batch)
@@ -99,14 +113,14 @@ class CostModel:
             self.layer_params() * self.bytes_per_param + context * self.kv_bytes_per_token_layer()
         ) / self.tp
         flops = (2 * tokens * self.layer_params() + 4 * pairs * m.n_heads * m.head_dim) / self.tp
-        layer = max(read / (hw.hbm_bytes_per_s * eff), flops / (hw.flops_per_s * eff))
+        layer = max(read / bandwidth, flops / (hw.flops_per_s * self.flops_efficiency))
         if self.tp > 1:  # two ring all-reduces of [tokens, D] activations
             msg = tokens * m.d_model * self.bytes_per_param
             layer += 2 * 2 * (self.tp - 1) / self.tp * msg / hw.link_bytes_per_s
         t = layer * m.n_layers / self.pp
         if last:
             head = m.vocab_size * m.d_model * self.bytes_per_param / self.tp
-            t += head / (hw.hbm_bytes_per_s * eff)
+            t += head / bandwidth
         return t
 
 

@@ -8,7 +8,7 @@ from orca_jax.scheduler import SchedulerConfig
 from orca_jax.simulate import A100_40GB, CostModel, simulate
 from orca_jax.workload import WorkItem, poisson
 
-GPT3_13B = get_config("gpt3-13b")
+GPT3_13B = get_config("gpt3-13b", dtype="bfloat16")
 
 
 def _config(policy="orca", max_batch_size=8, n_workers=1, num_blocks=4096):
@@ -36,17 +36,18 @@ def test_one_request_takes_the_sum_of_its_steps():
 
 def test_cost_model_is_memory_bound_for_decodes_and_compute_bound_for_prefill():
     cost = CostModel(GPT3_13B, A100_40GB)
-    weights_s = cost.layer_params() * 2 * 40 / (A100_40GB.hbm_bytes_per_s * cost.efficiency)
+    bandwidth = A100_40GB.hbm_bytes_per_s * cost.bandwidth_efficiency
+    weights_s = cost.layer_params() * 2 * 40 / bandwidth
     decode = cost.stage_time([(1, 512)], last=False)
     assert decode == pytest.approx(weights_s, rel=0.03)  # one token: weights dominate (KV 2%)
     prefill = cost.stage_time([(2048, 2048)], last=False)
-    flops_s = 2 * 2048 * cost.layer_params() * 40 / (A100_40GB.flops_per_s * cost.efficiency)
+    flops_s = 2 * 2048 * cost.layer_params() * 40 / (A100_40GB.flops_per_s * cost.flops_efficiency)
     assert prefill == pytest.approx(flops_s, rel=0.05)  # 2048 tokens: matmul FLOPs dominate
 
 
 def test_pipeline_stages_overlap_batches_in_flight():
     """Two stages, n_workers=2: stage 0 runs batch i+1 while stage 1 runs batch i."""
-    cost = CostModel(get_config("gpt3-175b"), A100_40GB, tp=8, pp=2)
+    cost = CostModel(get_config("gpt3-175b", dtype="bfloat16"), A100_40GB, tp=8, pp=2)
     work = [WorkItem(0.0, 64, 32) for _ in range(8)]
     _, one = simulate(work, _config(max_batch_size=4, n_workers=1), cost)
     _, two = simulate(work, _config(max_batch_size=4, n_workers=2), cost)
@@ -54,10 +55,10 @@ def test_pipeline_stages_overlap_batches_in_flight():
 
 
 def test_memory_planning():
-    big = CostModel(get_config("gpt3-175b"), A100_40GB, tp=8, pp=2)
+    big = CostModel(get_config("gpt3-175b", dtype="bfloat16"), A100_40GB, tp=8, pp=2)
     assert 20_000 < big.kv_capacity_tokens() < 200_000
     with pytest.raises(ValueError, match="do not fit"):
-        CostModel(get_config("gpt3-175b"), A100_40GB).kv_capacity_tokens()
+        CostModel(get_config("gpt3-175b", dtype="bfloat16"), A100_40GB).kv_capacity_tokens()
 
 
 def test_iteration_level_scheduling_beats_request_level_under_load():
