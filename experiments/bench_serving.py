@@ -34,7 +34,11 @@ from orca_jax.workload import azure_trace, poisson
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
-_POLICIES = flags.DEFINE_list("policies", ["orca", "static:8", "paged"], "name[:max_batch].")
+_POLICIES = flags.DEFINE_list(
+    "policies",
+    ["orca", "static:8", "paged"],
+    "name[:max_batch]; 'paged+prefix' is paged with prefix caching.",
+)
 _RATES = flags.DEFINE_list("rates", ["2", "4", "8"], "Poisson arrival rates (req/s).")
 _NUM = flags.DEFINE_integer("num_requests", 60, "Requests per point.")
 _PROMPT = flags.DEFINE_list("prompt_len", ["32", "128"], "Prompt length range lo,hi.")
@@ -49,6 +53,9 @@ _BATCHED_TOKENS = flags.DEFINE_integer(
 )
 _KV_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (default: from memory).")
 _TRACE = flags.DEFINE_string("trace", None, "Replay this Azure trace CSV instead of Poisson.")
+_SHARED_PREFIX = flags.DEFINE_integer(
+    "shared_prefix", 0, "Every prompt starts with the same this many tokens (a system prompt)."
+)
 _TIME_SCALE = flags.DEFINE_float("time_scale", 1.0, "Trace replay speed-up.")
 _SLO_TTFT = flags.DEFINE_float("slo_ttft", None, "TTFT SLO (s) for goodput.")
 _SLO_TPOT = flags.DEFINE_float("slo_tpot", None, "TPOT SLO (s) for goodput.")
@@ -85,6 +92,7 @@ COLUMNS = [
 
 def run_point(model, params, policy: str, workload) -> dict:
     name, _, bs = policy.partition(":")
+    name, prefix_caching = name.removesuffix("+prefix"), name.endswith("+prefix")
     cost = None
     num_kv_blocks = _KV_BLOCKS.value
     if _SIMULATE.value:
@@ -103,12 +111,14 @@ def run_point(model, params, policy: str, workload) -> dict:
         max_num_batched_tokens=_BATCHED_TOKENS.value or default_cap,
         num_kv_blocks=num_kv_blocks,
         n_workers=_N_WORKERS.value if name != "static" else 1,
+        enable_prefix_caching=prefix_caching,
         warmup=True,  # compile every bucket first: no compile inside the timed run
     )
     if cost is not None:
         timings, duration = simulate(workload, config.resolve(model)[0], cost, _PAD_STATIC.value)
     else:
-        timings, duration = replay(Engine(model, params, None, config), workload)
+        engine = Engine(model, params, None, config)
+        timings, duration = replay(engine, workload, shared_prefix=_SHARED_PREFIX.value)
     return summarize(timings, duration, _SLO_TTFT.value, _SLO_TPOT.value)
 
 

@@ -24,6 +24,9 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 _NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is reserved).")
 _KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca, paged).")
+_PREFIX_CACHING = flags.DEFINE_bool(
+    "enable_prefix_caching", False, "paged: reuse the K/V of prompt prefixes already computed."
+)
 _TP = flags.DEFINE_integer("tensor_parallel_size", 1, "Devices splitting heads and FFN.")
 _PP = flags.DEFINE_integer("pipeline_parallel_size", 1, "Pipeline stages (layer groups).")
 _COORDINATOR = flags.DEFINE_string(
@@ -51,6 +54,7 @@ def build_llm(**overrides) -> LLM:
         num_kv_blocks=_NUM_BLOCKS.value,
         kv_cache_memory=_KV_MEMORY.value,
         n_workers=_N_WORKERS.value,
+        enable_prefix_caching=_PREFIX_CACHING.value,
         tensor_parallel_size=_TP.value,
         pipeline_parallel_size=_PP.value,
         max_model_len=_MAX_LEN.value,

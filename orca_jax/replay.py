@@ -26,11 +26,17 @@ def replay(
     workload: Sequence[WorkItem],
     *,
     seed: int = 0,
+    shared_prefix: int = 0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[RequestTiming], float]:
-    """Run `workload` to completion; returns each request's timing and the run's duration."""
+    """Run `workload` to completion; returns each request's timing and the run's duration.
+
+    `shared_prefix`: every prompt starts with the same random tokens, this many (at most its
+    length), as a common system prompt would (what prefix caching saves).
+    """
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
+    prefix = rng.integers(0, vocab, shared_prefix).tolist()
     pending = collections.deque(sorted(workload, key=lambda w: w.arrival))
     timings: dict[str, RequestTiming] = {}
     start = clock()
@@ -38,7 +44,8 @@ def replay(
         now = clock() - start
         while pending and pending[0].arrival <= now:
             item = pending.popleft()
-            prompt = rng.integers(0, vocab, item.prompt_len).tolist()
+            own = rng.integers(0, vocab, max(0, item.prompt_len - len(prefix))).tolist()
+            prompt = (prefix + own)[: item.prompt_len]
             params = SamplingParams(max_tokens=item.output_len, ignore_eos=True)
             rid = engine.add_request(prompt, params)
             timings[rid] = RequestTiming(item.arrival, item.prompt_len)

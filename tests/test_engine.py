@@ -247,3 +247,29 @@ def test_penalties_follow_the_raw_logprobs_and_the_batch_does_not_matter():
         )
         assert batched[3] == alone[0], policy
         assert (engine.num_preemptions > 0) == (policy == "paged")
+
+
+@pytest.mark.parametrize("n_workers,num_kv_blocks", [(1, 200), (2, 200), (1, 30)])
+def test_prefix_caching_gives_the_same_tokens_and_computes_less(n_workers, num_kv_blocks):
+    """Prompts sharing long prefixes (a system prompt, a shared document): greedy tokens
+    equal the run that computes everything, while cached prefixes skip most prompt tokens;
+    with 30 blocks requests are also preempted and restart from their cached blocks."""
+    rng = np.random.default_rng(8)
+    system = rng.integers(0, CFG.vocab_size, 37).tolist()
+    doc = rng.integers(0, CFG.vocab_size, 21).tolist()
+    prompts = (
+        [system + rng.integers(0, CFG.vocab_size, int(n)).tolist() for n in (3, 9, 1, 14)]
+        + [system + doc + [int(t)] for t in (5, 6, 7)]
+        + [doc + [1, 2]]
+    )
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    kw = dict(n_workers=n_workers, num_kv_blocks=num_kv_blocks, warmup=False)
+    want, _ = run(make_engine("paged", **kw), [(p, sp) for p in prompts])
+    engine = make_engine("paged", enable_prefix_caching=True, **kw)
+    arrivals = [0, 2, 4, 6, 8, 10, 12, 14]  # later prompts find earlier ones' blocks
+    got, _ = run(engine, [(p, sp) for p in prompts], arrivals)
+    assert got == want
+    kv = engine.scheduler.kv_cache_manager
+    assert kv.num_prefix_hits >= 6 * 36  # the system prompt's 9 blocks of 4, six times
+    if num_kv_blocks == 30:
+        assert engine.num_preemptions > 0

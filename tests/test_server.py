@@ -223,6 +223,8 @@ def test_metrics_count_what_the_responses_report(served):
     assert grew("orca:request_generation_tokens_bucket", le="5.0") == 2
     assert grew("orca:request_generation_tokens_bucket", le="2.0") == 1
     assert grew("orca:iterations_total") >= 5
+    # The fixture's engine (orca) caches no prefixes: the counters exist and stay at zero.
+    assert grew("orca:prefix_cache_queries_total") == grew("orca:prefix_cache_hits_total") == 0
     # Nothing is left running, waiting or holding KV blocks.
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert after[(f"orca:{gauge}", ())] == 0.0

@@ -26,6 +26,7 @@ class EngineConfig:
     max_model_len: int | None = None  # longest prompt + output; None: the model's context
     max_num_batched_tokens: int = 512  # token bucket ceiling, and paged's per-step budget
     scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
+    enable_prefix_caching: bool = False  # paged only: reuse K/V of full blocks already computed
     max_logprobs: int = 0  # top log-probabilities a request may ask for
     seed: int = 0  # draws a seed for requests that set none
     # Compile every shape bucket at start-up. None: yes on accelerators; on the CPU, where one
@@ -61,6 +62,7 @@ class EngineConfig:
             n_workers=self.n_workers,
             max_model_len=max_len,
             scheduling_order=self.scheduling_order,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         runner = RunnerConfig(
             num_pages=num_blocks,

@@ -33,6 +33,8 @@ class SchedulerConfig:
     # Waiting-queue order of the paged policy; "priority" serves lower Request.priority first
     # and preempts the lowest-priority running request. orca and static are FCFS by design.
     scheduling_order: Order = "fcfs"
+    # Reuse the K/V of full blocks whose whole prefix an earlier request computed (paged).
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in ("orca", "paged", "static"):
@@ -58,6 +60,11 @@ class SchedulerConfig:
         if self.scheduling_order not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_order must be 'fcfs' or 'priority', got {self.scheduling_order!r}"
+            )
+        if self.enable_prefix_caching and self.policy != "paged":
+            raise ValueError(
+                f"enable_prefix_caching needs policy 'paged', not {self.policy!r} (orca and "
+                "static reserve every block up front, as the paper's Algorithm 1 does)"
             )
         if self.scheduling_order == "priority" and self.policy != "paged":
             raise ValueError(

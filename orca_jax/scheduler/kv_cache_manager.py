@@ -17,15 +17,30 @@ class KVCacheManager:
     Token at position p of a request lives in block `block_ids[p // block_size]`, slot
     `p % block_size`. Two policies use it differently: `allocate_slots` grows a table as tokens
     arrive (paged), `reserve` takes the worst case at admission (orca, static).
+
+    With `enable_prefix_caching`, every block a request has filled with computed K/V is
+    registered under a key naming its whole prefix: (hash of the previous block's key, the
+    block's tokens). A request starting (or restarting after preemption) takes the longest
+    run of its leading full blocks found so (`claim_cached_prefix`), sharing them read-only,
+    and computes from there. Only full blocks are shared and a request always computes at
+    least its last token, so no request writes into a block another one reads. Keys compare
+    the block's tokens exactly; only the chain of previous blocks is summarised by a 64-bit
+    hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.block_pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         # req_id -> its blocks in position order; a request absent here holds no block.
         self.req_to_block_ids: dict[str, list[int]] = {}
+        # req_id -> hashes of the keys of its leading blocks registered so far (prefix caching).
+        self._req_hashes: dict[str, list[int]] = {}
+        # Tokens looked up at the start of requests, and how many of them were found cached.
+        self.num_prefix_queries = 0
+        self.num_prefix_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,10 +78,54 @@ class KVCacheManager:
         return self._grow(request.req_id, num_tokens) is not None
 
     def free(self, request: Request) -> None:
-        """Return all of the request's blocks to the pool (no-op if it holds none)."""
+        """Drop the request's hold on all its blocks (no-op if it holds none); cached ones
+        stay findable until the pool hands them out again."""
+        self._req_hashes.pop(request.req_id, None)
         block_ids = self.req_to_block_ids.pop(request.req_id, None)
         if block_ids:
             self.block_pool.free(block_ids)
+
+    def claim_cached_prefix(self, request: Request) -> int:
+        """Give a request that holds no blocks the cached blocks of its longest known prefix
+        (full blocks, at most all tokens but the last) and mark those tokens computed.
+        Returns how many tokens that saves (0 without prefix caching)."""
+        if not self.enable_prefix_caching or request.req_id in self.req_to_block_ids:
+            return 0
+        tokens, S = request.all_token_ids, self.block_size
+        blocks, hashes, parent = [], [], 0
+        for i in range((len(tokens) - 1) // S):
+            key = (parent, tuple(tokens[i * S : (i + 1) * S]))
+            block_id = self.block_pool.lookup(key)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+            parent = hash(key)
+            hashes.append(parent)
+        for block_id in blocks:
+            self.block_pool.hold(block_id)
+        self.num_prefix_queries += len(tokens)
+        self.num_prefix_hits += len(blocks) * S
+        if blocks:
+            self.req_to_block_ids[request.req_id] = blocks
+            self._req_hashes[request.req_id] = hashes
+            request.num_computed_tokens = len(blocks) * S
+        return len(blocks) * S
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's blocks that its computed tokens have filled since the last
+        call (no-op without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return
+        S = self.block_size
+        hashes = self._req_hashes.setdefault(request.req_id, [])
+        block_ids = self.req_to_block_ids.get(request.req_id, [])
+        tokens = request.all_token_ids
+        parent = hashes[-1] if hashes else 0
+        for i in range(len(hashes), request.num_computed_tokens // S):
+            key = (parent, tuple(tokens[i * S : (i + 1) * S]))
+            self.block_pool.cache(block_ids[i], key)
+            parent = hash(key)
+            hashes.append(parent)
 
     def _grow(self, req_id: str, num_tokens: int) -> list[int] | None:
         block_ids = self.req_to_block_ids.get(req_id, [])

@@ -23,6 +23,9 @@ class PagedScheduler(Scheduler):
     An iteration that preempted admits no new request, and a waiting request that does not
     fit stops admission (no skipping ahead, no preemption to make room for it).
 
+    With prefix caching, a request starts from the longest prefix of full blocks already
+    computed (by any request, or by itself before a preemption) and computes only the rest.
+
     With `n_workers` > 1 batches in flight (pipeline stages, or host work overlapping the
     device), a request in a batch in flight is neither scheduled nor preempted until that
     batch returns, as in the paper's Algorithm 1: when the victim the policy picks is in
@@ -70,8 +73,12 @@ class PagedScheduler(Scheduler):
             if len(picked) == config.max_batch_size or budget == 0:
                 break
             request = self.waiting.peek()
+            cached = self.kv_cache_manager.claim_cached_prefix(request)
             num_new_tokens = min(request.num_uncomputed_tokens, budget)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+                if cached:  # give the shared blocks back; claim again when it fits
+                    self.kv_cache_manager.free(request)
+                    request.num_computed_tokens = 0
                 break
             self._admit(request)
             picked[request.req_id] = (request, num_new_tokens)

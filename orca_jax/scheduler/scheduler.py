@@ -33,7 +33,9 @@ class Scheduler(abc.ABC):
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.kv_cache_manager = KVCacheManager(config.num_blocks, config.block_size)
+        self.kv_cache_manager = KVCacheManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         # Live requests, plus finished ones whose blocks wait for their batch to return.
         self.requests: dict[str, Request] = {}
         self.waiting: RequestQueue = (
@@ -183,6 +185,7 @@ class Scheduler(abc.ABC):
                 self._release(request)
                 continue
             request.num_computed_tokens += s.num_tokens
+            self.kv_cache_manager.cache_computed_blocks(request)
             if not s.sample:
                 continue
             token_id = sampled[s.req_id]

@@ -51,6 +51,12 @@ class ServerMetrics:
         self.generation_tokens = counter("orca:generation_tokens", "Tokens generated.")
         self.iterations = counter("orca:iterations", "Engine iterations that returned outputs.")
         self.preemptions = counter("orca:num_preemptions", "Requests preempted (recomputed).")
+        self.prefix_queries = counter(
+            "orca:prefix_cache_queries", "Tokens of starting requests looked up in the cache."
+        )
+        self.prefix_hits = counter(
+            "orca:prefix_cache_hits", "Of those, tokens found cached (not recomputed)."
+        )
         self._success = Counter(
             "orca:request_success",
             "Finished requests by finish reason.",
@@ -79,16 +85,21 @@ class ServerMetrics:
         self.output_len = histogram(
             "orca:request_generation_tokens", "Tokens per finished request.", _TOKEN_BUCKETS
         )
-        self._preemptions_seen = engine.num_preemptions
+        self._seen = self._totals()
 
     def observe(self, outputs: Sequence[RequestOutput]) -> None:
         """Account one iteration's outputs (engine thread; outputs are the live objects)."""
         if outputs:
             self.iterations.inc()
-        preempted = self.engine.num_preemptions - self._preemptions_seen
-        if preempted:
-            self.preemptions.inc(preempted)
-            self._preemptions_seen += preempted
+        totals = self._totals()
+        for counter, now, before in zip(
+            (self.preemptions, self.prefix_queries, self.prefix_hits),
+            totals,
+            self._seen,
+            strict=True,
+        ):
+            counter.inc(now - before)
+        self._seen = totals
         for out in outputs:
             completion = out.outputs[0]
             new = len(completion.delta_token_ids)
@@ -106,6 +117,11 @@ class ServerMetrics:
             if len(completion.token_ids) > 1:
                 span = out.last_token_time - out.first_token_time
                 self.tpot.observe(span / (len(completion.token_ids) - 1))
+
+    def _totals(self) -> tuple[int, int, int]:
+        """The engine's running totals behind the counters (preemptions, prefix tokens)."""
+        kv = self.engine.scheduler.kv_cache_manager
+        return (self.engine.num_preemptions, kv.num_prefix_queries, kv.num_prefix_hits)
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -91,8 +91,12 @@ class FakeRunner:
     that context only, so recomputation after preemption must give the same tokens.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, requests: dict[str, Request] | None = None) -> None:
+        """With `requests` (the scheduler's, for prefix caching) a read is checked by content,
+        position and token equal to the reader's own, so blocks another request computed
+        pass; without, it must come from the reader's own writes."""
         self.block_size = block_size
+        self.requests = requests
         self.cache: dict[int, tuple[str, int, int]] = {}
         self.num_steps = 0
 
@@ -110,7 +114,11 @@ class FakeRunner:
             context = []
             for pos in range(s.start_pos):
                 entry = self.cache.get(self._slot(s.block_ids, pos))
-                assert entry is not None and entry[:2] == (s.req_id, pos), (s, pos, entry)
+                if self.requests is None:
+                    assert entry is not None and entry[:2] == (s.req_id, pos), (s, pos, entry)
+                else:
+                    want = (pos, self.requests[s.req_id].all_token_ids[pos])
+                    assert entry is not None and entry[1:] == want, (s, pos, entry, want)
                 context.append(entry[2])
             for offset, token in enumerate(s.token_ids):
                 pos = s.start_pos + offset
@@ -126,9 +134,13 @@ def check_kv_invariants(scheduler: Scheduler) -> None:
     kv = scheduler.kv_cache_manager
     tables = kv.req_to_block_ids
     held = [b for block_ids in tables.values() for b in block_ids]
-    assert len(held) == len(set(held)), "a block is in two tables"
+    holders = collections.Counter(held)
+    if kv.enable_prefix_caching:  # shared blocks: each one counts its holders
+        assert all(kv.block_pool.ref_count(b) == n for b, n in holders.items())
+    else:
+        assert len(held) == len(set(held)), "a block is in two tables"
     assert NULL_BLOCK_ID not in held
-    assert len(held) + kv.num_free_blocks == scheduler.config.num_blocks - 1, "leaked blocks"
+    assert len(holders) + kv.num_free_blocks == scheduler.config.num_blocks - 1, "leaked blocks"
     assert set(tables) <= set(scheduler.requests)
     for request in scheduler.running:
         assert len(tables.get(request.req_id, ())) >= cdiv(
@@ -176,7 +188,8 @@ def drive(
     """
     aborts = aborts or {}
     inflight_aborts = inflight_aborts or {}
-    runner = runner or FakeRunner(scheduler.config.block_size)
+    shared = scheduler.requests if scheduler.config.enable_prefix_caching else None
+    runner = runner or FakeRunner(scheduler.config.block_size, shared)
     trace = Trace()
     in_flight: collections.deque[tuple[SchedulerOutput, ModelRunnerOutput]] = collections.deque()
 

@@ -22,8 +22,11 @@ SETTINGS = settings(
 
 
 @st.composite
-def workloads(draw, policy: str, max_cache_factor: int = 3):
-    """(scheduler, arrivals by step, (aborts, in-flight aborts) by step, requests)."""
+def workloads(draw, policy: str, max_cache_factor: int = 3, prefix_caching: bool = False):
+    """(scheduler, arrivals by step, (aborts, in-flight aborts) by step, requests).
+
+    With `prefix_caching`, prompts start with a cut of one of two shared prompts (then
+    tokens of their own), so cached prefixes are found, shared and evicted."""
     block_size = draw(st.integers(1, 6))
     max_prompt = draw(st.integers(1, 16))
     max_output = draw(st.integers(1, 12))
@@ -44,13 +47,22 @@ def workloads(draw, policy: str, max_cache_factor: int = 3):
     config["max_num_batched_tokens"] = draw(st.integers(min_budget, min_budget + 24))
     if policy == "paged":
         config["scheduling_order"] = draw(st.sampled_from(["fcfs", "priority"]))
+        config["enable_prefix_caching"] = prefix_caching
     scheduler = create_scheduler(policy, **config)
+    token = st.integers(0, VOCAB_SIZE - 1)
+    prompt = st.lists(token, min_size=1, max_size=max_prompt)
+    if prefix_caching:
+        fixed = st.lists(token, min_size=max_prompt, max_size=max_prompt)
+        shared = draw(st.lists(fixed, min_size=2, max_size=2))
+        prompt = st.tuples(
+            st.sampled_from(shared), st.integers(0, max_prompt), st.lists(token, max_size=3)
+        ).map(lambda t: (t[0][: t[1]] + t[2])[:max_prompt] or [0])
 
     specs = draw(
         st.lists(
             st.tuples(
                 st.integers(0, 20),  # arrival step
-                st.lists(st.integers(0, VOCAB_SIZE - 1), min_size=1, max_size=max_prompt),
+                prompt,
                 st.integers(1, max_output),  # max_tokens
                 st.one_of(st.none(), st.integers(0, VOCAB_SIZE - 1)),  # eos
                 st.lists(st.integers(0, VOCAB_SIZE - 1), max_size=2),  # stop ids
@@ -138,6 +150,23 @@ def test_paged_properties(workload):
             assert not scheduler.kv_cache_manager.get_block_ids(req_id)
 
     trace = drive(scheduler, arrivals, *aborts, on_schedule=check)
+    check_outputs(trace, requests)
+
+
+@given(
+    st.one_of(
+        workloads("paged", prefix_caching=True),
+        workloads("paged", max_cache_factor=1, prefix_caching=True),
+    )
+)
+@SETTINGS
+def test_paged_prefix_caching_properties(workload):
+    """Shared prefixes: the same tokens as computing everything (the fake runner checks each
+    read against the reader's own tokens), blocks counted per holder, none leaked."""
+    scheduler, arrivals, aborts, requests = workload
+    trace = drive(
+        scheduler, arrivals, *aborts, on_schedule=lambda o, f: common_checks(scheduler, o, f)
+    )
     check_outputs(trace, requests)
 
 
