@@ -230,13 +230,15 @@ class ModelRunner:
     def warmup(
         self, buckets: Sequence[tuple[int, int, int]] | None = None, num_top_logprobs: int = 0
     ) -> int:
-        """Compile step and sampling for every bucket (or the given ones); returns how many."""
+        """Compile step and sampling (with and without penalties) for every bucket (or the
+        given ones); returns how many buckets."""
         shapes = self.config.all_buckets() if buckets is None else buckets
-        out = None
+        out, logits = None, {}
         for t, r, p in shapes:
-            out = sample(
-                self.execute(dummy_batch(t, r, p)), SamplingMetadata.greedy(r), num_top_logprobs
-            )
+            logits[r] = self.execute(dummy_batch(t, r, p))
+            out = sample(logits[r], SamplingMetadata.greedy(r), num_top_logprobs)
+        for r, x in logits.items():  # the sampler of batches in which some row has penalties
+            out = sample(x, SamplingMetadata.greedy(r, self.config.max_model_len), num_top_logprobs)
         jax.block_until_ready(([st.kv_cache for st in self.stages], out))
         return len(shapes)
 

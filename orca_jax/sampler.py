@@ -6,9 +6,10 @@ generated, so a request samples the same tokens alone or in any batch, at any ro
 Penalties, as vLLM defines them, change the logits before anything else (greedy included):
 repetition (over prompt and output tokens: a seen token's logit is divided by r when
 positive, multiplied by r otherwise), then frequency and presence (over output tokens:
-minus f x count, minus p if present). The tokens come as a padded `history [R, W]` whose
-width W is a power of two (>= 16) when some row has penalties and 0 otherwise, so batches
-without penalties pay nothing and each (R, W) compiles once.
+minus f x count, minus p if present). The tokens come as a padded `history [R, W]`: W is
+0 when no row has penalties (those batches pay nothing) and one fixed width otherwise (the
+engine's max_model_len), so penalties add one compiled shape per request bucket, which the
+warm-up covers.
 """
 
 from __future__ import annotations
@@ -45,11 +46,6 @@ class RowSampling(NamedTuple):
 _GREEDY = RowSampling(0.0, 0, 1.0, 0, 0)
 
 
-def history_width(num_tokens: int) -> int:
-    """The penalty history bucket: 0 for none, else the next power of two >= 16."""
-    return 0 if num_tokens == 0 else max(16, 1 << (num_tokens - 1).bit_length())
-
-
 @struct.dataclass
 class SamplingMetadata:
     """Per-request sampling settings of one step, padded to the request bucket R."""
@@ -72,13 +68,20 @@ class SamplingMetadata:
         return md.replace(history=np.full((num_reqs, history_width), -1, np.int32))
 
     @classmethod
-    def build(cls, rows: Sequence[tuple], num_reqs: int) -> SamplingMetadata:
+    def build(
+        cls, rows: Sequence[tuple], num_reqs: int, history_width: int = 0
+    ) -> SamplingMetadata:
         """From one `RowSampling` (or its leading fields as a tuple) per request, padded
-        greedy to R."""
+        greedy to R. `history_width`: W when some row has penalties (at least its prompt +
+        output length)."""
         rows = [RowSampling(*r) for r in rows] + [_GREEDY] * (num_reqs - len(rows))
         col = lambda name, dtype: np.asarray([getattr(r, name) for r in rows], dtype)
         lengths = [len(r.prompt) + len(r.output) for r in rows if r.penalized]
-        history = np.full((num_reqs, history_width(max(lengths, default=0))), -1, np.int32)
+        if lengths and max(lengths) > history_width:
+            raise ValueError(
+                f"a penalized row has {max(lengths)} tokens; history_width={history_width}"
+            )
+        history = np.full((num_reqs, history_width if lengths else 0), -1, np.int32)
         num_prompt = np.zeros(num_reqs, np.int32)
         for i, r in enumerate(rows):
             if r.penalized:

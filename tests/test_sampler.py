@@ -5,12 +5,12 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from orca_jax.sampler import (
     RowSampling,
     SamplingMetadata,
     apply_penalties,
-    history_width,
     sample,
 )
 
@@ -99,8 +99,8 @@ def test_penalties_match_a_per_token_reference():
         output = rng.integers(0, 8, n_o).tolist()  # few distinct ids: repeats
         rows.append(RowSampling(0.0, 0, 1.0, 0, n_o, pres, freq, rep, prompt, output))
         want.append(_penalized_reference(logits[r], prompt, output, pres, freq, rep))
-    md = SamplingMetadata.build(rows, 6)  # one padding row
-    assert md.history.shape == (6, 64)  # longest history 39 tokens -> bucket 64
+    md = SamplingMetadata.build(rows, 6, history_width=48)  # one padding row
+    assert md.history.shape == (6, 48)
     assert (md.history[3] == -1).all() and (md.history[5] == -1).all()
     got = apply_penalties(jnp.concatenate([logits, logits[:1]]), md)
     np.testing.assert_allclose(got[:5], np.stack(want), rtol=1e-6, atol=1e-6)
@@ -113,6 +113,7 @@ def test_penalties_match_a_per_token_reference():
 
 
 def test_batches_without_penalties_send_no_history():
-    md = SamplingMetadata.build([(0.8, 5, 0.9, 1, 3)] * 3, 4)
+    md = SamplingMetadata.build([(0.8, 5, 0.9, 1, 3)] * 3, 4, history_width=64)
     assert md.history.shape == (4, 0)
-    assert [history_width(n) for n in (0, 1, 16, 17, 100)] == [0, 16, 16, 32, 128]
+    with pytest.raises(ValueError, match="history_width=8"):
+        SamplingMetadata.build([RowSampling(0.0, 0, 1.0, 0, 0, 0.5, output=[1] * 9)], 1, 8)

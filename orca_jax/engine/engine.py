@@ -192,7 +192,7 @@ class Engine:
             rows.append(row)
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
-        md = SamplingMetadata.build(rows, packed.max_reqs)
+        md = SamplingMetadata.build(rows, packed.max_reqs, self.runner.config.max_model_len)
         if self.broadcast is not None:  # other processes run this step on their devices too
             self.broadcast.send(packed, md, self.config.max_logprobs)
         return self.runner.execute_and_sample(packed, md, self.config.max_logprobs)
