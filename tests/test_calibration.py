@@ -1,5 +1,10 @@
 """Fitting the simulator's cost model to measured step times (no JAX)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from models import get_config
@@ -48,3 +53,38 @@ def test_fit_needs_enough_positive_samples():
         fit(GPT2, MACHINE, [(SHAPES[0], 1e-3)])
     with pytest.raises(ValueError, match="> 0"):
         fit(GPT2, MACHINE, [(s, 0.0) for s in SHAPES])
+
+
+def test_calibrate_script_fits_then_feeds_the_simulated_sweep(tmp_path):
+    """experiments/calibrate_simulator.py end to end at a CI size, then its JSON driving
+    bench_serving.py --simulate."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "cal.json"
+    args = ["--iters=2", "--num_requests=8", "--policies=orca", "--rates=40", f"--out={out}"]
+    script = os.path.join(root, "experiments", "calibrate_simulator.py")
+    run = subprocess.run(
+        [sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| orca | 40 |" in run.stdout and "engine host work" in run.stdout
+    cal = Calibration.from_json(out.read_text())
+    assert 0 < cal.bandwidth_efficiency <= 1 and 0 < cal.flops_efficiency <= 1
+    assert cal.overhead_s > 0 and cal.hw.hbm_bytes_per_s > 0
+
+    sweep = [
+        sys.executable,
+        os.path.join(root, "experiments", "bench_serving.py"),
+        "--simulate",
+        f"--calibration={out}",
+        "--model=tiny-gpt",
+        "--policies=orca,static:4",
+        "--rates=20",
+        "--num_requests=20",
+        f"--out={tmp_path / 'rows.json'}",
+    ]
+    run = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["policy"] for r in rows] == ["orca", "static:4"]
+    assert all(r["requests"] == 20 for r in rows)
