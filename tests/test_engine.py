@@ -271,9 +271,19 @@ def test_prefix_caching_gives_the_same_tokens_and_computes_less(n_workers, num_k
     want, _ = run(make_engine("paged", **kw), [(p, sp) for p in prompts])
     engine = make_engine("paged", enable_prefix_caching=True, **kw)
     arrivals = [0, 2, 4, 6, 8, 10, 12, 14]  # later prompts find earlier ones' blocks
+    cached = {}
+
+    def step():  # run() with each request's prefix-cache figure kept
+        outs = Engine.step(engine)
+        cached.update({o.request_id: o.num_cached_tokens for o in outs if o.finished})
+        return outs
+
+    engine.step = step
     got, _ = run(engine, [(p, sp) for p in prompts], arrivals)
     assert got == want
     kv = engine.scheduler.kv_cache_manager
     assert kv.num_prefix_hits >= 6 * 36  # the system prompt's 9 blocks of 4, six times
+    # The first request computes everything; the next ones reuse the system prompt's blocks.
+    assert cached["0"] == 0 and all(cached[str(i)] >= 36 for i in range(1, 7))
     if num_kv_blocks == 30:
         assert engine.num_preemptions > 0

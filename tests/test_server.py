@@ -225,6 +225,7 @@ def test_metrics_count_what_the_responses_report(served):
     assert grew("orca:iterations_total") >= 5
     # The fixture's engine (orca) caches no prefixes: the counters exist and stay at zero.
     assert grew("orca:prefix_cache_queries_total") == grew("orca:prefix_cache_hits_total") == 0
+    assert all(r.usage.prompt_tokens_details.cached_tokens == 0 for r in replies)
     # Nothing is left running, waiting or holding KV blocks.
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
         assert after[(f"orca:{gauge}", ())] == 0.0

@@ -238,6 +238,7 @@ class Engine:
         comp.delta_text = ""
         if out.first_token_time is None and delta.new_token_ids:
             out.first_token_time = now
+            out.num_cached_tokens = tracked.request.num_cached_tokens
         out.last_token_time = now
         comp.token_ids.extend(delta.new_token_ids)
         if comp.logprobs is not None:

@@ -39,6 +39,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # Prompt tokens whose K/V came from the prefix cache (paged + enable_prefix_caching).
+    num_cached_tokens: int = 0
     # Engine-clock timestamps (seconds): arrival, first token, last token.
     arrival_time: float = 0.0
     first_token_time: float | None = None

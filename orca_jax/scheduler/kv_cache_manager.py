@@ -109,6 +109,8 @@ class KVCacheManager:
             self.req_to_block_ids[request.req_id] = blocks
             self._req_hashes[request.req_id] = hashes
             request.num_computed_tokens = len(blocks) * S
+        if request.num_preemptions == 0:  # its first start (restarts find its own blocks)
+            request.num_cached_tokens = len(blocks) * S
         return len(blocks) * S
 
     def cache_computed_blocks(self, request: Request) -> None:

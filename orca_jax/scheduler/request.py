@@ -65,6 +65,8 @@ class Request:
     num_computed_tokens: int = field(default=0, init=False)
     # Times this request lost its blocks and went back to recompute.
     num_preemptions: int = field(default=0, init=False)
+    # Prompt tokens found in the prefix cache when it first started (not recomputed).
+    num_cached_tokens: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -19,6 +19,7 @@ def _usage(outs: list[RequestOutput], n: int) -> dict:
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs[::n])},
     }
 
 
