@@ -71,32 +71,38 @@ class SamplingMetadata:
     def build(
         cls, rows: Sequence[tuple], num_reqs: int, history_width: int = 0
     ) -> SamplingMetadata:
-        """From one `RowSampling` (or its leading fields as a tuple) per request, padded
-        greedy to R. `history_width`: W when some row has penalties (at least its prompt +
+        """From one row per request, padded greedy to R: `(temperature, top_k, top_p, seed,
+        step)`, or a `RowSampling` with penalties (kept to those rows: this runs every
+        iteration). `history_width`: W when some row has penalties (at least its prompt +
         output length)."""
-        rows = [RowSampling(*r) for r in rows] + [_GREEDY] * (num_reqs - len(rows))
-        col = lambda name, dtype: np.asarray([getattr(r, name) for r in rows], dtype)
-        lengths = [len(r.prompt) + len(r.output) for r in rows if r.penalized]
+        pad = [_GREEDY[:5]] * (num_reqs - len(rows))
+        t, k, p, seed, step = zip(*(r[:5] for r in rows), *pad, strict=True)
+        presence = np.zeros(num_reqs, np.float32)
+        frequency = np.zeros(num_reqs, np.float32)
+        repetition = np.ones(num_reqs, np.float32)
+        num_prompt = np.zeros(num_reqs, np.int32)
+        penalized = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
+        penalized = [(i, r) for i, r in penalized if r.penalized]
+        lengths = [len(r.prompt) + len(r.output) for _, r in penalized]
         if lengths and max(lengths) > history_width:
             raise ValueError(
                 f"a penalized row has {max(lengths)} tokens; history_width={history_width}"
             )
-        history = np.full((num_reqs, history_width if lengths else 0), -1, np.int32)
-        num_prompt = np.zeros(num_reqs, np.int32)
-        for i, r in enumerate(rows):
-            if r.penalized:
-                tokens = list(r.prompt) + list(r.output)
-                history[i, : len(tokens)] = tokens
-                num_prompt[i] = len(r.prompt)
+        history = np.full((num_reqs, history_width if penalized else 0), -1, np.int32)
+        for i, r in penalized:
+            presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
+            tokens = list(r.prompt) + list(r.output)
+            history[i, : len(tokens)] = tokens
+            num_prompt[i] = len(r.prompt)
         return cls(
-            temperature=col("temperature", np.float32),
-            top_k=col("top_k", np.int32),
-            top_p=col("top_p", np.float32),
-            seeds=col("seed", np.uint32),
-            steps=col("step", np.int32),
-            presence=col("presence", np.float32),
-            frequency=col("frequency", np.float32),
-            repetition=col("repetition", np.float32),
+            temperature=np.asarray(t, np.float32),
+            top_k=np.asarray(k, np.int32),
+            top_p=np.asarray(p, np.float32),
+            seeds=np.asarray(seed, np.uint32),
+            steps=np.asarray(step, np.int32),
+            presence=presence,
+            frequency=frequency,
+            repetition=repetition,
             history=history,
             num_prompt=num_prompt,
         )

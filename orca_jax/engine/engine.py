@@ -178,11 +178,10 @@ class Engine:
             tracked = self._requests[s.req_id]
             p, request = tracked.params, tracked.request
             # The key folds in tokens generated so far: the same whatever the batch.
-            row = RowSampling(
-                p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens
-            )
+            row = (p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens)
             if p.has_penalties:
-                row = row._replace(
+                row = RowSampling(
+                    *row,
                     presence=p.presence_penalty,
                     frequency=p.frequency_penalty,
                     repetition=p.repetition_penalty,
