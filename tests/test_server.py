@@ -13,17 +13,27 @@ from orca_jax.server import AsyncEngine, build_app
 QUESTION = "What is the capital of France?"
 
 
+ENGINE_KW = dict(
+    max_batch_size=4,
+    max_model_len=256,
+    max_num_batched_tokens=128,
+    num_kv_blocks=64,
+    max_logprobs=5,
+    warmup=False,
+)
+
+
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(
-        "smollm2-135m",
-        max_batch_size=4,
-        max_model_len=256,
-        max_num_batched_tokens=128,
-        num_kv_blocks=64,
-        max_logprobs=5,
-        warmup=False,
-    )
+    """The served engine (driven by the server's engine thread while the server runs)."""
+    return LLM("smollm2-135m", **ENGINE_KW)
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """A second engine, same weights and settings, for the expected answers: the served one
+    must not be stepped from the test's thread while the server's thread runs it."""
+    return LLM("smollm2-135m", **ENGINE_KW)
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +45,12 @@ def served(llm):
     engine.shutdown()
 
 
-def _offline(llm, prompt, **kw):
-    """The same request through the offline `LLM` (same engine, no server)."""
-    return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+def _offline(offline, prompt, **kw):
+    """The same request through the offline `LLM` (same weights, no server)."""
+    return offline.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
 
 
-def test_chat_answers_and_streams_the_same_text(served, llm):
+def test_chat_answers_and_streams_the_same_text(served, llm, offline):
     http, client, _ = served
     messages = [{"role": "user", "content": QUESTION}]
     reply = client.chat.completions.create(
@@ -50,7 +60,7 @@ def test_chat_answers_and_streams_the_same_text(served, llm):
     assert "Paris" in text
     tok = llm.get_tokenizer()
     prompt = tok.apply_chat_template(messages)
-    assert text == _offline(llm, prompt, max_tokens=24).text
+    assert text == _offline(offline, prompt, max_tokens=24).text
     assert reply.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
     assert reply.usage.completion_tokens <= 24
 
@@ -73,7 +83,7 @@ def test_chat_answers_and_streams_the_same_text(served, llm):
     assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
-def test_completions_batch_stop_and_logprobs(served, llm):
+def test_completions_batch_stop_and_logprobs(served, llm, offline):
     _, client, _ = served
     ids = [llm.get_tokenizer().encode(p) for p in (QUESTION, "The capital of Germany is")]
     out = client.completions.create(
@@ -86,7 +96,7 @@ def test_completions_batch_stop_and_logprobs(served, llm):
     )
     assert [c.index for c in out.choices] == [0, 1]
     for choice, prompt in zip(out.choices, ids, strict=True):
-        want = _offline(llm, prompt, max_tokens=8, ignore_eos=True)
+        want = _offline(offline, prompt, max_tokens=8, ignore_eos=True)
         assert choice.text == want.text
         lp = choice.logprobs
         assert len(lp.token_logprobs) == len(want.token_ids) == 8
@@ -95,7 +105,7 @@ def test_completions_batch_stop_and_logprobs(served, llm):
     assert out.usage.completion_tokens == 16
 
     prompt = "The capital of France is"
-    full = _offline(llm, prompt, max_tokens=16).text
+    full = _offline(offline, prompt, max_tokens=16).text
     stop = full.strip().split()[2]  # a word the greedy text contains
     streamed = client.completions.create(
         model="smollm2", prompt=prompt, max_tokens=16, temperature=0, stop=[stop], stream=True
@@ -159,13 +169,13 @@ def test_a_client_that_leaves_aborts_its_request(served):
     assert asyncio.run(leave_after_first_token())
 
 
-def test_concurrent_requests_share_iterations(served, llm):
+def test_concurrent_requests_share_iterations(served, offline):
     """Requests arriving together are served in the same iterations (not one after another),
     each getting the tokens it gets alone."""
     _, _, engine = served
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    alone = [_offline(llm, p, max_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    alone = [_offline(offline, p, max_tokens=12, ignore_eos=True).token_ids for p in prompts]
 
     async def together():
         streams = [await engine.add(p, params, f"c{i}") for i, p in enumerate(prompts)]
@@ -231,7 +241,7 @@ def test_metrics_count_what_the_responses_report(served):
         assert after[(f"orca:{gauge}", ())] == 0.0
 
 
-def test_n_completions_per_prompt(served, llm):
+def test_n_completions_per_prompt(served, llm, offline):
     """n > 1: choice i * n + j is completion j of prompt i, sampled from seed + j; usage
     counts each prompt once."""
     _, client, _ = served
@@ -243,7 +253,7 @@ def test_n_completions_per_prompt(served, llm):
     assert [c.index for c in out.choices] == list(range(6))
     for i, prompt in enumerate(prompts):
         for j in range(3):
-            want = _offline(llm, prompt, ignore_eos=True, **{**kw, "seed": 7 + j})
+            want = _offline(offline, prompt, ignore_eos=True, **{**kw, "seed": 7 + j})
             assert out.choices[3 * i + j].text == want.text
     assert len({c.text for c in out.choices[:3]}) > 1  # different seeds, different samples
     tok = llm.get_tokenizer()
@@ -266,7 +276,7 @@ def test_n_completions_per_prompt(served, llm):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
-def test_penalties_reach_the_sampler(served, llm):
+def test_penalties_reach_the_sampler(served, offline):
     _, client, _ = served
     kw = dict(max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
     out = client.completions.create(
@@ -276,5 +286,5 @@ def test_penalties_reach_the_sampler(served, llm):
         **kw,
     )
     text = out.choices[0].text
-    assert text == _offline(llm, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
-    assert text != _offline(llm, QUESTION, ignore_eos=True, max_tokens=12).text
+    assert text == _offline(offline, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
+    assert text != _offline(offline, QUESTION, ignore_eos=True, max_tokens=12).text
