@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from models import get_config
 from orca_jax import distributed
 from orca_jax.llm import LLM
 
@@ -34,7 +35,11 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index (0 schedules).")
-_MAX_LEN = flags.DEFINE_integer("max_model_len", 2048, "Longest prompt + output.")
+_MAX_LEN = flags.DEFINE_integer(
+    "max_model_len",
+    None,
+    "Longest prompt + output (default: 2048, or the model's context if less).",
+)
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
 
@@ -57,7 +62,7 @@ def build_llm(**overrides) -> LLM:
         enable_prefix_caching=_PREFIX_CACHING.value,
         tensor_parallel_size=_TP.value,
         pipeline_parallel_size=_PP.value,
-        max_model_len=_MAX_LEN.value,
+        max_model_len=_MAX_LEN.value or min(2048, get_config(_MODEL.value).max_seq_len),
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
     )
     return LLM(_MODEL.value, **(kwargs | overrides))

@@ -146,6 +146,13 @@ class ModelRunner:
             self.stages = [_Stage(jax.device_put(params), cache, None, True, True, None)]
             return
         check_tensor_parallel(model_config, parallel.tensor_parallel_size)
+        if parallel.pipeline_parallel_size > 1 and jax.process_count() > 1:
+            raise ValueError(
+                "pipeline parallelism over several processes is not supported: activations "
+                "move between stages by device_put, which stays within a process. Across "
+                "processes use tensor parallelism (--tensor_parallel_size covering all "
+                "devices); pipeline stages work within one process."
+            )
         self.stages = []
         plans = plan_stages(
             model_config, parallel.pipeline_parallel_size, parallel.tensor_parallel_size

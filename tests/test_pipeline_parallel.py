@@ -111,3 +111,11 @@ def test_random_weights_are_drawn_where_they_live():
         return m.output_size_in_bytes + m.temp_size_in_bytes
 
     assert peak(out_shardings=shardings) < 0.5 * peak()
+
+
+def test_pipeline_across_processes_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    cfg = get_config("tiny-gpt")
+    runner_cfg = RunnerConfig(num_pages=NUM_PAGES, page_size=PAGE, max_model_len=128)
+    with pytest.raises(ValueError, match="pipeline parallelism over several processes"):
+        ModelRunner(cfg, RandomWeights(0), runner_cfg, ParallelConfig(1, 2))
