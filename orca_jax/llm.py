@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
@@ -82,22 +84,38 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
-        ids = []
+        ids: list[list[str]] = []  # per prompt, one request per completion (params.n)
         try:
             for prompt, p in zip(prompts, params_list, strict=True):
-                ids.append(self.engine.add_request(prompt, p))
+                ids.append([])
+                for one in p.completions():
+                    ids[-1].append(self.engine.add_request(prompt, one))
         except ValueError as e:
-            for req_id in ids:  # nothing half-submitted stays queued
+            for req_id in itertools.chain.from_iterable(ids):  # nothing half-submitted stays
                 self.engine.abort(req_id)
-            raise ValueError(f"prompt {len(ids)}: {e}") from e
+            raise ValueError(f"prompt {len(ids) - 1}: {e}") from e
+        total = sum(map(len, ids))
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not use_tqdm or len(ids) < 8, desc="generate") as bar:
-            while len(done) < len(ids):
+        with tqdm(total=total, disable=not use_tqdm or total < 8, desc="generate") as bar:
+            while len(done) < total:
                 for out in self.engine.step():
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
-        return [done[i] for i in ids]
+        return [_merge([done[i] for i in group]) for group in ids]
+
+
+def _merge(outs: list[RequestOutput]) -> RequestOutput:
+    """The n completions of one prompt as one output (completion j at index j); the first's id."""
+    if len(outs) == 1:
+        return outs[0]
+    first = outs[0]
+    return dataclasses.replace(
+        first,
+        outputs=[dataclasses.replace(o.outputs[0], index=j) for j, o in enumerate(outs)],
+        first_token_time=min(filter(None, (o.first_token_time for o in outs)), default=None),
+        last_token_time=max(filter(None, (o.last_token_time for o in outs)), default=None),
+    )
 
 
 def _load_tokenizer(path: str) -> Tokenizer:

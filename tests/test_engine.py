@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models import get_config, init_params
-from orca_jax import Engine, EngineConfig, SamplingParams
+from orca_jax import LLM, Engine, EngineConfig, SamplingParams
 from orca_jax.utils.compilation import count_compiles
 
 CFG = get_config("tiny-llama")
@@ -287,3 +287,23 @@ def test_prefix_caching_gives_the_same_tokens_and_computes_less(n_workers, num_k
     assert cached["0"] == 0 and all(cached[str(i)] >= 36 for i in range(1, 7))
     if num_kv_blocks == 30:
         assert engine.num_preemptions > 0
+
+
+def test_llm_generate_n_completions_per_prompt():
+    """SamplingParams(n=3) through LLM.generate: one output per prompt holding 3 completions,
+    completion j as the same prompt sampled alone from seed + j."""
+    llm = LLM(params=PARAMS, config=CFG, warmup=False, max_model_len=96)
+    prompts = [[5, 6, 7], [9, 8]]
+    sp = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert len(outs) == 2
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert [c.index for c in out.outputs] == [0, 1, 2] and out.finished
+        for j, completion in enumerate(out.outputs):
+            alone = dataclasses.replace(sp, n=1, seed=5 + j)
+            assert (
+                completion.token_ids == llm.generate([prompt], alone, use_tqdm=False)[0].token_ids
+            )
+        assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    with pytest.raises(ValueError, match="one completion per request"):
+        llm.engine.add_request([1, 2], sp)

@@ -99,6 +99,11 @@ class Engine:
         (empty or too long prompt, out-of-vocabulary ids, a request larger than the cache...).
         """
         params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(
+                f"n={params.n}: the engine serves one completion per request; add one request "
+                "per `params.completions()` (as LLM.generate and the server do)"
+            )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead")

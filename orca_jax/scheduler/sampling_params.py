@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -41,6 +42,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Completions of the prompt. `LLM.generate` and the server fan out into n requests of one
+    # completion each (`completions()`); the engine itself takes n=1.
+    n: int = 1
 
     def __post_init__(self) -> None:
         # Frozen dataclass: normalize through object.__setattr__.
@@ -63,11 +67,20 @@ class SamplingParams:
             _check_int("stop_token_ids entries", t, minimum=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
+        _check_int("n", self.n, minimum=1)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0.0 < self.repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def completions(self) -> list[SamplingParams]:
+        """One n=1 copy per completion; with a `seed`, completion j samples from seed + j, so
+        the n completions differ yet each is reproducible."""
+        return [
+            dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + j)
+            for j in range(self.n)
+        ]
 
     @property
     def has_penalties(self) -> bool:

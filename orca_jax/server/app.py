@@ -116,8 +116,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         streams = []
         try:
             for prompt in prompts:
-                for p in params:
-                    streams.append(await engine.add(prompt, p, f"{rid}-{len(streams)}"))
+                for one in params.completions():  # completion j samples from seed + j
+                    streams.append(await engine.add(prompt, one, f"{rid}-{len(streams)}"))
         except ValueError as e:
             for i in range(len(streams)):
                 engine.abort(f"{rid}-{i}")
@@ -127,8 +127,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             created=created,
             model=model_name,
             tokenizer=tokenizer,
-            top_n=params[0].logprobs or 0,
-            n=len(params),
+            top_n=params.logprobs or 0,
+            n=params.n,
         )
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage

@@ -45,27 +45,23 @@ class _Common(BaseModel):
             return f"unsupported fields: {sorted(self.model_extra)}"
         return None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
-        """One SamplingParams per completion of a prompt (`n`); with a `seed`, completion j
-        samples from seed + j, so the n completions differ yet each is reproducible."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return [
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                top_p=self.top_p,
-                seed=None if self.seed is None else self.seed + j,
-                stop=tuple(stop),
-                stop_token_ids=tuple(self.stop_token_ids),
-                ignore_eos=self.ignore_eos,
-                logprobs=logprobs,
-                presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty,
-            )
-            for j in range(self.n)
-        ]
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            n=self.n,
+        )
 
 
 class CompletionRequest(_Common):

@@ -47,6 +47,7 @@ def test_sampling_is_not_greedy_with_temperature():
         ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\]"),
         ({"frequency_penalty": float("nan")}, r"frequency_penalty must be in \[-2, 2\]"),
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"n": 0}, "n must be >= 1"),
         ({"repetition_penalty": float("inf")}, "repetition_penalty must be > 0"),
     ],
 )
@@ -59,3 +60,13 @@ def test_frozen():
     params = SamplingParams()
     with pytest.raises(AttributeError):
         params.max_tokens = 3
+
+
+def test_completions_fan_out_with_successive_seeds():
+    params = SamplingParams(max_tokens=3, temperature=0.7, seed=10, n=3)
+    assert [(p.n, p.seed, p.temperature) for p in params.completions()] == [
+        (1, 10, 0.7),
+        (1, 11, 0.7),
+        (1, 12, 0.7),
+    ]
+    assert [p.seed for p in SamplingParams(n=2).completions()] == [None, None]
