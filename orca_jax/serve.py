@@ -5,8 +5,8 @@
       -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
 Routes: /v1/completions, /v1/chat/completions (both stream with "stream": true),
-/v1/models, /health, /metrics (Prometheus). Engine and model flags as in `orca_jax.generate`
-(see --help).
+/v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize. Engine and model flags
+as in `orca_jax.generate` (see --help).
 """
 
 from __future__ import annotations

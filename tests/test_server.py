@@ -288,3 +288,26 @@ def test_penalties_reach_the_sampler(served, offline):
     text = out.choices[0].text
     assert text == _offline(offline, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
     assert text != _offline(offline, QUESTION, ignore_eos=True, max_tokens=12).text
+
+
+def test_tokenize_and_detokenize(served, llm):
+    http, client, _ = served
+    tok = llm.get_tokenizer()
+    r = http.post("/tokenize", json={"prompt": QUESTION}).json()
+    assert r == {"tokens": tok.encode(QUESTION), "count": len(r["tokens"]), "max_model_len": 256}
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    reply = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=1)
+    assert chat["count"] == reply.usage.prompt_tokens  # what the chat route feeds the model
+    text = "The capital of France is"
+    ids = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert http.post("/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": text}
+    for route, body, words in [
+        ("/tokenize", {"prompt": "a", "messages": messages}, "exactly one"),
+        ("/tokenize", {}, "exactly one"),
+        ("/detokenize", {"tokens": [1, 10**9]}, "vocabulary"),
+        ("/detokenize", {"tokens": [1], "model": "gpt-9"}, "gpt-9"),
+    ]:
+        r = http.post(route, json=body)
+        assert r.status_code in (400, 404) and words in r.json()["error"]["message"], r.text
+    assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 256

@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI's /v1/completions, /v1/chat/completions and /v1/models, plus
-/health and Prometheus' /metrics (`metrics.py`).
+/health, Prometheus' /metrics (`metrics.py`) and vLLM's /tokenize and /detokenize.
 
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with
 status 400 for requests we cannot serve (validation, unsupported options, prompts too long
@@ -25,7 +25,12 @@ from orca_jax.engine.outputs import RequestOutput
 from orca_jax.server import responses
 from orca_jax.server.async_engine import AsyncEngine
 from orca_jax.server.metrics import ServerMetrics
-from orca_jax.server.protocol import ChatCompletionRequest, CompletionRequest
+from orca_jax.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -69,7 +74,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse(responses.model_list(model_name))
+        return JSONResponse(responses.model_list(model_name, max_model_len))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -86,17 +91,23 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             prompts, params, req, "cmpl", responses.completion_chunk, responses.completion
         )
 
+    def chat_prompt(messages) -> list[int] | JSONResponse:
+        """The chat's token ids, as the model's template renders it, or the error."""
+        if tokenizer is None or tokenizer.chat_template is None:
+            return error(400, "this model has no chat template")
+        try:
+            text = tokenizer.apply_chat_template([m.as_template_message() for m in messages])
+        except Exception as e:  # noqa: BLE001 -- a template's raise_exception, bad content parts
+            return error(400, f"chat template: {e}")
+        return tokenizer.encode(text, add_special_tokens=False)
+
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
         if (bad := check(req)) is not None:
             return bad
-        if tokenizer is None or tokenizer.chat_template is None:
-            return error(400, "this model has no chat template")
-        try:
-            text = tokenizer.apply_chat_template([m.as_template_message() for m in req.messages])
-        except Exception as e:  # noqa: BLE001 -- a template's raise_exception, bad content parts
-            return error(400, f"chat template: {e}")
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+        prompt = chat_prompt(req.messages)
+        if isinstance(prompt, JSONResponse):
+            return prompt
         max_tokens = (
             req.max_completion_tokens or req.max_tokens or max(1, max_model_len - len(prompt))
         )
@@ -105,6 +116,33 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         except ValueError as e:
             return error(400, str(e))
         return await _serve([prompt], params, req, "chatcmpl", responses.chat_chunk, responses.chat)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        if (bad := check(req)) is not None:
+            return bad
+        if req.messages is not None:
+            tokens = chat_prompt(req.messages)
+            if isinstance(tokens, JSONResponse):
+                return tokens
+        elif tokenizer is None:
+            return error(400, "this model has no tokenizer")
+        else:
+            tokens = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return JSONResponse(
+            {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        if (bad := check(req)) is not None:
+            return bad
+        if tokenizer is None:
+            return error(400, "this model has no tokenizer")
+        vocab = engine.engine.model_config.vocab_size
+        if bad_ids := [t for t in req.tokens if not 0 <= t < vocab]:
+            return error(400, f"token ids {bad_ids[:5]} outside the vocabulary [0, {vocab})")
+        return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
 
     async def _serve(prompts, params, req, prefix, chunk_fn, final_fn):
         """Queue n completions of every prompt (all or none), then stream or collect them.

@@ -119,3 +119,31 @@ class ChatCompletionRequest(_Common):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's extension): a completion `prompt` or chat `messages`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for `prompt`; chat text is already templated
+
+    def unsupported(self) -> str | None:
+        if (self.prompt is None) == (self.messages is None):
+            return "send exactly one of prompt and messages"
+        return None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's extension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+    def unsupported(self) -> str | None:
+        return None

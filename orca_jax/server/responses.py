@@ -6,8 +6,14 @@ from orca_jax.engine.outputs import RequestOutput
 from orca_jax.tokenizer import Tokenizer
 
 
-def model_list(model_name: str) -> dict:
-    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "orca-jax"}
+def model_list(model_name: str, max_model_len: int) -> dict:
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "orca-jax",
+        "max_model_len": max_model_len,  # as vLLM's model card has it
+    }
     return {"object": "list", "data": [card]}
 
 
