@@ -3,7 +3,7 @@
   python experiments/bench_serving.py --model=tiny-gpt --rates=2,4,8,16 \
       --policies=orca,static:8,paged --num_requests=100 --plot=/tmp/latency.png
   python experiments/bench_serving.py --trace=AzureLLMInferenceTrace_conv.csv --time_scale=4
-  python experiments/bench_serving.py --simulate --model=gpt3-175b --hardware=a100 --tp=8 \
+  python experiments/bench_serving.py --simulate --model=gpt3-175b --dtype=bfloat16 --tp=8 \
       --pp=2 --n_workers=2 --policies=orca,static:8,static:32 --rates=0.5,1,2,4,8 \
       --prompt_len=32,512 --output_len=1,128 --max_model_len=2048 --num_requests=500
 
