@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -18,6 +19,7 @@ from orca_jax.scheduler import SamplingParams
 from orca_jax.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+Message = dict[str, Any]  # {"role": ..., "content": ...}
 
 
 class LLM:
@@ -103,6 +105,28 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [_merge([done[i] for i in group]) for group in ids]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to each of
+        a list of them: rendered by the model's chat template with the assistant's turn
+        opened, tokenized as the template wrote it (no extra special tokens), generated.
+        Each output's `prompt` is the rendered text."""
+        tok = self.get_tokenizer()
+        if tok is None or tok.chat_template is None:
+            raise ValueError("this model has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts = [tok.apply_chat_template(list(c)) for c in conversations]
+        prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outs, texts, strict=True):
+            out.prompt = text
+        return outs
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:

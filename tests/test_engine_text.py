@@ -99,3 +99,9 @@ def test_llm_generate_real_smollm2_paris():
     assert "Paris" in outs[0].outputs[0].text
     assert "4" in outs[1].outputs[0].text
     assert all(o.finished for o in outs)
+    # LLM.chat renders the template itself: the same replies, one conversation or several.
+    conversation = [{"role": "user", "content": "What is the capital of France?"}]
+    [one] = llm.chat(conversation, SamplingParams(max_tokens=16), use_tqdm=False)
+    assert one.outputs[0].text == outs[0].outputs[0].text and one.prompt == prompts[0]
+    both = llm.chat([conversation, [{"role": "user", "content": "What is 2+2?"}]])
+    assert [o.outputs[0].text for o in both] == [o.outputs[0].text for o in outs]
