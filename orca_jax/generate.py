@@ -53,8 +53,6 @@ def _generate(llm: LLM) -> None:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
         else:
             prompts = [_PROMPT.value]
-        if _CHAT.value:
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
     params = SamplingParams(
         max_tokens=_MAX_TOKENS.value,
         temperature=_TEMPERATURE.value,
@@ -62,7 +60,10 @@ def _generate(llm: LLM) -> None:
         top_p=_TOP_P.value,
         seed=engine_flags.SEED.value if _TEMPERATURE.value > 0 else None,
     )
-    outputs = llm.generate(prompts, params)
+    if _CHAT.value and not _PROMPT_IDS.value:  # each prompt as one user turn
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
     for out in outputs:
         text = out.outputs[0].text if tok is not None else " ".join(map(str, out.token_ids))
         print(text if len(outputs) == 1 else f"[{out.request_id}] {text!r}")
