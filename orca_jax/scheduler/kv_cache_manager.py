@@ -38,7 +38,7 @@ class KVCacheManager:
         self.req_to_block_ids: dict[str, list[int]] = {}
         # req_id -> hashes of the keys of its leading blocks registered so far (prefix caching).
         self._req_hashes: dict[str, list[int]] = {}
-        # Tokens looked up at the start of requests, and how many of them were found cached.
+        # Tokens of requests that started (or restarted), and how many were found cached.
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
 
@@ -79,11 +79,13 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Drop the request's hold on all its blocks (no-op if it holds none); cached ones
-        stay findable until the pool hands them out again."""
+        stay findable until the pool hands them out again, the request's last block first."""
         self._req_hashes.pop(request.req_id, None)
         block_ids = self.req_to_block_ids.pop(request.req_id, None)
         if block_ids:
-            self.block_pool.free(block_ids)
+            # Last block first: the pool hands out (evicts) the oldest freed first, so a
+            # cached prefix loses its tail before its head, and a restart still finds the head.
+            self.block_pool.free(reversed(block_ids))
 
     def claim_cached_prefix(self, request: Request) -> int:
         """Give a request that holds no blocks the cached blocks of its longest known prefix
@@ -103,15 +105,24 @@ class KVCacheManager:
             hashes.append(parent)
         for block_id in blocks:
             self.block_pool.hold(block_id)
-        self.num_prefix_queries += len(tokens)
-        self.num_prefix_hits += len(blocks) * S
         if blocks:
             self.req_to_block_ids[request.req_id] = blocks
             self._req_hashes[request.req_id] = hashes
             request.num_computed_tokens = len(blocks) * S
-        if request.num_preemptions == 0:  # its first start (restarts find its own blocks)
-            request.num_cached_tokens = len(blocks) * S
         return len(blocks) * S
+
+    def unclaim(self, request: Request) -> None:
+        """Undo `claim_cached_prefix` for a request that could not start after all."""
+        self.free(request)
+        request.num_computed_tokens = 0
+
+    def record_start(self, request: Request, num_cached: int) -> None:
+        """Count a request that started with `num_cached` tokens from the cache (the hit
+        rate's figures; a first start also sets the request's `num_cached_tokens`)."""
+        self.num_prefix_queries += request.num_tokens
+        self.num_prefix_hits += num_cached
+        if request.num_preemptions == 0:  # restarts find their own blocks: not a prompt hit
+            request.num_cached_tokens = num_cached
 
     def cache_computed_blocks(self, request: Request) -> None:
         """Register the request's blocks that its computed tokens have filled since the last

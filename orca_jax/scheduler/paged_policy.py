@@ -73,13 +73,14 @@ class PagedScheduler(Scheduler):
             if len(picked) == config.max_batch_size or budget == 0:
                 break
             request = self.waiting.peek()
-            cached = self.kv_cache_manager.claim_cached_prefix(request)
+            kv = self.kv_cache_manager
+            cached = kv.claim_cached_prefix(request)
             num_new_tokens = min(request.num_uncomputed_tokens, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
-                if cached:  # give the shared blocks back; claim again when it fits
-                    self.kv_cache_manager.free(request)
-                    request.num_computed_tokens = 0
+            if kv.allocate_slots(request, num_new_tokens) is None:
+                kv.unclaim(request)  # give any shared blocks back; claim again when it fits
                 break
+            if kv.enable_prefix_caching:
+                kv.record_start(request, cached)
             self._admit(request)
             picked[request.req_id] = (request, num_new_tokens)
             budget -= num_new_tokens
