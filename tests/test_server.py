@@ -7,6 +7,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from models import get_config, init_params
 from orca_jax import LLM, SamplingParams
 from orca_jax.server import AsyncEngine, build_app
 
@@ -311,3 +312,32 @@ def test_tokenize_and_detokenize(served, llm):
         r = http.post(route, json=body)
         assert r.status_code in (400, 404) and words in r.json()["error"]["message"], r.text
     assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 256
+
+
+def test_prefix_caching_shows_in_usage_and_metrics():
+    """A paged engine with prefix caching behind the server: a repeated prompt's usage
+    reports the cached tokens, and /metrics counts them."""
+    cfg = get_config("tiny-llama")
+    llm = LLM(
+        params=init_params(cfg, seed=1),
+        config=cfg,
+        policy="paged",
+        enable_prefix_caching=True,
+        block_size=4,
+        num_kv_blocks=64,
+        max_model_len=128,
+        warmup=False,
+    )
+    engine = AsyncEngine(llm.engine)
+    try:
+        with TestClient(build_app(engine, "tiny")) as http:
+            body = {"prompt": list(range(1, 40)), "max_tokens": 3, "temperature": 0}
+            first, again = (http.post("/v1/completions", json=body).json() for _ in range(2))
+            assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+            assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 36  # 9 blocks
+            assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+            metrics = _scrape(http)
+            assert metrics[("orca:prefix_cache_hits_total", ())] == 36
+            assert metrics[("orca:prefix_cache_queries_total", ())] == 2 * 39
+    finally:
+        engine.shutdown()
