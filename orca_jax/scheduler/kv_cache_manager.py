@@ -64,6 +64,12 @@ class KVCacheManager:
         """The request's block table (a copy; empty when it holds no block)."""
         return list(self.req_to_block_ids.get(req_id, ()))
 
+    def block_table(self, req_id: str) -> list[int]:
+        """The request's block table as held, without a copy: the manager never changes a
+        table in place (growing it builds a new list), so a caller may keep it but must
+        not modify it. What `schedule()` hands out every iteration, at O(1) per request."""
+        return self.req_to_block_ids.get(req_id, [])
+
     def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
         """Grow the table so `num_computed_tokens + num_new_tokens` tokens fit.
 

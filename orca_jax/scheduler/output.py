@@ -15,7 +15,8 @@ class ScheduledRequest:
     token_ids: list[int]
     # Position of token_ids[0] in the sequence (== num_computed_tokens before this step).
     start_pos: int
-    # The request's whole block table after this step's allocation.
+    # The request's whole block table after this step's allocation (shared with the KV
+    # manager, which never changes it in place: read it, do not modify it).
     block_ids: list[int]
     # True when token_ids reach the end of the known tokens, so the step must sample a next
     # token for this request; False for a non-final prefill chunk.

@@ -143,7 +143,7 @@ class Scheduler(abc.ABC):
                     req_id=request.req_id,
                     token_ids=request.all_token_ids[start:end],
                     start_pos=start,
-                    block_ids=self.kv_cache_manager.get_block_ids(request.req_id),
+                    block_ids=self.kv_cache_manager.block_table(request.req_id),
                     sample=end == request.num_tokens,
                 )
             )
