@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import array
+import hashlib
+
 from orca_jax.scheduler.block_pool import BlockPool
 from orca_jax.scheduler.request import Request
+
+
+def block_key(parent: bytes, tokens: list[int]) -> bytes:
+    """The content key of a full block: BLAKE2b-128 of the previous block's key (b"" for a
+    sequence's first block) and the block's token ids, so it names the whole prefix."""
+    return hashlib.blake2b(parent + array.array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -19,13 +28,14 @@ class KVCacheManager:
     arrive (paged), `reserve` takes the worst case at admission (orca, static).
 
     With `enable_prefix_caching`, every block a request has filled with computed K/V is
-    registered under a key naming its whole prefix: (hash of the previous block's key, the
-    block's tokens). A request starting (or restarting after preemption) takes the longest
-    run of its leading full blocks found so (`claim_cached_prefix`), sharing them read-only,
-    and computes from there. Only full blocks are shared and a request always computes at
-    least its last token, so no request writes into a block another one reads. Keys compare
-    the block's tokens exactly; only the chain of previous blocks is summarised by a 64-bit
-    hash.
+    registered under a key naming its whole prefix: a 128-bit BLAKE2b digest of the previous
+    block's key and the block's tokens (`block_key`). A request starting (or restarting after
+    preemption) takes the longest run of its leading full blocks found so
+    (`claim_cached_prefix`), sharing them read-only, and computes from there. Only full
+    blocks are shared and a request always computes at least its last token, so no request
+    writes into a block another one reads. A cryptographic digest, not Python's `hash`, so
+    that nobody can craft a prompt whose key collides with another user's prefix and read
+    that user's K/V.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
@@ -36,8 +46,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         # req_id -> its blocks in position order; a request absent here holds no block.
         self.req_to_block_ids: dict[str, list[int]] = {}
-        # req_id -> hashes of the keys of its leading blocks registered so far (prefix caching).
-        self._req_hashes: dict[str, list[int]] = {}
+        # req_id -> keys of its leading blocks registered so far (prefix caching).
+        self._req_keys: dict[str, list[bytes]] = {}
         # Tokens of requests that started (or restarted), and how many were found cached.
         self.num_prefix_queries = 0
         self.num_prefix_hits = 0
@@ -86,7 +96,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Drop the request's hold on all its blocks (no-op if it holds none); cached ones
         stay findable until the pool hands them out again, the request's last block first."""
-        self._req_hashes.pop(request.req_id, None)
+        self._req_keys.pop(request.req_id, None)
         block_ids = self.req_to_block_ids.pop(request.req_id, None)
         if block_ids:
             # Last block first: the pool hands out (evicts) the oldest freed first, so a
@@ -100,20 +110,20 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.req_id in self.req_to_block_ids:
             return 0
         tokens, S = request.all_token_ids, self.block_size
-        blocks, hashes, parent = [], [], 0
+        blocks, keys, parent = [], [], b""
         for i in range((len(tokens) - 1) // S):
-            key = (parent, tuple(tokens[i * S : (i + 1) * S]))
+            key = block_key(parent, tokens[i * S : (i + 1) * S])
             block_id = self.block_pool.lookup(key)
             if block_id is None:
                 break
             blocks.append(block_id)
-            parent = hash(key)
-            hashes.append(parent)
+            parent = key
+            keys.append(key)
         for block_id in blocks:
             self.block_pool.hold(block_id)
         if blocks:
             self.req_to_block_ids[request.req_id] = blocks
-            self._req_hashes[request.req_id] = hashes
+            self._req_keys[request.req_id] = keys
             request.num_computed_tokens = len(blocks) * S
         return len(blocks) * S
 
@@ -136,15 +146,15 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         S = self.block_size
-        hashes = self._req_hashes.setdefault(request.req_id, [])
+        keys = self._req_keys.setdefault(request.req_id, [])
         block_ids = self.req_to_block_ids.get(request.req_id, [])
         tokens = request.all_token_ids
-        parent = hashes[-1] if hashes else 0
-        for i in range(len(hashes), request.num_computed_tokens // S):
-            key = (parent, tuple(tokens[i * S : (i + 1) * S]))
+        parent = keys[-1] if keys else b""
+        for i in range(len(keys), request.num_computed_tokens // S):
+            key = block_key(parent, tokens[i * S : (i + 1) * S])
             self.block_pool.cache(block_ids[i], key)
-            parent = hash(key)
-            hashes.append(parent)
+            parent = key
+            keys.append(key)
 
     def _grow(self, req_id: str, num_tokens: int) -> list[int] | None:
         block_ids = self.req_to_block_ids.get(req_id, [])

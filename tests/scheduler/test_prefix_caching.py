@@ -4,6 +4,7 @@ import pytest
 from sched_utils import FakeRunner, create_scheduler, drive, expected_output
 
 from orca_jax.scheduler import BlockPool, Request, SamplingParams, SchedulerConfig
+from orca_jax.scheduler.kv_cache_manager import block_key
 
 
 def test_pool_counts_holders_and_keeps_cached_blocks_until_handed_out():
@@ -82,3 +83,11 @@ def test_a_preempted_request_restarts_from_its_own_cached_blocks():
 def test_only_the_paged_policy_caches_prefixes():
     with pytest.raises(ValueError, match="enable_prefix_caching needs policy 'paged'"):
         SchedulerConfig(policy="orca", enable_prefix_caching=True)
+
+
+def test_block_keys_name_the_whole_prefix():
+    a = block_key(b"", [1, 2, 3, 4])
+    assert a == block_key(b"", [1, 2, 3, 4]) and len(a) == 16
+    assert a != block_key(b"", [1, 2, 4, 3])  # order matters
+    assert block_key(a, [5, 6, 7, 8]) != block_key(block_key(b"", [9, 2, 3, 4]), [5, 6, 7, 8])
+    assert block_key(b"", [2**40]) != block_key(b"", [0])  # ids are not truncated
