@@ -341,3 +341,18 @@ def test_prefix_caching_shows_in_usage_and_metrics():
             assert metrics[("orca:prefix_cache_queries_total", ())] == 2 * 39
     finally:
         engine.shutdown()
+
+
+def test_echo_prepends_the_prompt(served):
+    http, client, _ = served
+    prompt = "The capital of France is"
+    kw = dict(model="smollm2", prompt=prompt, max_tokens=6, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    echoed = client.completions.create(**kw, echo=True).choices[0].text
+    assert echoed == prompt + plain
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(**kw, echo=True, stream=True)
+    )
+    assert streamed == prompt + plain
+    r = http.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and "echo with logprobs" in r.json()["error"]["message"]

@@ -88,7 +88,13 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         except ValueError as e:
             return error(400, str(e))
         return await _serve(
-            prompts, params, req, "cmpl", responses.completion_chunk, responses.completion
+            prompts,
+            params,
+            req,
+            "cmpl",
+            responses.completion_chunk,
+            responses.completion,
+            echo=req.echo,
         )
 
     def chat_prompt(messages) -> list[int] | JSONResponse:
@@ -144,7 +150,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             return error(400, f"token ids {bad_ids[:5]} outside the vocabulary [0, {vocab})")
         return JSONResponse({"prompt": tokenizer.decode(req.tokens)})
 
-    async def _serve(prompts, params, req, prefix, chunk_fn, final_fn):
+    async def _serve(prompts, params, req, prefix, chunk_fn, final_fn, **extra):
         """Queue n completions of every prompt (all or none), then stream or collect them.
 
         Choice i * n + j is completion j of prompt i, as OpenAI numbers them.
@@ -167,6 +173,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             tokenizer=tokenizer,
             top_n=params.logprobs or 0,
             n=params.n,
+            **extra,  # completions: echo
         )
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage

@@ -74,8 +74,8 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo with logprobs needs the prompt's log-probabilities, not computed here"
         if self.suffix:
             return "suffix is not supported"
         return super().unsupported()

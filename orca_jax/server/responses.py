@@ -86,11 +86,22 @@ def chat_logprobs(out, tokenizer, num: int, new_only: bool) -> dict | None:
     }
 
 
-def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n) -> dict:
+def _prompt_text(out: RequestOutput, tokenizer: Tokenizer | None) -> str:
+    """The prompt as text, for `echo` (token-id prompts decoded; "" without a tokenizer)."""
+    if out.prompt is not None:
+        return out.prompt
+    return tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) if tokenizer else ""
+
+
+def completion(
+    outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, echo=False
+) -> dict:
     choices = []
     for i, out in enumerate(outs):
         comp = out.outputs[0]
         text = comp.text if tokenizer is not None else ""
+        if echo:
+            text = _prompt_text(out, tokenizer) + text
         choices.append(
             {
                 "index": i,
@@ -112,14 +123,14 @@ def completion(outs: list[RequestOutput], *, id, created, model, tokenizer, top_
 
 
 def completion_chunk(
-    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n
+    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n, echo=False
 ):
     comp = out.outputs[0]
-    if not comp.delta_token_ids and not out.finished:
+    if not comp.delta_token_ids and not out.finished and not (first and echo):
         return None
     choice = {
         "index": i,
-        "text": comp.delta_text,
+        "text": (_prompt_text(out, tokenizer) if first and echo else "") + comp.delta_text,
         "finish_reason": comp.finish_reason,
         "stop_reason": comp.stop_reason,
         "logprobs": completion_logprobs(
@@ -180,7 +191,7 @@ def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, t
 
 
 def usage_chunk(
-    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n, n
+    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n, n, echo=False
 ) -> dict:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, usage."""
     kind = "chat.completion.chunk" if chunk_fn is chat_chunk else "text_completion"
