@@ -110,14 +110,13 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.req_id in self.req_to_block_ids:
             return 0
         tokens, S = request.all_token_ids, self.block_size
-        blocks, keys, parent = [], [], b""
+        blocks, keys = [], []
         for i in range((len(tokens) - 1) // S):
-            key = block_key(parent, tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else b"", tokens[i * S : (i + 1) * S])
             block_id = self.block_pool.lookup(key)
             if block_id is None:
                 break
             blocks.append(block_id)
-            parent = key
             keys.append(key)
         for block_id in blocks:
             self.block_pool.hold(block_id)
@@ -134,7 +133,10 @@ class KVCacheManager:
 
     def record_start(self, request: Request, num_cached: int) -> None:
         """Count a request that started with `num_cached` tokens from the cache (the hit
-        rate's figures; a first start also sets the request's `num_cached_tokens`)."""
+        rate's figures; a first start also sets the request's `num_cached_tokens`); no-op
+        without prefix caching."""
+        if not self.enable_prefix_caching:
+            return
         self.num_prefix_queries += request.num_tokens
         self.num_prefix_hits += num_cached
         if request.num_preemptions == 0:  # restarts find their own blocks: not a prompt hit
@@ -149,11 +151,9 @@ class KVCacheManager:
         keys = self._req_keys.setdefault(request.req_id, [])
         block_ids = self.req_to_block_ids.get(request.req_id, [])
         tokens = request.all_token_ids
-        parent = keys[-1] if keys else b""
         for i in range(len(keys), request.num_computed_tokens // S):
-            key = block_key(parent, tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else b"", tokens[i * S : (i + 1) * S])
             self.block_pool.cache(block_ids[i], key)
-            parent = key
             keys.append(key)
 
     def _grow(self, req_id: str, num_tokens: int) -> list[int] | None:

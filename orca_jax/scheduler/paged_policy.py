@@ -79,8 +79,7 @@ class PagedScheduler(Scheduler):
             if kv.allocate_slots(request, num_new_tokens) is None:
                 kv.unclaim(request)  # give any shared blocks back; claim again when it fits
                 break
-            if kv.enable_prefix_caching:
-                kv.record_start(request, cached)
+            kv.record_start(request, cached)
             self._admit(request)
             picked[request.req_id] = (request, num_new_tokens)
             budget -= num_new_tokens
