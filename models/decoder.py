@@ -145,16 +145,53 @@ def decoder_layers(
     return x, KVCache(k=k_cache, v=v_cache)
 
 
-def lm_head(params: Params, x: jax.Array, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
-    """Final norm and LM head on each request's last scheduled row: logits [R, V] in f32."""
-    h = norm(params["final_norm"], x[batch.logits_indices], config)  # [R, D]
+def logits_of(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Final norm and LM head on rows x [n, D] (last-layer activations): logits [n, V], f32."""
+    h = norm(params["final_norm"], x, config)  # [n, D]
     if config.tie_embeddings:
         return jnp.einsum(
-            "RD,VD->RV", h, params["embed"]["tokens"], preferred_element_type=jnp.float32
+            "nD,VD->nV", h, params["embed"]["tokens"], preferred_element_type=jnp.float32
         )
     return jnp.einsum(
-        "RD,DV->RV", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
+        "nD,DV->nV", h, params["lm_head"]["kernel"], preferred_element_type=jnp.float32
     )
+
+
+def lm_head(params: Params, x: jax.Array, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
+    """Logits [R, V] (f32) of each request's last scheduled row of x [T, D]."""
+    return logits_of(params, x[batch.logits_indices], config)
+
+
+_LOGPROB_ROWS = 256  # rows of [rows, V] logits alive at once in `token_logprobs`
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_top"))
+def token_logprobs(
+    params: Params,
+    x: jax.Array,  # [T, D] last-layer activations of a step (`stage_step`'s hidden)
+    targets: jax.Array,  # i32[T] token whose log-probability each row scores; < 0: none
+    config: ModelConfig,
+    num_top: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities at every packed row, not just each request's last: what scoring a
+    prompt needs (vLLM's `prompt_logprobs`). Row t's distribution predicts token t + 1.
+
+    Returns (logprob of targets[t] f32[T] (0 where no target), the num_top most likely ids
+    i32[T, num_top], their logprobs f32[T, num_top]). Rows go through in chunks, so at most
+    `_LOGPROB_ROWS` x V logits exist at once.
+    """
+    T = x.shape[0]
+    C = _LOGPROB_ROWS if T % _LOGPROB_ROWS == 0 else T
+
+    def chunk(args):
+        x, t = args  # [C, D], [C]
+        lp = jax.nn.log_softmax(logits_of(params, x, config), axis=-1)  # [C, V]
+        target_lp = jnp.take_along_axis(lp, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
+        top_lp, top_ids = jax.lax.top_k(lp, num_top)
+        return jnp.where(t >= 0, target_lp, 0.0), top_ids.astype(jnp.int32), top_lp
+
+    out = jax.lax.map(chunk, (x.reshape(T // C, C, -1), targets.reshape(T // C, C)))
+    return jax.tree.map(lambda a: a.reshape(T, *a.shape[2:]), out)
 
 
 def forward(
@@ -199,12 +236,15 @@ def stage_step(
     *,
     first: bool,
     last: bool,
-) -> tuple[jax.Array, KVCache]:
+) -> tuple[jax.Array, jax.Array | None, KVCache]:
     """One pipeline stage: its slice of the layers (and cache), plus the embedding on the
-    first stage and the LM head on the last. Returns (x [T, D] or, last, logits [R, V]) and
-    the stage's cache, updated in place. `params` holds the stage's slice (sharding/pipeline).
+    first stage and the LM head on the last. `params` holds the stage's slice
+    (sharding/pipeline).
+
+    Returns (x [T, D]: the stage's output activations, logits [R, V] on the last stage or
+    None, the stage's cache, updated in place). The last stage's x feeds `token_logprobs`.
     """
     if first:
         x = embed(params, batch, config)
     x, kv_cache = decoder_layers(params["layers"], kv_cache, x, batch, config, mesh)
-    return (lm_head(params, x, batch, config) if last else x), kv_cache
+    return x, (lm_head(params, x, batch, config) if last else None), kv_cache

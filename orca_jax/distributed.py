@@ -19,6 +19,8 @@ process in the same order by construction.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -28,6 +30,16 @@ from orca_jax.runner import ModelRunner, dummy_batch
 from orca_jax.sampler import SamplingMetadata
 
 _STOP, _STEP = 0, 1
+_HEADER = 7  # int32s in a message header (StepBroadcast)
+
+
+class StepInputs(NamedTuple):
+    """One step's inputs as a follower receives them (`ModelRunner.execute_and_sample`'s)."""
+
+    batch: RaggedBatch
+    md: SamplingMetadata
+    num_top_logprobs: int
+    prompt_targets: np.ndarray | None
 
 
 def initialize(
@@ -54,27 +66,35 @@ class StepBroadcast:
     """Process 0 sends each step's inputs; every other process receives them, in order.
 
     Each message is two collective broadcasts: a fixed-size header `[kind, T, R, pages,
-    num_top_logprobs, penalty history width]`, then the arrays, whose shapes the header fixes.
+    num_top_logprobs, penalty history width, has prompt targets]`, then the arrays, whose
+    shapes the header fixes.
     """
 
-    def send(self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int) -> None:
+    def send(
+        self,
+        batch: RaggedBatch,
+        md: SamplingMetadata,
+        num_top_logprobs: int,
+        prompt_targets: np.ndarray | None = None,
+    ) -> None:
         T, R, P = batch.num_tokens, batch.max_reqs, batch.block_tables.shape[1]
-        W = md.history.shape[1]
-        self._header(np.array([_STEP, T, R, P, num_top_logprobs, W], np.int32))
-        multihost_utils.broadcast_one_to_all((batch, md))
+        W, scored = md.history.shape[1], prompt_targets is not None
+        self._header(np.array([_STEP, T, R, P, num_top_logprobs, W, scored], np.int32))
+        multihost_utils.broadcast_one_to_all((batch, md, prompt_targets))
 
     def send_stop(self) -> None:
-        self._header(np.array([_STOP, 0, 0, 0, 0, 0], np.int32))
+        self._header(np.zeros(_HEADER, np.int32))
 
-    def recv(self) -> tuple[RaggedBatch, SamplingMetadata, int] | None:
+    def recv(self) -> StepInputs | None:
         """The next step's inputs, or None when the leader has stopped."""
-        kind, T, R, P, n, W = (int(v) for v in self._header(np.zeros(6, np.int32)))
+        kind, T, R, P, n, W, scored = (int(v) for v in self._header(np.zeros(_HEADER, np.int32)))
         if kind == _STOP:
             return None
-        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R, W))
-        batch, md = multihost_utils.broadcast_one_to_all(template, is_source=False)
-        to_host = lambda tree: jax.tree.map(np.asarray, tree)
-        return to_host(batch), to_host(md), n
+        targets = np.full(T, -1, np.int32) if scored else None
+        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R, W), targets)
+        received = multihost_utils.broadcast_one_to_all(template, is_source=False)
+        batch, md, targets = jax.tree.map(np.asarray, received)
+        return StepInputs(batch, md, n, targets)
 
     @staticmethod
     def _header(header: np.ndarray) -> np.ndarray:
@@ -88,7 +108,6 @@ def follow(engine) -> int:
     runner: ModelRunner = engine.runner
     steps = 0
     while (inputs := channel.recv()) is not None:
-        batch, md, n = inputs
-        runner.execute_and_sample(batch, md, n)
+        runner.execute_and_sample(*inputs)
         steps += 1
     return steps

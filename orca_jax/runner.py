@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ from models import (
     pack_batch,
 )
 from models.batch import bucket, geometric_buckets
-from models.decoder import stage_step
+from models.decoder import stage_step, token_logprobs
 from models.layers import Params
 from orca_jax.sampler import SamplingMetadata, sample
 from sharding import (
@@ -199,15 +200,16 @@ class ModelRunner:
             list(seqs), page_size=self.config.page_size, num_tokens=t, num_reqs=r, max_blocks=p
         )
 
-    def execute(self, batch: RaggedBatch) -> jax.Array:
-        """One step on the device; returns logits [R, V] (padding rows included)."""
-        x = None  # [T, D] between stages; the last stage returns logits
+    def forward(self, batch: RaggedBatch) -> tuple[jax.Array, jax.Array]:
+        """One step on the device: (logits [R, V] with padding rows, the last layer's
+        activations [T, D] for `token_logprobs`)."""
+        x = logits = None  # x [T, D] between stages; the last stage also gives logits
         for st in self.stages:
             b = batch
             if st.inputs is not None:
                 b = jax.device_put(batch, st.inputs)
                 x = None if x is None else jax.device_put(x, st.inputs)
-            x, st.kv_cache = stage_step(
+            x, logits, st.kv_cache = stage_step(
                 st.params,
                 st.kv_cache,
                 x,
@@ -217,37 +219,74 @@ class ModelRunner:
                 first=st.first,
                 last=st.last,
             )
-        return x
+        return logits, x
+
+    def execute(self, batch: RaggedBatch) -> jax.Array:
+        """One step on the device; returns logits [R, V] (padding rows included)."""
+        return self.forward(batch)[0]
 
     def run(self, seqs: Sequence[SeqSpec]) -> np.ndarray:
         """Pack, run, and fetch logits [len(seqs), V] of each request's last token."""
         return np.asarray(self.execute(self.build_batch(seqs)))[: len(seqs)]
 
     def execute_and_sample(
-        self, batch: RaggedBatch, md: SamplingMetadata, num_top_logprobs: int = 0
-    ) -> tuple[jax.Array, ...]:
+        self,
+        batch: RaggedBatch,
+        md: SamplingMetadata,
+        num_top_logprobs: int = 0,
+        prompt_targets: np.ndarray | None = None,
+    ) -> StepOutputs:
         """Dispatch one step and sampling; returns device arrays without waiting.
 
-        Returns (tokens [R], logprobs [R], top ids [R, n], top logprobs [R, n]), rows padded
-        to R. `md` from `SamplingMetadata.build` (what other processes receive from process
-        0 under `orca_jax.distributed`).
+        `md` from `SamplingMetadata.build` (what other processes receive from process 0
+        under `orca_jax.distributed`). `prompt_targets` i32[T]: per packed token, the prompt
+        token that follows it, to be scored (-1: none); when given, `.prompt` holds the
+        scores with the same `num_top_logprobs` alternatives.
         """
-        return sample(self.execute(batch), md, num_top_logprobs)
+        logits, x = self.forward(batch)
+        out = StepOutputs(*sample(logits, md, num_top_logprobs))
+        if prompt_targets is None:
+            return out
+        last = self.stages[-1]
+        scores = token_logprobs(last.params, x, prompt_targets, self.model_config, num_top_logprobs)
+        return out._replace(prompt=scores)
 
     def warmup(
-        self, buckets: Sequence[tuple[int, int, int]] | None = None, num_top_logprobs: int = 0
+        self,
+        buckets: Sequence[tuple[int, int, int]] | None = None,
+        num_top_logprobs: int = 0,
+        prompt_logprobs: bool = True,
     ) -> int:
         """Compile step and sampling (with and without penalties) for every bucket (or the
-        given ones); returns how many buckets."""
+        given ones), and prompt scoring per token bucket unless `prompt_logprobs` is False;
+        returns how many buckets."""
         shapes = self.config.all_buckets() if buckets is None else buckets
-        out, logits = None, {}
+        out, logits, hidden = None, {}, {}
         for t, r, p in shapes:
-            logits[r] = self.execute(dummy_batch(t, r, p))
+            logits[r], hidden[t] = self.forward(dummy_batch(t, r, p))
             out = sample(logits[r], SamplingMetadata.greedy(r), num_top_logprobs)
         for r, x in logits.items():  # the sampler of batches in which some row has penalties
             out = sample(x, SamplingMetadata.greedy(r, self.config.max_model_len), num_top_logprobs)
+        if prompt_logprobs:
+            for t, x in hidden.items():
+                targets = np.full(t, -1, np.int32)
+                out = token_logprobs(
+                    self.stages[-1].params, x, targets, self.model_config, num_top_logprobs
+                )
         jax.block_until_ready(([st.kv_cache for st in self.stages], out))
         return len(shapes)
+
+
+class StepOutputs(NamedTuple):
+    """What one dispatched step returns (device arrays, rows padded to the bucket)."""
+
+    tokens: jax.Array  # i32[R] sampled next token per request
+    token_logprobs: jax.Array  # f32[R] its log-probability (raw distribution)
+    top_ids: jax.Array  # i32[R, n] the n most likely tokens
+    top_logprobs: jax.Array  # f32[R, n] their log-probabilities
+    # Per packed token when prompt targets were given (`token_logprobs`): the target's
+    # logprob f32[T], top ids i32[T, n], top logprobs f32[T, n].
+    prompt: tuple[jax.Array, jax.Array, jax.Array] | None = None
 
 
 def _random_stage(config: ModelConfig, seed: int, plan) -> Params:

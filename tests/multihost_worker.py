@@ -18,7 +18,7 @@ distributed.initialize(coordinator, num_processes=2, process_id=process_id)
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from parallel_utils import ENGINE_KW, MODEL, PROMPTS, SEED, greedy_tokens  # noqa: E402
+from parallel_utils import ENGINE_KW, MODEL, PROMPTS, SEED, greedy_outputs  # noqa: E402
 
 from models import init_params  # noqa: E402
 from orca_jax import Engine, EngineConfig  # noqa: E402
@@ -32,7 +32,7 @@ engine = Engine(
 devices = sorted({d.process_index for d in engine.runner.stages[0].kv_cache.k.sharding.device_set})
 if distributed.is_leader():
     try:
-        result = {"tokens": greedy_tokens(engine, PROMPTS, 10), "steps": engine.num_iterations}
+        result = {"outputs": greedy_outputs(engine, PROMPTS, 10), "steps": engine.num_iterations}
     finally:
         engine.stop_followers()
 else:

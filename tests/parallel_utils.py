@@ -33,12 +33,41 @@ def mixed_batches(cfg: ModelConfig, rng: np.random.Generator):
 
 def greedy_tokens(engine: Engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Every prompt run to `max_tokens` greedy tokens; token ids in prompt order."""
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    ids = [engine.add_request(p, sp) for p in prompts]
+    return [tokens for tokens, _ in greedy_outputs(engine, prompts, max_tokens)]
+
+
+def greedy_outputs(
+    engine: Engine, prompts: list[list[int]], max_tokens: int
+) -> list[tuple[list[int], list[float]]]:
+    """Every prompt run to `max_tokens` greedy tokens, every other one scoring its prompt
+    (so steps carry prompt targets too): per prompt in order, (token ids, the log-probability
+    of each prompt token after the first, or [] unscored)."""
+    ids = [
+        engine.add_request(
+            p,
+            SamplingParams(
+                max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=0 if i % 2 else None
+            ),
+        )
+        for i, p in enumerate(prompts)
+    ]
     done = {}
     while engine.has_unfinished_requests():
-        done |= {o.request_id: list(o.token_ids) for o in engine.step() if o.finished}
-    return [done[i] for i in ids]
+        done |= {o.request_id: o for o in engine.step() if o.finished}
+    return [(list(done[i].token_ids), _scores(done[i])) for i in ids]
+
+
+def _scores(out) -> list[float]:
+    if out.prompt_logprobs is None:
+        return []
+    return [e[t] for t, e in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True)]
+
+
+def assert_same_outputs(got, want, atol: float = 1e-5) -> None:
+    """`greedy_outputs` of two engines: equal tokens, prompt scores within `atol`."""
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=atol)
 
 
 def engine_matches_one_device(cfg: ModelConfig, seed: int, parallel_kw: dict, **kw) -> Engine:
@@ -48,10 +77,10 @@ def engine_matches_one_device(cfg: ModelConfig, seed: int, parallel_kw: dict, **
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, cfg.vocab_size, int(n)).tolist() for n in (3, 17, 30, 9, 1, 22)]
     kw = dict(max_batch_size=4, block_size=16, num_kv_blocks=40, max_model_len=64) | kw
-    one = greedy_tokens(Engine(cfg, params, None, EngineConfig(**kw, warmup=False)), prompts, 10)
+    one = greedy_outputs(Engine(cfg, params, None, EngineConfig(**kw, warmup=False)), prompts, 10)
     engine = Engine(cfg, params, None, EngineConfig(**kw, **parallel_kw, warmup=True))
     with count_compiles() as compiles:
-        spread = greedy_tokens(engine, prompts, 10)
-    assert spread == one
+        spread = greedy_outputs(engine, prompts, 10)
+    assert_same_outputs(spread, one)
     assert (compiles.traces, compiles.compiles) == (0, 0)
     return engine

@@ -132,9 +132,11 @@ def test_logprobs_hold_the_sampled_and_top_tokens():
 def test_500_requests_after_warmup_compile_nothing(policy):
     engine = make_engine(policy, num_kv_blocks=400, warmup=True)
     reqs = _requests(500, seed=5)
-    for i in range(0, 500, 7):  # some sampled, some with penalties: also compiled at warm-up
+    for i in range(0, 500, 7):  # sampled, penalized, scoring prompts: compiled at warm-up too
         prompt, sp = reqs[i]
         extra = dict(frequency_penalty=0.5) if i % 2 else dict(temperature=0.9, seed=i)
+        if i % 3 == 0:
+            extra["prompt_logprobs"] = 0
         reqs[i] = (prompt, dataclasses.replace(sp, **extra))
     arrivals = np.random.default_rng(2).integers(0, 400, 500).tolist()
     with count_compiles() as counts:

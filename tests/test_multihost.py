@@ -1,5 +1,6 @@
 """Two local processes through jax.distributed: process 0 schedules and broadcasts each step,
-the step spans both processes' devices, and the tokens equal one process's."""
+the step spans both processes' devices, and the tokens (and prompt scores) equal one
+process's."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from parallel_utils import ENGINE_KW, MODEL, PROMPTS, SEED, greedy_tokens
+from parallel_utils import ENGINE_KW, MODEL, PROMPTS, SEED, assert_same_outputs, greedy_outputs
 
 from models import init_params
 from orca_jax import Engine, EngineConfig
@@ -41,8 +42,8 @@ def test_two_processes_match_one(tmp_path):
     leader, follower = (json.loads(o.read_text()) for o in outs)
 
     params = init_params(MODEL, seed=SEED)
-    alone = greedy_tokens(Engine(MODEL, params, None, EngineConfig(**ENGINE_KW)), PROMPTS, 10)
-    assert leader["tokens"] == alone
+    alone = greedy_outputs(Engine(MODEL, params, None, EngineConfig(**ENGINE_KW)), PROMPTS, 10)
+    assert_same_outputs(leader["outputs"], alone)  # tokens, and prompt scores (broadcast too)
     assert leader["process_count"] == follower["process_count"] == 2
     assert leader["cache_processes"] == [0, 1]  # the KV pages live on both processes' devices
     assert follower["steps"] == leader["steps"] > 0  # the follower ran every step

@@ -354,5 +354,43 @@ def test_echo_prepends_the_prompt(served):
         c.choices[0].text for c in client.completions.create(**kw, echo=True, stream=True)
     )
     assert streamed == prompt + plain
-    r = http.post("/v1/completions", json={"prompt": prompt, "echo": True, "logprobs": 1})
-    assert r.status_code == 400 and "echo with logprobs" in r.json()["error"]["message"]
+
+
+def test_echo_with_logprobs_scores_the_prompt(served, llm, offline):
+    """What evaluation harnesses send (echo, logprobs, max_tokens=1) to score a continuation:
+    prompt tokens lead with their log-probabilities (None for the first), then the generated
+    ones; the same streamed; and with real weights " Paris" beats " London" after "The
+    capital of France is"."""
+    _, client, _ = served
+    tok = llm.get_tokenizer()
+    kw = dict(model="smollm2", max_tokens=1, temperature=0, echo=True, logprobs=2)
+
+    def scored(text):
+        choice = client.completions.create(prompt=text, **kw).choices[0]
+        assert choice.text.startswith(text)
+        return choice.logprobs
+
+    lp = scored("The capital of France is Paris")
+    ids = tok.encode("The capital of France is Paris")
+    want = offline.generate(
+        [ids], SamplingParams(max_tokens=1, logprobs=2, prompt_logprobs=2), use_tqdm=False
+    )[0]
+    assert len(lp.tokens) == len(ids) + 1 and "".join(lp.tokens[:-1]) == tok.decode(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:-1] == pytest.approx(
+        [e[t] for t, e in zip(ids[1:], want.prompt_logprobs[1:], strict=True)], abs=1e-5
+    )
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))  # greedy
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+
+    london = scored("The capital of France is London")
+    assert lp.token_logprobs[-2] > london.token_logprobs[-2] + 2.0  # " Paris" vs " London"
+
+    chunks = list(
+        client.completions.create(prompt="The capital of France is Paris", **kw, stream=True)
+    )
+    first = chunks[0].choices[0].logprobs
+    assert first.tokens == lp.tokens and first.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1:], abs=1e-5
+    )

@@ -23,7 +23,7 @@ from orca_jax.batch_builder import BatchBuilder
 from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
-from orca_jax.runner import ModelRunner
+from orca_jax.runner import ModelRunner, StepOutputs
 from orca_jax.sampler import RowSampling, SamplingMetadata
 from orca_jax.scheduler import (
     ModelRunnerOutput,
@@ -117,11 +117,12 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(
-                f"logprobs={params.logprobs} exceeds the engine's max_logprobs="
-                f"{self.config.max_logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.config.max_logprobs:
+                raise ValueError(
+                    f"{name}={n} exceeds the engine's max_logprobs={self.config.max_logprobs}"
+                )
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
@@ -143,6 +144,8 @@ class Engine:
             token_ids,
             [CompletionOutput(0, "", [], logprobs=[] if params.logprobs is not None else None)],
             arrival_time=now,
+            # Filled in as the prompt is computed; complete with the first generated token.
+            prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
         self._requests[req_id] = _Tracked(output, request, seed, detok)
         return req_id
@@ -197,19 +200,39 @@ class Engine:
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         md = SamplingMetadata.build(rows, packed.max_reqs, self.runner.config.max_model_len)
+        targets = self._prompt_targets(batch, packed.num_tokens)
         if self.broadcast is not None:  # other processes run this step on their devices too
-            self.broadcast.send(packed, md, self.config.max_logprobs)
-        return self.runner.execute_and_sample(packed, md, self.config.max_logprobs)
+            self.broadcast.send(packed, md, self.config.max_logprobs, targets)
+        return self.runner.execute_and_sample(packed, md, self.config.max_logprobs, targets)
+
+    def _prompt_targets(self, batch: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
+        """i32[T]: for each packed prompt token of a request that asked for prompt logprobs,
+        the prompt token after it (-1 elsewhere); None when no such token is in the batch."""
+        targets, offset = None, 0
+        for s in batch.scheduled:
+            request = self._requests[s.req_id].request
+            # Positions start_pos ... start_pos + n - 1 predict the prompt tokens after them.
+            end = min(s.start_pos + s.num_tokens, request.num_prompt_tokens - 1)
+            if request.sampling_params.prompt_logprobs is not None and end > s.start_pos:
+                if targets is None:
+                    targets = np.full(num_tokens, -1, np.int32)
+                targets[offset : offset + end - s.start_pos] = request.prompt_token_ids[
+                    s.start_pos + 1 : end + 1
+                ]
+            offset += s.num_tokens
+        return targets
 
     def stop_followers(self) -> None:
         """Multi-process runs: tell the other processes' `distributed.follow` loops to end."""
         if self.broadcast is not None:
             self.broadcast.send_stop()
 
-    def _close(self, batch: SchedulerOutput, device_out: tuple | None) -> list[RequestOutput]:
+    def _close(self, batch: SchedulerOutput, device_out: StepOutputs | None) -> list[RequestOutput]:
         sampled, logprobs = {}, {}
         if device_out is not None:
-            tokens, token_lp, top_ids, top_lp = (np.asarray(a) for a in device_out)  # waits
+            tokens, token_lp, top_ids, top_lp = (np.asarray(a) for a in device_out[:4])  # waits
+            if device_out.prompt is not None:
+                self._record_prompt_logprobs(batch, *(np.asarray(a) for a in device_out.prompt))
             for row, s in enumerate(batch.scheduled):
                 if not s.sample:
                     continue
@@ -234,6 +257,28 @@ class Engine:
             if tracked.output.finished:
                 del self._requests[delta.req_id]
         return outputs
+
+    def _record_prompt_logprobs(
+        self,
+        batch: SchedulerOutput,
+        target_lp: np.ndarray,  # f32[T]
+        top_ids: np.ndarray,  # i32[T, max_logprobs]
+        top_lp: np.ndarray,  # f32[T, max_logprobs]
+    ) -> None:
+        """File each scored prompt token's {token id: logprob} (the token, then the top n)."""
+        offset = 0
+        for s in batch.scheduled:
+            tracked = self._requests.get(s.req_id)
+            out = tracked.output.prompt_logprobs if tracked is not None else None
+            if out is not None:
+                prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
+                for pos in range(s.start_pos, min(s.start_pos + s.num_tokens, len(prompt) - 1)):
+                    row = offset + pos - s.start_pos
+                    entry = {prompt[pos + 1]: float(target_lp[row])}
+                    top = zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
+                    entry.update(top)
+                    out[pos + 1] = entry
+            offset += s.num_tokens
 
     def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
         """Apply a scheduler delta: detokenize, look for stop strings, update timestamps."""

@@ -39,6 +39,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = False
+    # Per prompt token, when asked for (SamplingParams.prompt_logprobs = n): None for the
+    # first, then {token id: logprob} holding that prompt token and the n most likely ones
+    # given the tokens before it. Complete once the first generated token arrives.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     # Prompt tokens whose K/V came from the prefix cache (paged + enable_prefix_caching).
     num_cached_tokens: int = 0
     # Engine-clock timestamps (seconds): arrival, first token, last token.

@@ -34,6 +34,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of top log-probabilities to return per token; None returns none.
     logprobs: int | None = None
+    # Score the prompt: per prompt token (after the first) its log-probability and the top
+    # n alternatives (`RequestOutput.prompt_logprobs`); None scores nothing. Such a request
+    # computes its whole prompt (no prefix-cache hits: cached tokens would go unscored).
+    prompt_logprobs: int | None = None
     # Penalties on tokens already seen, applied to the logits before sampling (greedy too),
     # as vLLM does. presence / frequency in [-2, 2] over the generated tokens: minus p once a
     # token appeared, minus f per time it did; 0 turns them off. repetition > 0 over prompt
@@ -67,6 +71,8 @@ class SamplingParams:
             _check_int("stop_token_ids entries", t, minimum=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
         _check_int("n", self.n, minimum=1)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN

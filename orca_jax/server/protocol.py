@@ -7,6 +7,7 @@ silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,16 +70,21 @@ class CompletionRequest(_Common):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = 16
-    logprobs: int | None = None  # top log-probabilities per token
+    logprobs: int | None = None  # top log-probabilities per token (and prompt token, if echo)
     echo: bool = False
     suffix: str | None = None
 
     def unsupported(self) -> str | None:
-        if self.echo and self.logprobs is not None:
-            return "echo with logprobs needs the prompt's log-probabilities, not computed here"
         if self.suffix:
             return "suffix is not supported"
         return super().unsupported()
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Echo with logprobs scores the prompt too (what evaluation harnesses ask for)."""
+        params = super().sampling_params(max_tokens, logprobs)
+        if self.echo and logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=logprobs)
+        return params
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: one text or token-id list per choice."""

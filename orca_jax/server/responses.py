@@ -48,11 +48,18 @@ def _new_logprobs(out: RequestOutput, new_only: bool):
     return comp.token_ids[len(comp.token_ids) - n :], comp.logprobs[len(comp.logprobs) - n :]
 
 
-def completion_logprobs(out, tokenizer, num: int, new_only: bool, offset: int = 0) -> dict | None:
-    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+def completion_logprobs(
+    out, tokenizer, num: int, new_only: bool, offset: int = 0, with_prompt: bool = False
+) -> dict | None:
+    """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset.
+
+    `with_prompt` (echo): the prompt's tokens lead, the first with None for its logprob and
+    alternatives, as OpenAI scores an echoed prompt."""
     ids, entries = _new_logprobs(out, new_only)
     if ids is None:
         return None
+    if with_prompt and out.prompt_logprobs is not None:
+        ids, entries = out.prompt_token_ids + ids, out.prompt_logprobs + entries
     tokens = [_token_text(tokenizer, t) for t in ids]
     offsets, pos = [], offset
     for t in tokens:
@@ -60,9 +67,10 @@ def completion_logprobs(out, tokenizer, num: int, new_only: bool, offset: int = 
         pos += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [e[t] for t, e in zip(ids, entries, strict=True)],
+        "token_logprobs": [None if e is None else e[t] for t, e in zip(ids, entries, strict=True)],
         "top_logprobs": [
-            {_token_text(tokenizer, k): v for k, v in _ranked(e, num)} for e in entries
+            None if e is None else {_token_text(tokenizer, k): v for k, v in _ranked(e, num)}
+            for e in entries
         ],
         "text_offset": offsets,
     }
@@ -108,7 +116,7 @@ def completion(
                 "text": text,
                 "finish_reason": comp.finish_reason,
                 "stop_reason": comp.stop_reason,
-                "logprobs": completion_logprobs(out, tokenizer, top_n, False),
+                "logprobs": completion_logprobs(out, tokenizer, top_n, False, with_prompt=echo),
                 "token_ids": list(comp.token_ids),  # an extension, as vLLM's return_token_ids
             }
         )
@@ -128,13 +136,19 @@ def completion_chunk(
     comp = out.outputs[0]
     if not comp.delta_token_ids and not out.finished and not (first and echo):
         return None
+    prompt = _prompt_text(out, tokenizer) if echo else ""  # echoed text leads the offsets
     choice = {
         "index": i,
-        "text": (_prompt_text(out, tokenizer) if first and echo else "") + comp.delta_text,
+        "text": (prompt if first else "") + comp.delta_text,
         "finish_reason": comp.finish_reason,
         "stop_reason": comp.stop_reason,
         "logprobs": completion_logprobs(
-            out, tokenizer, top_n, True, len(comp.text) - len(comp.delta_text)
+            out,
+            tokenizer,
+            top_n,
+            True,
+            0 if first else len(prompt) + len(comp.text) - len(comp.delta_text),
+            with_prompt=first and echo,
         ),
         "token_ids": list(comp.delta_token_ids),
     }
