@@ -56,6 +56,7 @@ class RunnerConfig:
     min_token_bucket: int = 16
     min_req_bucket: int = 8
     min_pages_bucket: int = 8
+    max_logit_bias: int = 300  # bias entries per request in the sampler (logit_bias, min_tokens)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -257,7 +258,7 @@ class ModelRunner:
         num_top_logprobs: int = 0,
         prompt_logprobs: bool = True,
     ) -> int:
-        """Compile step and sampling (with and without penalties) for every bucket (or the
+        """Compile step and sampling (with and without logit processing) for every bucket (or the
         given ones), and prompt scoring per token bucket unless `prompt_logprobs` is False;
         returns how many buckets."""
         shapes = self.config.all_buckets() if buckets is None else buckets
@@ -265,8 +266,9 @@ class ModelRunner:
         for t, r, p in shapes:
             logits[r], hidden[t] = self.forward(dummy_batch(t, r, p))
             out = sample(logits[r], SamplingMetadata.greedy(r), num_top_logprobs)
-        for r, x in logits.items():  # the sampler of batches in which some row has penalties
-            out = sample(x, SamplingMetadata.greedy(r, self.config.max_model_len), num_top_logprobs)
+        for r, x in logits.items():  # the sampler of batches whose logits some row changes
+            md = SamplingMetadata.greedy(r, self.config.max_model_len, self.config.max_logit_bias)
+            out = sample(x, md, num_top_logprobs)
         if prompt_logprobs:
             for t, x in hidden.items():
                 targets = np.full(t, -1, np.int32)

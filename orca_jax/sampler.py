@@ -1,4 +1,5 @@
-"""Sampling on the device, per request: penalties, greedy, temperature, top-k, top-p, seeded.
+"""Sampling on the device, per request: penalties, logit bias, greedy, temperature, top-k,
+top-p, seeded.
 
 Each request's randomness is `fold_in(key(seed), step)` where `step` counts the tokens it has
 generated, so a request samples the same tokens alone or in any batch, at any row.
@@ -6,10 +7,12 @@ generated, so a request samples the same tokens alone or in any batch, at any ro
 Penalties, as vLLM defines them, change the logits before anything else (greedy included):
 repetition (over prompt and output tokens: a seen token's logit is divided by r when
 positive, multiplied by r otherwise), then frequency and presence (over output tokens:
-minus f x count, minus p if present). The tokens come as a padded `history [R, W]`: W is
-0 when no row has penalties (those batches pay nothing) and one fixed width otherwise (the
-engine's max_model_len), so penalties add one compiled shape per request bucket, which the
-warm-up covers.
+minus f x count, minus p if present). Then a sparse logit bias is added (OpenAI's
+`logit_bias`; -inf keeps a token out, as `min_tokens` does with stop tokens). The tokens come
+as a padded `history [R, W]` and the bias as `bias_ids, bias_values [R, B]`: W and B are 0
+when no row changes its logits (those batches pay nothing) and fixed widths otherwise (the
+engine's max_model_len and max_logit_bias), so processing adds one compiled shape per
+request bucket, which the warm-up covers.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ class RowSampling(NamedTuple):
     repetition: float = 1.0
     prompt: Sequence[int] = ()  # token ids the penalties read (only when some is on)
     output: Sequence[int] = ()
+    bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit); repeats add up
 
     @property
     def penalized(self) -> bool:
         return bool(self.presence or self.frequency or self.repetition != 1.0)
+
+    @property
+    def processed(self) -> bool:
+        """True when this row's logits change before sampling (penalties or bias)."""
+        return self.penalized or bool(self.bias)
 
 
 _GREEDY = RowSampling(0.0, 0, 1.0, 0, 0)
@@ -60,40 +69,58 @@ class SamplingMetadata:
     repetition: jax.Array  # f32[R]; 1 means off
     history: jax.Array  # i32[R, W] prompt then output tokens of penalized rows, -1 padded
     num_prompt: jax.Array  # i32[R] how many of a row's history tokens are prompt
+    bias_ids: jax.Array  # i32[R, B] tokens whose logit is biased, -1 padded
+    bias_values: jax.Array  # f32[R, B] what is added to them
 
     @classmethod
-    def greedy(cls, num_reqs: int, history_width: int = 0) -> SamplingMetadata:
+    def greedy(cls, num_reqs: int, history_width: int = 0, bias_width: int = 0) -> SamplingMetadata:
         """All-greedy rows (warm-up, and the shapes a follower process receives into)."""
         md = cls.build([_GREEDY] * num_reqs, num_reqs)
-        return md.replace(history=np.full((num_reqs, history_width), -1, np.int32))
+        return md.replace(
+            history=np.full((num_reqs, history_width), -1, np.int32),
+            bias_ids=np.full((num_reqs, bias_width), -1, np.int32),
+            bias_values=np.zeros((num_reqs, bias_width), np.float32),
+        )
 
     @classmethod
     def build(
-        cls, rows: Sequence[tuple], num_reqs: int, history_width: int = 0
+        cls, rows: Sequence[tuple], num_reqs: int, history_width: int = 0, bias_width: int = 0
     ) -> SamplingMetadata:
         """From one row per request, padded greedy to R: `(temperature, top_k, top_p, seed,
-        step)`, or a `RowSampling` with penalties (kept to those rows: this runs every
-        iteration). `history_width`: W when some row has penalties (at least its prompt +
-        output length)."""
+        step)`, or a `RowSampling` with penalties or a bias (kept to those rows: this runs
+        every iteration). When some row has either, the batch carries both a history of
+        width W = `history_width` (at least a penalized row's prompt + output length) and a
+        bias of width B = `bias_width` (at least a row's bias entries)."""
         pad = [_GREEDY[:5]] * (num_reqs - len(rows))
         t, k, p, seed, step = zip(*(r[:5] for r in rows), *pad, strict=True)
         presence = np.zeros(num_reqs, np.float32)
         frequency = np.zeros(num_reqs, np.float32)
         repetition = np.ones(num_reqs, np.float32)
         num_prompt = np.zeros(num_reqs, np.int32)
-        penalized = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
-        penalized = [(i, r) for i, r in penalized if r.penalized]
-        lengths = [len(r.prompt) + len(r.output) for _, r in penalized]
-        if lengths and max(lengths) > history_width:
-            raise ValueError(
-                f"a penalized row has {max(lengths)} tokens; history_width={history_width}"
-            )
-        history = np.full((num_reqs, history_width if penalized else 0), -1, np.int32)
-        for i, r in penalized:
-            presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
-            tokens = list(r.prompt) + list(r.output)
-            history[i, : len(tokens)] = tokens
-            num_prompt[i] = len(r.prompt)
+        processed = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
+        processed = [(i, r) for i, r in processed if r.processed]
+        tokens = max(
+            (len(r.prompt) + len(r.output) for _, r in processed if r.penalized), default=0
+        )
+        if tokens > history_width:
+            raise ValueError(f"a penalized row has {tokens} tokens; history_width={history_width}")
+        entries = max((len(r.bias) for _, r in processed), default=0)
+        if entries > bias_width:
+            raise ValueError(f"a row has {entries} bias entries; bias_width={bias_width}")
+        W, B = (history_width, bias_width) if processed else (0, 0)
+        history = np.full((num_reqs, W), -1, np.int32)
+        bias_ids = np.full((num_reqs, B), -1, np.int32)
+        bias_values = np.zeros((num_reqs, B), np.float32)
+        for i, r in processed:
+            if r.penalized:
+                presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
+                tokens = list(r.prompt) + list(r.output)
+                history[i, : len(tokens)] = tokens
+                num_prompt[i] = len(r.prompt)
+            if r.bias:
+                bias_ids[i, : len(r.bias)], bias_values[i, : len(r.bias)] = zip(
+                    *r.bias, strict=True
+                )
         return cls(
             temperature=np.asarray(t, np.float32),
             top_k=np.asarray(k, np.int32),
@@ -105,7 +132,19 @@ class SamplingMetadata:
             repetition=repetition,
             history=history,
             num_prompt=num_prompt,
+            bias_ids=bias_ids,
+            bias_values=bias_values,
         )
+
+
+def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Penalties, then the logit bias, on f32 logits [R, V] (module docstring)."""
+    if md.bias_ids.shape[1] == 0:  # static: no row changes its logits
+        return apply_penalties(logits, md)
+    R, V = logits.shape
+    rows = jnp.broadcast_to(jnp.arange(R)[:, None], md.bias_ids.shape)
+    ids = jnp.where(md.bias_ids >= 0, md.bias_ids, V)  # padding scatters out of range: dropped
+    return apply_penalties(logits, md).at[rows, ids].add(md.bias_values, mode="drop")
 
 
 def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
@@ -153,7 +192,7 @@ def sample(
     model's raw distribution (before penalties, temperature and cuts), as vLLM reports them.
     """
     raw = logits.astype(jnp.float32)
-    logits = apply_penalties(raw, md)
+    logits = process_logits(raw, md)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     is_greedy = md.temperature <= 0
 

@@ -137,6 +137,8 @@ def test_500_requests_after_warmup_compile_nothing(policy):
         extra = dict(frequency_penalty=0.5) if i % 2 else dict(temperature=0.9, seed=i)
         if i % 3 == 0:
             extra["prompt_logprobs"] = 0
+        if i % 5 == 0:
+            extra["logit_bias"] = {int(prompt[0]): 3.0}
         reqs[i] = (prompt, dataclasses.replace(sp, **extra))
     arrivals = np.random.default_rng(2).integers(0, 400, 500).tolist()
     with count_compiles() as counts:
@@ -156,6 +158,10 @@ def test_bad_requests_are_rejected_and_others_still_served():
         (lambda: engine.add_request("text", SamplingParams()), "tokenizer"),
         (lambda: SamplingParams(max_tokens=0), "max_tokens"),
         (lambda: engine.add_request([1], SamplingParams(), request_id=good), "in use"),
+        (lambda: engine.add_request([1], SamplingParams(logit_bias={999: 1})), "vocabulary"),
+        (lambda: SamplingParams(logit_bias={3: 101}), r"\[-100, 100\]"),
+        (lambda: SamplingParams(logit_bias={-1: 1}), "token ids must be >= 0"),
+        (lambda: SamplingParams(max_tokens=2, min_tokens=3), "exceeds max_tokens"),
     ]
     for fn, words in cases:
         with pytest.raises(ValueError, match=words):
@@ -309,3 +315,23 @@ def test_llm_generate_n_completions_per_prompt():
         assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     with pytest.raises(ValueError, match="one completion per request"):
         llm.engine.add_request([1, 2], sp)
+
+
+@pytest.mark.parametrize("policy", ["orca", "paged", "static"])
+def test_logit_bias_and_min_tokens(policy):
+    """A +100 bias forces a token at every step (greedy or sampled); min_tokens holds a stop
+    token off until then, after which the forced stop token ends the request at once; the
+    batch neighbours are unaffected."""
+    engine = make_engine(policy, warmup=False)
+    forced = SamplingParams(max_tokens=6, logit_bias={11: 100}, ignore_eos=True)
+    sampled = dataclasses.replace(forced, temperature=1.0, seed=3)
+    held = SamplingParams(max_tokens=9, min_tokens=4, logit_bias={11: 100}, stop_token_ids=[11])
+    banned = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompt = [5, 6, 7]
+    plain = run(make_engine(policy, warmup=False), [(prompt, banned)])[0][0]
+    banned = dataclasses.replace(banned, logit_bias={plain[0]: -100})
+    requests = [(prompt, forced), (prompt, sampled), (prompt, held), (prompt, banned)]
+    outputs, _ = run(engine, requests)
+    assert outputs[0] == outputs[1] == [11] * 6
+    assert outputs[2][-1] == 11 and len(outputs[2]) == 5 and 11 not in outputs[2][:4]
+    assert outputs[3][0] != plain[0]

@@ -11,6 +11,7 @@ from orca_jax.sampler import (
     RowSampling,
     SamplingMetadata,
     apply_penalties,
+    process_logits,
     sample,
 )
 
@@ -115,5 +116,35 @@ def test_penalties_match_a_per_token_reference():
 def test_batches_without_penalties_send_no_history():
     md = SamplingMetadata.build([(0.8, 5, 0.9, 1, 3)] * 3, 4, history_width=64)
     assert md.history.shape == (4, 0)
+    assert md.bias_ids.shape == md.bias_values.shape == (4, 0)
     with pytest.raises(ValueError, match="history_width=8"):
         SamplingMetadata.build([RowSampling(0.0, 0, 1.0, 0, 0, 0.5, output=[1] * 9)], 1, 8)
+    with pytest.raises(ValueError, match="3 bias entries; bias_width=2"):
+        SamplingMetadata.build([RowSampling(0.0, 0, 1.0, 0, 0, bias=[(1, 1.0)] * 3)], 1, 8, 2)
+
+
+def test_logit_bias_is_added_after_the_penalties():
+    """Per row: penalties (as in the reference above), then each (id, bias) added; repeats
+    add up and -inf bans a token. Rows without a bias or penalty are untouched."""
+    vocab = 32
+    logits = _logits(4, vocab, seed=3)
+    rows = [
+        RowSampling(0.0, 0, 1.0, 0, 2, bias=[(3, 5.0), (7, -2.5), (3, 1.0)]),
+        RowSampling(0.0, 0, 1.0, 0, 2, 0.5, 0.0, 1.3, [1, 2], [4, 4], bias=[(4, -np.inf)]),
+        (0.0, 0, 1.0, 0, 0),  # plain
+    ]
+    want = np.array(logits[:3], np.float64)
+    want[0, 3] += 6.0
+    want[0, 7] -= 2.5
+    want[1] = _penalized_reference(logits[1], [1, 2], [4, 4], 0.5, 0.0, 1.3)
+    want[1, 4] = -np.inf
+    md = SamplingMetadata.build(rows, 4, history_width=8, bias_width=4)  # one padding row
+    assert md.bias_ids.shape == (4, 4) and (md.bias_ids[2:] == -1).all()
+    got = np.asarray(process_logits(logits, md))
+    np.testing.assert_allclose(got[:3], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[3], logits[3])
+
+    md = SamplingMetadata.build([RowSampling(0.0, 0, 1.0, 0, 0, bias=[(9, 100.0)])] * 4, 4, 8, 4)
+    toks, lp, *_ = sample(logits, md)
+    np.testing.assert_array_equal(toks, [9] * 4)  # forced, greedy
+    np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[:, 9], rtol=1e-6)  # raw logprobs

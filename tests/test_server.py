@@ -291,6 +291,28 @@ def test_penalties_reach_the_sampler(served, offline):
     assert text != _offline(offline, QUESTION, ignore_eos=True, max_tokens=12).text
 
 
+def test_logit_bias_and_min_tokens(served, llm):
+    """OpenAI's logit_bias (string keys) forces a token; vLLM's min_tokens holds the end of
+    the chat answer off; bad biases are 400s."""
+    http, client, _ = served
+    paris = llm.get_tokenizer().encode(" Paris")
+    assert len(paris) == 1
+    out = client.completions.create(
+        model="smollm2", prompt=QUESTION, max_tokens=3, logit_bias={str(paris[0]): 100}
+    )
+    assert out.choices[0].text == " Paris" * 3
+    messages = [{"role": "user", "content": QUESTION}]
+    kw = dict(model="smollm2", messages=messages, max_tokens=40, temperature=0)
+    short = client.chat.completions.create(**kw)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
+    held = client.chat.completions.create(**kw, extra_body={"min_tokens": 20})
+    assert held.usage.completion_tokens >= 20
+    assert held.choices[0].message.content.startswith(short.choices[0].message.content)
+    for bias, words in (({"x": 1}, "token ids"), ({"5": 500}, "[-100, 100]")):
+        r = http.post("/v1/completions", json={"prompt": QUESTION, "logit_bias": bias})
+        assert r.status_code == 400 and words in r.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize(served, llm):
     http, client, _ = served
     tok = llm.get_tokenizer()

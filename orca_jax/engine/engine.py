@@ -44,6 +44,7 @@ class _Tracked:
     request: Request  # the scheduler's record (its output tokens lead ours under `static`)
     seed: int
     detok: IncrementalDetokenizer | None
+    stop_ids: tuple[int, ...]  # token ids that would end it (held off until min_tokens)
     # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
@@ -117,6 +118,20 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
+        biased = [t for t, _ in params.logit_bias]
+        if bad := [t for t in biased if t >= self.model_config.vocab_size]:
+            raise ValueError(
+                f"logit_bias token ids {bad[:5]} outside the vocabulary "
+                f"[0, {self.model_config.vocab_size})"
+            )
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        stop_ids = _stop_ids(params, eos)
+        num_bias = len(biased) + (len(stop_ids) if params.min_tokens else 0)
+        if num_bias > self.config.max_logit_bias:
+            raise ValueError(
+                f"{num_bias} biased token ids (logit_bias, and stop ids held off by min_tokens)"
+                f" exceed the engine's max_logit_bias={self.config.max_logit_bias}"
+            )
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > self.config.max_logprobs:
@@ -127,7 +142,6 @@ class Engine:
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
         now = time.monotonic() if arrival_time is None else arrival_time
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         request = Request(
             req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
         )
@@ -147,7 +161,7 @@ class Engine:
             # Filled in as the prompt is computed; complete with the first generated token.
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
-        self._requests[req_id] = _Tracked(output, request, seed, detok)
+        self._requests[req_id] = _Tracked(output, request, seed, detok, stop_ids)
         return req_id
 
     def abort(self, request_id: str) -> bool:
@@ -187,7 +201,10 @@ class Engine:
             p, request = tracked.params, tracked.request
             # The key folds in tokens generated so far: the same whatever the batch.
             row = (p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens)
-            if p.has_penalties:
+            bias = p.logit_bias
+            if request.num_output_tokens < p.min_tokens and tracked.stop_ids:
+                bias += tuple((t, -np.inf) for t in tracked.stop_ids)
+            if p.has_penalties or bias:
                 row = RowSampling(
                     *row,
                     presence=p.presence_penalty,
@@ -195,11 +212,13 @@ class Engine:
                     repetition=p.repetition_penalty,
                     prompt=request.prompt_token_ids,
                     output=request.output_token_ids,
+                    bias=bias,
                 )
             rows.append(row)
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
-        md = SamplingMetadata.build(rows, packed.max_reqs, self.runner.config.max_model_len)
+        cfg = self.runner.config
+        md = SamplingMetadata.build(rows, packed.max_reqs, cfg.max_model_len, cfg.max_logit_bias)
         targets = self._prompt_targets(batch, packed.num_tokens)
         if self.broadcast is not None:  # other processes run this step on their devices too
             self.broadcast.send(packed, md, self.config.max_logprobs, targets)
@@ -300,7 +319,8 @@ class Engine:
                 comp.delta_text += tracked.detok.push(tok)
             if finished:
                 comp.delta_text += tracked.detok.flush()
-            stop_at = _find_stop(comp.text, comp.delta_text, tracked.params.stop)
+            stops = tracked.params.stop if len(comp.token_ids) >= tracked.params.min_tokens else ()
+            stop_at = _find_stop(comp.text, comp.delta_text, stops)
             if stop_at is not None:
                 cut, stop = stop_at
                 comp.delta_text = comp.delta_text[: max(0, cut - len(comp.text))]
@@ -314,6 +334,12 @@ class Engine:
         comp.finish_reason = reason if finished else None
         out.finished = finished
         return out
+
+
+def _stop_ids(params: SamplingParams, eos: int | None) -> tuple[int, ...]:
+    """Token ids that end a request: its stop ids, and end-of-sequence unless ignored."""
+    eos_ids = (eos,) if eos is not None and not params.ignore_eos else ()
+    return tuple(dict.fromkeys(params.stop_token_ids + eos_ids))
 
 
 def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] | None:

@@ -127,12 +127,15 @@ class Request:
     def check_stop(self) -> RequestStatus | None:
         """The final status the last generated token puts this request in, or None.
 
-        End-of-sequence and stop token ids win over the length limit when both hold, as in vLLM.
+        End-of-sequence and stop token ids win over the length limit when both hold, as in vLLM;
+        neither stops a request before `min_tokens`.
         """
         if not self.output_token_ids:
             return None
         last = self.output_token_ids[-1]
         params = self.sampling_params
+        if self.num_output_tokens < params.min_tokens:  # < max_tokens: no length stop either
+            return None
         if not params.ignore_eos and self.eos_token_id is not None and last == self.eos_token_id:
             return RequestStatus.FINISHED_STOPPED
         if last in params.stop_token_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -46,6 +47,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Added to the logits of these token ids before sampling (greedy too), OpenAI's
+    # `logit_bias`: {token id: bias in [-100, 100]}; -100 all but bans a token, 100 all but
+    # forces it. Stored as sorted (id, bias) pairs.
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] | None = ()
+    # End-of-sequence and stop token ids cannot be sampled, and stop strings are not looked
+    # for, before this many tokens (vLLM's `min_tokens`).
+    min_tokens: int = 0
     # Completions of the prompt. `LLM.generate` and the server fan out into n requests of one
     # completion each (`completions()`); the engine itself takes n=1.
     n: int = 1
@@ -74,6 +82,21 @@ class SamplingParams:
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
         _check_int("n", self.n, minimum=1)
+        bias = self.logit_bias or ()
+        pairs = list(bias.items() if isinstance(bias, Mapping) else bias)
+        for pair in pairs:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"logit_bias entries must be (token id, bias), got {pair!r}")
+            _check_int("logit_bias token ids", pair[0], minimum=0)
+            value = pair[1]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"logit_bias values must be numbers, got {value!r}")
+            if not -100 <= value <= 100:  # also rejects NaN
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+        object.__setattr__(self, "logit_bias", tuple(sorted((t, float(v)) for t, v in pairs)))
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:  # also rejects NaN
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -2,7 +2,7 @@
 
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
 silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`.
+`repetition_penalty`, `min_tokens`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # a vLLM extension
+    logit_bias: dict[str, float] | None = None  # {token id (as text): bias in [-100, 100]}
+    min_tokens: int = 0  # a vLLM extension
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
@@ -61,8 +63,18 @@ class _Common(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            logit_bias={_token_id(k): v for k, v in (self.logit_bias or {}).items()},
+            min_tokens=self.min_tokens,
             n=self.n,
         )
+
+
+def _token_id(key: str) -> int:
+    """A `logit_bias` key: a token id written as a JSON object key."""
+    try:
+        return int(key)
+    except ValueError:
+        raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
 
 
 class CompletionRequest(_Common):
