@@ -170,6 +170,9 @@ PRESETS: dict[str, ModelConfig] = {
 def get_config(name: str, **overrides) -> ModelConfig:
     """Preset by name, with optional field overrides (e.g. dtype="bfloat16")."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise ValueError(
+            f"unknown model {name!r}: neither a preset ({', '.join(sorted(PRESETS))}) nor a "
+            "Hugging Face directory or .gguf file"
+        )
     cfg = PRESETS[name]
     return cfg.replace(**overrides) if overrides else cfg

