@@ -17,6 +17,7 @@ _EXPORTS = {
     "CompletionOutput": "orca_jax.engine.outputs",
     "RequestOutput": "orca_jax.engine.outputs",
     "SamplingParams": "orca_jax.scheduler",
+    "StructuredOutputs": "orca_jax.scheduler",
 }
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "EngineConfig",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputs",
 ]
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from orca_jax.engine.engine import Engine
     from orca_jax.engine.outputs import CompletionOutput, RequestOutput
     from orca_jax.llm import LLM
-    from orca_jax.scheduler import SamplingParams
+    from orca_jax.scheduler import SamplingParams, StructuredOutputs
 
 
 def __getattr__(name: str):

@@ -30,7 +30,7 @@ from orca_jax.runner import ModelRunner, dummy_batch
 from orca_jax.sampler import SamplingMetadata
 
 _STOP, _STEP = 0, 1
-_HEADER = 8  # int32s in a message header (StepBroadcast)
+_HEADER = 9  # int32s in a message header (StepBroadcast)
 
 
 class StepInputs(NamedTuple):
@@ -66,8 +66,8 @@ class StepBroadcast:
     """Process 0 sends each step's inputs; every other process receives them, in order.
 
     Each message is two collective broadcasts: a fixed-size header `[kind, T, R, pages,
-    num_top_logprobs, penalty history width, bias width, has prompt targets]`, then the
-    arrays, whose shapes the header fixes.
+    num_top_logprobs, penalty history width, bias width, mask words, has prompt targets]`,
+    then the arrays, whose shapes the header fixes.
     """
 
     def send(
@@ -78,8 +78,9 @@ class StepBroadcast:
         prompt_targets: np.ndarray | None = None,
     ) -> None:
         T, R, P = batch.num_tokens, batch.max_reqs, batch.block_tables.shape[1]
-        W, B, scored = md.history.shape[1], md.bias_ids.shape[1], prompt_targets is not None
-        self._header(np.array([_STEP, T, R, P, num_top_logprobs, W, B, scored], np.int32))
+        W, B, M = md.history.shape[1], md.bias_ids.shape[1], md.allowed.shape[1]
+        scored = prompt_targets is not None
+        self._header(np.array([_STEP, T, R, P, num_top_logprobs, W, B, M, scored], np.int32))
         multihost_utils.broadcast_one_to_all((batch, md, prompt_targets))
 
     def send_stop(self) -> None:
@@ -88,11 +89,11 @@ class StepBroadcast:
     def recv(self) -> StepInputs | None:
         """The next step's inputs, or None when the leader has stopped."""
         header = self._header(np.zeros(_HEADER, np.int32))
-        kind, T, R, P, n, W, B, scored = (int(v) for v in header)
+        kind, T, R, P, n, W, B, M, scored = (int(v) for v in header)
         if kind == _STOP:
             return None
         targets = np.full(T, -1, np.int32) if scored else None
-        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R, W, B), targets)
+        template = (dummy_batch(T, R, P), SamplingMetadata.greedy(R, W, B, M), targets)
         received = multihost_utils.broadcast_one_to_all(template, is_source=False)
         batch, md, targets = jax.tree.map(np.asarray, received)
         return StepInputs(batch, md, n, targets)

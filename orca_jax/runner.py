@@ -186,6 +186,11 @@ class ModelRunner:
             )
 
     @property
+    def mask_words(self) -> int:
+        """Words of a structured-output bitmask row (the sampler's `allowed`)."""
+        return -(-self.model_config.vocab_size // 32)
+
+    @property
     def kv_cache(self) -> KVCache:
         """The KV cache (single-stage runners; see `stages` for a pipeline's)."""
         if len(self.stages) != 1:
@@ -258,7 +263,8 @@ class ModelRunner:
         num_top_logprobs: int = 0,
         prompt_logprobs: bool = True,
     ) -> int:
-        """Compile step and sampling (with and without logit processing) for every bucket (or the
+        """Compile step and sampling (with and without penalties / bias, and structured-output
+        masks) for every bucket (or the
         given ones), and prompt scoring per token bucket unless `prompt_logprobs` is False;
         returns how many buckets."""
         shapes = self.config.all_buckets() if buckets is None else buckets
@@ -266,9 +272,15 @@ class ModelRunner:
         for t, r, p in shapes:
             logits[r], hidden[t] = self.forward(dummy_batch(t, r, p))
             out = sample(logits[r], SamplingMetadata.greedy(r), num_top_logprobs)
-        for r, x in logits.items():  # the sampler of batches whose logits some row changes
-            md = SamplingMetadata.greedy(r, self.config.max_model_len, self.config.max_logit_bias)
-            out = sample(x, md, num_top_logprobs)
+        processed = (self.config.max_model_len, self.config.max_logit_bias)
+        for r, x in logits.items():  # the samplers of batches whose logits some row changes
+            for widths, mask in (
+                (processed, 0),
+                ((0, 0), self.mask_words),
+                (processed, self.mask_words),
+            ):
+                md = SamplingMetadata.greedy(r, *widths, mask)
+                out = sample(x, md, num_top_logprobs)
         if prompt_logprobs:
             for t, x in hidden.items():
                 targets = np.full(t, -1, np.int32)

@@ -12,7 +12,10 @@ minus f x count, minus p if present). Then a sparse logit bias is added (OpenAI'
 as a padded `history [R, W]` and the bias as `bias_ids, bias_values [R, B]`: W and B are 0
 when no row changes its logits (those batches pay nothing) and fixed widths otherwise (the
 engine's max_model_len and max_logit_bias), so processing adds one compiled shape per
-request bucket, which the warm-up covers.
+request bucket, which the warm-up covers. Last, structured outputs (`orca_jax.structured`)
+send the tokens a row's automaton forbids to -inf: `allowed [R, M]` is a bitmask (bit t % 32
+of word t // 32; rows without a constraint all ones), M = 0 or ceil(V / 32): another
+compiled shape, also warmed up.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class RowSampling(NamedTuple):
     prompt: Sequence[int] = ()  # token ids the penalties read (only when some is on)
     output: Sequence[int] = ()
     bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit); repeats add up
+    allowed: np.ndarray | None = None  # i32[M] bitmask of the tokens that may come next
 
     @property
     def penalized(self) -> bool:
@@ -71,34 +75,48 @@ class SamplingMetadata:
     num_prompt: jax.Array  # i32[R] how many of a row's history tokens are prompt
     bias_ids: jax.Array  # i32[R, B] tokens whose logit is biased, -1 padded
     bias_values: jax.Array  # f32[R, B] what is added to them
+    allowed: jax.Array  # i32[R, M] bitmask of the tokens each row may sample (M = 0: all)
 
     @classmethod
-    def greedy(cls, num_reqs: int, history_width: int = 0, bias_width: int = 0) -> SamplingMetadata:
+    def greedy(
+        cls, num_reqs: int, history_width: int = 0, bias_width: int = 0, mask_words: int = 0
+    ) -> SamplingMetadata:
         """All-greedy rows (warm-up, and the shapes a follower process receives into)."""
         md = cls.build([_GREEDY] * num_reqs, num_reqs)
         return md.replace(
             history=np.full((num_reqs, history_width), -1, np.int32),
             bias_ids=np.full((num_reqs, bias_width), -1, np.int32),
             bias_values=np.zeros((num_reqs, bias_width), np.float32),
+            allowed=np.full((num_reqs, mask_words), -1, np.int32),
         )
 
     @classmethod
     def build(
-        cls, rows: Sequence[tuple], num_reqs: int, history_width: int = 0, bias_width: int = 0
+        cls,
+        rows: Sequence[tuple],
+        num_reqs: int,
+        history_width: int = 0,
+        bias_width: int = 0,
+        mask_words: int = 0,
     ) -> SamplingMetadata:
         """From one row per request, padded greedy to R: `(temperature, top_k, top_p, seed,
         step)`, or a `RowSampling` with penalties or a bias (kept to those rows: this runs
         every iteration). When some row has either, the batch carries both a history of
         width W = `history_width` (at least a penalized row's prompt + output length) and a
-        bias of width B = `bias_width` (at least a row's bias entries)."""
+        bias of width B = `bias_width` (at least a row's bias entries). When some row has an
+        `allowed` mask, the batch carries masks of `mask_words` words."""
         pad = [_GREEDY[:5]] * (num_reqs - len(rows))
         t, k, p, seed, step = zip(*(r[:5] for r in rows), *pad, strict=True)
         presence = np.zeros(num_reqs, np.float32)
         frequency = np.zeros(num_reqs, np.float32)
         repetition = np.ones(num_reqs, np.float32)
         num_prompt = np.zeros(num_reqs, np.int32)
-        processed = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
-        processed = [(i, r) for i, r in processed if r.processed]
+        full = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
+        processed = [(i, r) for i, r in full if r.processed]
+        masked = [(i, r.allowed) for i, r in full if r.allowed is not None]
+        allowed = np.full((num_reqs, mask_words if masked else 0), -1, np.int32)
+        for i, mask in masked:
+            allowed[i] = mask  # raises unless it has mask_words words
         tokens = max(
             (len(r.prompt) + len(r.output) for _, r in processed if r.penalized), default=0
         )
@@ -134,17 +152,24 @@ class SamplingMetadata:
             num_prompt=num_prompt,
             bias_ids=bias_ids,
             bias_values=bias_values,
+            allowed=allowed,
         )
 
 
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Penalties, then the logit bias, on f32 logits [R, V] (module docstring)."""
-    if md.bias_ids.shape[1] == 0:  # static: no row changes its logits
-        return apply_penalties(logits, md)
+    """Penalties, then the logit bias, then the structured-output mask, on f32 logits
+    [R, V] (module docstring)."""
     R, V = logits.shape
-    rows = jnp.broadcast_to(jnp.arange(R)[:, None], md.bias_ids.shape)
-    ids = jnp.where(md.bias_ids >= 0, md.bias_ids, V)  # padding scatters out of range: dropped
-    return apply_penalties(logits, md).at[rows, ids].add(md.bias_values, mode="drop")
+    logits = apply_penalties(logits, md)
+    if md.bias_ids.shape[1]:  # static: some row has a bias
+        rows = jnp.broadcast_to(jnp.arange(R)[:, None], md.bias_ids.shape)
+        ids = jnp.where(md.bias_ids >= 0, md.bias_ids, V)  # padding scatters out of range
+        logits = logits.at[rows, ids].add(md.bias_values, mode="drop")
+    if md.allowed.shape[1]:  # static: some row is constrained
+        v = jnp.arange(V)
+        bits = jnp.right_shift(md.allowed[:, v // 32], v % 32) & 1  # [R, V]
+        logits = jnp.where(bits == 1, logits, -jnp.inf)
+    return logits
 
 
 def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:

@@ -52,6 +52,16 @@ def _byte_level_bpe(model: models.BPE, pre_tokenizer: pre_tokenizers.PreTokenize
     return tok
 
 
+def _unicode_to_byte() -> dict[str, int]:
+    """Byte-level BPE's alphabet read backwards: the printable Latin-1 bytes stand for
+    themselves, every other byte b for chr(256 + its rank among those others)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -107,6 +117,28 @@ class Tokenizer:
         """
         ids = self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return [self.bos_token_id, *ids] if add_special_tokens and self.add_bos_token else ids
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Per token id, the bytes it stands for in decoded text; None for special tokens.
+
+        What a token automaton (structured outputs) walks. Byte-level vocabularies map each
+        character back to its byte; others fall back to the decoded text (`<0xNN>` byte
+        tokens to their byte)."""
+        backend = self.backend_tokenizer
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+        table = _unicode_to_byte()
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token, i in backend.get_vocab(with_added_tokens=True).items():
+            if i in special:
+                continue
+            if byte_level and all(c in table for c in token):
+                out[i] = bytes(table[c] for c in token)
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                out[i] = bytes([int(token[3:5], 16)])
+            else:
+                out[i] = backend.decode([i], skip_special_tokens=False).encode()
+        return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid or incomplete UTF-8 becomes U+FFFD."""

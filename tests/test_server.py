@@ -2,6 +2,7 @@
 client (an independent reading of the protocol) and by raw HTTP for the error shapes."""
 
 import asyncio
+import json
 
 import openai
 import pytest
@@ -311,6 +312,44 @@ def test_logit_bias_and_min_tokens(served, llm):
     for bias, words in (({"x": 1}, "token ids"), ({"5": 500}, "[-100, 100]")):
         r = http.post("/v1/completions", json={"prompt": QUESTION, "logit_bias": bias})
         assert r.status_code == 400 and words in r.json()["error"]["message"]
+
+
+def test_structured_outputs(served):
+    """OpenAI's response_format (json_schema, json_object) and vLLM's structured_outputs:
+    outputs that Python's json / the choice list accept; bad constraints are 400s."""
+    http, client, _ = served
+    schema = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "London"]}, "is_capital": {"type": "boolean"}},
+        "required": ["city", "is_capital"],
+    }
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    reply = client.chat.completions.create(
+        model="smollm2",
+        messages=messages,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert json.loads(reply.choices[0].message.content) == {"city": "Paris", "is_capital": True}
+    out = client.completions.create(
+        model="smollm2",
+        prompt="The capital of France is",
+        max_tokens=8,
+        extra_body={"structured_outputs": {"choice": [" Paris", " London", " Rome"]}},
+    )
+    assert out.choices[0].text == " Paris" and out.choices[0].finish_reason == "stop"
+    for body, words in (
+        ({"structured_outputs": {"regex": "(a"}}, "regex"),
+        ({"structured_outputs": {"grammar": "x"}}, "grammar"),
+        (
+            {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+            "not both",
+        ),
+    ):
+        r = http.post("/v1/completions", json={"prompt": QUESTION, **body})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
 
 
 def test_tokenize_and_detokenize(served, llm):

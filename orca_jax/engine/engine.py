@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -35,6 +36,9 @@ from orca_jax.scheduler import (
 )
 from orca_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 
+if TYPE_CHECKING:  # imported at the first structured request: outlines-core is needed only then
+    from orca_jax.structured import GrammarCompiler, TokenGuide
+
 
 @dataclasses.dataclass
 class _Tracked:
@@ -45,6 +49,7 @@ class _Tracked:
     seed: int
     detok: IncrementalDetokenizer | None
     stop_ids: tuple[int, ...]  # token ids that would end it (held off until min_tokens)
+    guide: TokenGuide | None  # its structured-output automaton, if constrained
     # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
@@ -77,6 +82,7 @@ class Engine:
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self.num_iterations = 0  # batches dispatched
         self.num_preemptions = 0
         warmup = config.warmup if config.warmup is not None else jax.default_backend() != "cpu"
@@ -141,6 +147,7 @@ class Engine:
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
+        guide = self._guide(params)
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(
             req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
@@ -161,8 +168,22 @@ class Engine:
             # Filled in as the prompt is computed; complete with the first generated token.
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
-        self._requests[req_id] = _Tracked(output, request, seed, detok, stop_ids)
+        self._requests[req_id] = _Tracked(output, request, seed, detok, stop_ids, guide)
         return req_id
+
+    def _guide(self, params: SamplingParams) -> TokenGuide | None:
+        """A fresh automaton for a structured request (ValueError for a bad schema or regex;
+        the first use of a regex builds its index over the vocabulary, which can take
+        seconds for a large JSON schema)."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer")
+        if self._grammars is None:
+            from orca_jax.structured import GrammarCompiler  # noqa: PLC0415
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars.guide(params.structured_outputs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; True if it was live. Its blocks are freed."""
@@ -201,24 +222,29 @@ class Engine:
             p, request = tracked.params, tracked.request
             # The key folds in tokens generated so far: the same whatever the batch.
             row = (p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens)
-            bias = p.logit_bias
-            if request.num_output_tokens < p.min_tokens and tracked.stop_ids:
-                bias += tuple((t, -np.inf) for t in tracked.stop_ids)
-            if p.has_penalties or bias:
-                row = RowSampling(
-                    *row,
+            extra = {}
+            if p.has_penalties:
+                extra.update(
                     presence=p.presence_penalty,
                     frequency=p.frequency_penalty,
                     repetition=p.repetition_penalty,
                     prompt=request.prompt_token_ids,
                     output=request.output_token_ids,
-                    bias=bias,
                 )
-            rows.append(row)
+            bias = p.logit_bias
+            if request.num_output_tokens < p.min_tokens and tracked.stop_ids:
+                bias += tuple((t, -np.inf) for t in tracked.stop_ids)
+            if bias:
+                extra["bias"] = bias
+            if tracked.guide is not None and s.sample:
+                extra["allowed"] = tracked.guide.allowed_mask()
+            rows.append(RowSampling(*row, **extra) if extra else row)
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         cfg = self.runner.config
-        md = SamplingMetadata.build(rows, packed.max_reqs, cfg.max_model_len, cfg.max_logit_bias)
+        md = SamplingMetadata.build(
+            rows, packed.max_reqs, cfg.max_model_len, cfg.max_logit_bias, self.runner.mask_words
+        )
         targets = self._prompt_targets(batch, packed.num_tokens)
         if self.broadcast is not None:  # other processes run this step on their devices too
             self.broadcast.send(packed, md, self.config.max_logprobs, targets)
@@ -258,6 +284,8 @@ class Engine:
                 sampled[s.req_id] = int(tokens[row])
                 logprobs[s.req_id] = float(token_lp[row])
                 tracked = self._requests.get(s.req_id)
+                if tracked is not None and tracked.guide is not None:
+                    tracked.guide.advance(int(tokens[row]))
                 n = tracked.params.logprobs if tracked else None
                 if n is not None:
                     top = {int(tokens[row]): float(token_lp[row])}

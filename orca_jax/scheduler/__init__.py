@@ -16,7 +16,7 @@ from orca_jax.scheduler.output import (
 )
 from orca_jax.scheduler.paged_policy import PagedScheduler
 from orca_jax.scheduler.request import Request, RequestStatus
-from orca_jax.scheduler.sampling_params import SamplingParams
+from orca_jax.scheduler.sampling_params import SamplingParams, StructuredOutputs
 from orca_jax.scheduler.scheduler import Scheduler
 from orca_jax.scheduler.static_policy import StaticScheduler
 
@@ -36,5 +36,6 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerOutput",
     "StaticScheduler",
+    "StructuredOutputs",
     "make_scheduler",
 ]

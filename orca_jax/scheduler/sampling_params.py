@@ -3,8 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What a request's output must be (vLLM's names); exactly one field set. Enforced token
+    by token by `orca_jax.structured`; the request ends with the end-of-sequence token once
+    its output is complete."""
+
+    json: str | None = None  # a JSON schema (a dict is stored as its JSON text)
+    regex: str | None = None  # the whole output matches it
+    choice: tuple[str, ...] | None = None  # the output is one of these strings
+    json_object: bool = False  # any JSON object
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json))  # keeps property order
+        if self.json is not None and not isinstance(self.json, str):
+            raise ValueError(f"json must be a JSON schema (dict or str), got {self.json!r}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ValueError(f"regex must be a str, got {self.regex!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(
+                isinstance(c, str) and c for c in self.choice
+            ):
+                raise ValueError(f"choice must be a list of non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice:
+                raise ValueError("choice must not be empty")
+        given = [self.json is not None, self.regex is not None, self.choice is not None]
+        if sum(given) + bool(self.json_object) != 1:
+            raise ValueError("set exactly one of json, regex, choice and json_object")
 
 
 @dataclass(frozen=True)
@@ -54,6 +86,8 @@ class SamplingParams:
     # End-of-sequence and stop token ids cannot be sampled, and stop strings are not looked
     # for, before this many tokens (vLLM's `min_tokens`).
     min_tokens: int = 0
+    # Constrain the output to a JSON schema, a regex or a list of choices.
+    structured_outputs: StructuredOutputs | None = None
     # Completions of the prompt. `LLM.generate` and the server fan out into n requests of one
     # completion each (`completions()`); the engine itself takes n=1.
     n: int = 1
@@ -95,6 +129,14 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(v)) for t, v in pairs)))
         _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputs):
+                raise ValueError("structured_outputs must be a StructuredOutputs")
+            if self.ignore_eos or self.min_tokens:
+                raise ValueError(
+                    "structured outputs end with the end-of-sequence token: ignore_eos and "
+                    "min_tokens cannot be set with them"
+                )
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -2,7 +2,7 @@
 
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
 silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_tokens`.
+`repetition_penalty`, `min_tokens`, `structured_outputs`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,34 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from orca_jax.scheduler import SamplingParams
+from orca_jax.scheduler import SamplingParams, StructuredOutputs
 
 MAX_N = 64  # most completions one request may ask per prompt
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON with a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutputs | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format json_schema needs its json_schema.schema")
+            return StructuredOutputs(json=self.json_schema.schema_)
+        return StructuredOutputs(json_object=True) if self.type == "json_object" else None
 
 
 class StreamOptions(BaseModel):
@@ -41,6 +66,8 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0  # a vLLM extension
     logit_bias: dict[str, float] | None = None  # {token id (as text): bias in [-100, 100]}
     min_tokens: int = 0  # a vLLM extension
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json / regex / choice / json_object
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
@@ -65,8 +92,20 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty,
             logit_bias={_token_id(k): v for k, v in (self.logit_bias or {}).items()},
             min_tokens=self.min_tokens,
+            structured_outputs=self._structured(),
             n=self.n,
         )
+
+    def _structured(self) -> StructuredOutputs | None:
+        spec = self.response_format.structured() if self.response_format else None
+        if self.structured_outputs is not None:
+            if spec is not None:
+                raise ValueError("send response_format or structured_outputs, not both")
+            try:
+                spec = StructuredOutputs(**self.structured_outputs)
+            except TypeError as e:  # an unknown field
+                raise ValueError(f"structured_outputs: {e}") from None
+        return spec
 
 
 def _token_id(key: str) -> int:

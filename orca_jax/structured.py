@@ -1,0 +1,111 @@
+"""Structured outputs: a JSON schema, a regex or a list of choices, enforced token by token.
+
+The constraint becomes a regular expression (outlines-core turns JSON schemas into one), and
+the regex over the tokenizer's vocabulary becomes an index: a finite automaton whose states
+know which token ids may follow. Each request walks its own `Guide` over the shared index;
+before each of its sampling steps the engine writes the allowed ids as a bitmask (bit t of
+word t // 32), and the sampler sends every other token's logit to -inf. The end-of-sequence
+token is allowed once the text is complete, so a request ends when its output is.
+
+outlines-core (Rust, no dependencies) does the regex and index work: correct handling of
+multi-byte tokens against a regex is subtle, and it is what vLLM and others build on.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import outlines_core
+
+from orca_jax.scheduler.sampling_params import StructuredOutputs
+from orca_jax.tokenizer import Tokenizer
+
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
+
+
+def to_regex(spec: StructuredOutputs) -> str:
+    """The regular expression a request's whole output must match."""
+    if spec.regex is not None:
+        return spec.regex
+    if spec.choice is not None:
+        return "(" + "|".join(_escape(c) for c in spec.choice) + ")"
+    schema = spec.json if spec.json is not None else '{"type": "object"}'
+    try:
+        return outlines_core.json_schema.build_regex_from_schema(schema)
+    except Exception as e:  # noqa: BLE001 -- bad JSON, or a schema feature it lacks
+        raise ValueError(f"JSON schema: {e}") from None
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
+class GrammarCompiler:
+    """One tokenizer's vocabulary as outlines-core sees it, and the index of each regex
+    (compiled once: building one walks the whole vocabulary)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cached: int = 64):
+        """`vocab_size`: the model's (ids at or above it are never allowed)."""
+        if tokenizer.eos_token_id is None:
+            raise ValueError("structured outputs need a tokenizer with an end-of-sequence token")
+        by_bytes: dict[bytes, list[int]] = {}
+        for i, b in enumerate(tokenizer.token_bytes()[:vocab_size]):
+            if b and i != tokenizer.eos_token_id:
+                by_bytes.setdefault(b, []).append(i)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.vocabulary = outlines_core.Vocabulary(tokenizer.eos_token_id, by_bytes)
+        self.mask_words = -(-vocab_size // 32)
+        self._index = functools.lru_cache(maxsize=max_cached)(self._build_index)
+
+    def _build_index(self, regex: str) -> outlines_core.Index:
+        try:
+            return outlines_core.Index(regex, self.vocabulary)
+        except Exception as e:  # noqa: BLE001 -- a regex it cannot parse or compile
+            raise ValueError(f"cannot build an automaton for regex {regex!r}: {e}") from None
+
+    def guide(self, spec: StructuredOutputs) -> TokenGuide:
+        """A fresh automaton walk for one request."""
+        index = self._index(to_regex(spec))
+        return TokenGuide(outlines_core.Guide(index), self.mask_words, self.eos_token_id)
+
+
+class TokenGuide:
+    """One request's position in its automaton."""
+
+    def __init__(self, guide: outlines_core.Guide, mask_words: int, eos_token_id: int):
+        self._guide = guide
+        self.mask_words = mask_words
+        self.eos_token_id = eos_token_id
+        self._ended = False  # the end-of-sequence token was taken (it ends the request)
+
+    def allowed_mask(self) -> np.ndarray:
+        """i32[ceil(V / 32)]: bit t % 32 of word t // 32 is set when token t may come next."""
+        mask = np.zeros(self.mask_words, np.int32)
+        self._guide.write_mask_into(mask.ctypes.data, mask.size, 4)
+        return mask
+
+    def allowed_tokens(self) -> list[int]:
+        return list(self._guide.get_tokens())
+
+    def advance(self, token_id: int) -> None:
+        """Move past a sampled token (ValueError if the automaton does not allow it)."""
+        if token_id == self.eos_token_id and self._guide.is_finished():
+            self._ended = True  # the automaton has no state after the end
+            return
+        try:
+            self._guide.advance(token_id, return_tokens=False)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"token {token_id} leaves the structured output: {e}") from None
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the output so far is complete (the end-of-sequence token may come)."""
+        return self._ended or self._guide.is_finished()
+
+
+def mask_to_tokens(mask: np.ndarray, vocab_size: int) -> Sequence[int]:
+    """The token ids a bitmask allows (tests and debugging)."""
+    bits = (mask.astype(np.uint32)[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    return np.flatnonzero(bits.reshape(-1)[:vocab_size]).tolist()
