@@ -79,6 +79,69 @@ def test_stop_string_truncates_and_finishes(tiny_with_vocab, tok):
     assert len(comp.token_ids) < 24
     assert engine.scheduler.kv_cache_manager.num_free_blocks == 63  # nothing leaked
 
+    engine.add_request(
+        "Hello", dataclasses.replace(sp, stop=(stop,), include_stop_str_in_output=True)
+    )
+    (kept,) = _finish(engine)
+    assert kept.outputs[0].text == text[: text.index(stop) + len(stop)]
+
+
+def _finish(engine):
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o for o in engine.step() if o.finished]
+    return done
+
+
+def test_vllm_sampling_extras(tiny_with_vocab, tok):
+    """allowed_token_ids, bad_words, skip_special_tokens and truncate_prompt_tokens, each
+    against what the unconstrained run does."""
+    engine = _engine(tiny_with_vocab, tok)
+    sp = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog")
+    engine.add_request(prompt, sp)
+    (plain,) = _finish(engine)
+    free = plain.token_ids
+
+    allowed = (free[3], 17, 300, tok.eos_token_id)
+    engine.add_request(prompt, dataclasses.replace(sp, allowed_token_ids=allowed))
+    (only,) = _finish(engine)
+    assert set(only.token_ids) <= set(allowed) and only.token_ids != free
+
+    word = tok.decode(free[2:4])  # two tokens the free run generates in a row
+    engine.add_request(prompt, dataclasses.replace(sp, bad_words=(word,)))
+    (clean,) = _finish(engine)
+    seqs = [tuple(tok.encode(w, add_special_tokens=False)) for w in (word, " " + word.lstrip())]
+    for seq in seqs:
+        n = len(seq)
+        assert all(tuple(clean.token_ids[i : i + n]) != seq for i in range(len(clean.token_ids)))
+    # Greedy: the same tokens until the free run would complete a bad word, then not.
+    ends = [i for i in range(len(free)) for q in seqs if tuple(free[i - len(q) + 1 : i + 1]) == q]
+    first = min(ends)
+    assert clean.token_ids[:first] == free[:first] and clean.token_ids[first] != free[first]
+
+    special = SamplingParams(max_tokens=3, ignore_eos=True, logit_bias={tok.eos_token_id: 100})
+    for skip in (True, False):
+        engine.add_request(prompt, dataclasses.replace(special, skip_special_tokens=skip))
+        (out,) = _finish(engine)
+        assert out.token_ids == [tok.eos_token_id] * 3
+        assert out.outputs[0].text == ("" if skip else tok.eos_token * 3)
+
+    engine.add_request(prompt, dataclasses.replace(sp, truncate_prompt_tokens=4))
+    (short,) = _finish(engine)
+    assert short.prompt_token_ids == prompt[-4:]
+    engine.add_request(prompt[-4:], sp)
+    assert short.token_ids == _finish(engine)[0].token_ids
+
+    for bad, words in (
+        (dict(allowed_token_ids=[10**6]), "outside the vocabulary"),
+        (dict(allowed_token_ids=[]), "must not be empty"),
+        (dict(bad_words=[" "]), "non-empty"),
+        (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            engine.add_request(prompt, dataclasses.replace(sp, **bad))
+
 
 def test_llm_generate_real_smollm2_paris():
     llm = LLM(

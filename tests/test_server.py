@@ -352,6 +352,28 @@ def test_structured_outputs(served):
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
 
 
+def test_vllm_sampling_extensions(served, llm):
+    """bad_words, allowed_token_ids, include_stop_str_in_output and truncate_prompt_tokens
+    reach the engine through the server, as vLLM's server takes them."""
+    http, client, _ = served
+    tok = llm.get_tokenizer()
+    kw = dict(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert client.completions.create(**kw).choices[0].text.startswith(" Paris")
+    banned = client.completions.create(**kw, extra_body={"bad_words": ["Paris"]})
+    assert "Paris" not in banned.choices[0].text
+    london = tok.encode(" London")
+    only = client.completions.create(**kw, extra_body={"allowed_token_ids": london})
+    assert only.choices[0].text == " London" * 4
+    stop = client.completions.create(
+        **kw, stop=[" Paris"], extra_body={"include_stop_str_in_output": True}
+    )
+    assert stop.choices[0].text == " Paris" and stop.choices[0].finish_reason == "stop"
+    short = client.completions.create(**kw, extra_body={"truncate_prompt_tokens": 2})
+    assert short.usage.prompt_tokens == 2
+    r = http.post("/v1/completions", json={"prompt": "x", "allowed_token_ids": [10**7]})
+    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
+
+
 def test_tokenize_and_detokenize(served, llm):
     http, client, _ = served
     tok = llm.get_tokenizer()

@@ -24,8 +24,9 @@ from orca_jax.batch_builder import BatchBuilder
 from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+from orca_jax.engine.sampling_state import SamplingState
 from orca_jax.runner import ModelRunner, StepOutputs
-from orca_jax.sampler import RowSampling, SamplingMetadata
+from orca_jax.sampler import SamplingMetadata
 from orca_jax.scheduler import (
     ModelRunnerOutput,
     Request,
@@ -46,10 +47,8 @@ class _Tracked:
 
     output: RequestOutput
     request: Request  # the scheduler's record (its output tokens lead ours under `static`)
-    seed: int
+    sampling: SamplingState  # what its row of each step's sampling metadata holds
     detok: IncrementalDetokenizer | None
-    stop_ids: tuple[int, ...]  # token ids that would end it (held off until min_tokens)
-    guide: TokenGuide | None  # its structured-output automaton, if constrained
     # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
@@ -117,6 +116,9 @@ class Engine:
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, token_ids = None, [int(t) for t in prompt]
+        k = params.truncate_prompt_tokens
+        if k is not None and len(token_ids) > k:
+            text, token_ids = None, token_ids[-k:]  # the text no longer matches the tokens
         bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
             raise ValueError(
@@ -124,20 +126,6 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        biased = [t for t, _ in params.logit_bias]
-        if bad := [t for t in biased if t >= self.model_config.vocab_size]:
-            raise ValueError(
-                f"logit_bias token ids {bad[:5]} outside the vocabulary "
-                f"[0, {self.model_config.vocab_size})"
-            )
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        stop_ids = _stop_ids(params, eos)
-        num_bias = len(biased) + (len(stop_ids) if params.min_tokens else 0)
-        if num_bias > self.config.max_logit_bias:
-            raise ValueError(
-                f"{num_bias} biased token ids (logit_bias, and stop ids held off by min_tokens)"
-                f" exceed the engine's max_logit_bias={self.config.max_logit_bias}"
-            )
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > self.config.max_logprobs:
@@ -147,15 +135,26 @@ class Engine:
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
-        guide = self._guide(params)
+        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        sampling = SamplingState.create(
+            params,
+            seed,
+            tokenizer=self.tokenizer,
+            vocab_size=self.model_config.vocab_size,
+            mask_words=self.runner.mask_words,
+            max_logit_bias=self.config.max_logit_bias,
+            make_guide=self._guide,
+        )
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(
             req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
         )
         self.scheduler.add_request(request)  # validates lengths and cache fit
-        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
         detok = (
-            IncrementalDetokenizer(self.tokenizer, token_ids)
+            IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens
+            )
             if self.tokenizer is not None
             else None
         )
@@ -168,7 +167,7 @@ class Engine:
             # Filled in as the prompt is computed; complete with the first generated token.
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
-        self._requests[req_id] = _Tracked(output, request, seed, detok, stop_ids, guide)
+        self._requests[req_id] = _Tracked(output, request, sampling, detok)
         return req_id
 
     def _guide(self, params: SamplingParams) -> TokenGuide | None:
@@ -219,26 +218,7 @@ class Engine:
         rows = []
         for s in batch.scheduled:
             tracked = self._requests[s.req_id]
-            p, request = tracked.params, tracked.request
-            # The key folds in tokens generated so far: the same whatever the batch.
-            row = (p.temperature, p.top_k, p.top_p, tracked.seed, request.num_output_tokens)
-            extra = {}
-            if p.has_penalties:
-                extra.update(
-                    presence=p.presence_penalty,
-                    frequency=p.frequency_penalty,
-                    repetition=p.repetition_penalty,
-                    prompt=request.prompt_token_ids,
-                    output=request.output_token_ids,
-                )
-            bias = p.logit_bias
-            if request.num_output_tokens < p.min_tokens and tracked.stop_ids:
-                bias += tuple((t, -np.inf) for t in tracked.stop_ids)
-            if bias:
-                extra["bias"] = bias
-            if tracked.guide is not None and s.sample:
-                extra["allowed"] = tracked.guide.allowed_mask()
-            rows.append(RowSampling(*row, **extra) if extra else row)
+            rows.append(tracked.sampling.row(tracked.request, s.sample))
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         cfg = self.runner.config
@@ -284,8 +264,8 @@ class Engine:
                 sampled[s.req_id] = int(tokens[row])
                 logprobs[s.req_id] = float(token_lp[row])
                 tracked = self._requests.get(s.req_id)
-                if tracked is not None and tracked.guide is not None:
-                    tracked.guide.advance(int(tokens[row]))
+                if tracked is not None:
+                    tracked.sampling.advance(int(tokens[row]))
                 n = tracked.params.logprobs if tracked else None
                 if n is not None:
                     top = {int(tokens[row]): float(token_lp[row])}
@@ -351,6 +331,8 @@ class Engine:
             stop_at = _find_stop(comp.text, comp.delta_text, stops)
             if stop_at is not None:
                 cut, stop = stop_at
+                if tracked.params.include_stop_str_in_output:
+                    cut += len(stop)
                 comp.delta_text = comp.delta_text[: max(0, cut - len(comp.text))]
                 comp.stop_reason = stop
                 if not finished:
@@ -362,12 +344,6 @@ class Engine:
         comp.finish_reason = reason if finished else None
         out.finished = finished
         return out
-
-
-def _stop_ids(params: SamplingParams, eos: int | None) -> tuple[int, ...]:
-    """Token ids that end a request: its stop ids, and end-of-sequence unless ignored."""
-    eos_ids = (eos,) if eos is not None and not params.ignore_eos else ()
-    return tuple(dict.fromkeys(params.stop_token_ids + eos_ids))
 
 
 def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] | None:

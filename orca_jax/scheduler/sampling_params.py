@@ -88,6 +88,17 @@ class SamplingParams:
     min_tokens: int = 0
     # Constrain the output to a JSON schema, a regex or a list of choices.
     structured_outputs: StructuredOutputs | None = None
+    # Only these token ids may be generated (vLLM's `allowed_token_ids`); None: any.
+    allowed_token_ids: tuple[int, ...] | None = None
+    # Words never to generate: the last token of a word (as written, and after a space) is
+    # banned whenever the output ends with the word's other tokens (vLLM's `bad_words`).
+    bad_words: tuple[str, ...] = ()
+    # Keep the stop string that ended the request in its text.
+    include_stop_str_in_output: bool = False
+    # Leave special tokens (<|im_end|>...) out of the text; the token ids keep them.
+    skip_special_tokens: bool = True
+    # Keep only the last k tokens of the prompt (None: all; a longer prompt is an error).
+    truncate_prompt_tokens: int | None = None
     # Completions of the prompt. `LLM.generate` and the server fan out into n requests of one
     # completion each (`completions()`); the engine itself takes n=1.
     n: int = 1
@@ -129,6 +140,20 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
         object.__setattr__(self, "logit_bias", tuple(sorted((t, float(v)) for t, v in pairs)))
         _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            for t in self.allowed_token_ids:
+                _check_int("allowed_token_ids entries", t, minimum=0)
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip():
+                raise ValueError(f"bad_words must be non-empty str, got {w!r}")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputs):
                 raise ValueError("structured_outputs must be a StructuredOutputs")

@@ -2,7 +2,8 @@
 
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
 silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
-`repetition_penalty`, `min_tokens`, `structured_outputs`.
+`repetition_penalty`, `min_tokens`, `structured_outputs`, `allowed_token_ids`, `bad_words`,
+`include_stop_str_in_output`, `skip_special_tokens`, `truncate_prompt_tokens`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class _Common(BaseModel):
     min_tokens: int = 0  # a vLLM extension
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's: json / regex / choice / json_object
+    # vLLM's sampling extensions, as its server takes them.
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
@@ -93,6 +100,11 @@ class _Common(BaseModel):
             logit_bias={_token_id(k): v for k, v in (self.logit_bias or {}).items()},
             min_tokens=self.min_tokens,
             structured_outputs=self._structured(),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=tuple(self.bad_words),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             n=self.n,
         )
 
