@@ -65,10 +65,13 @@ class GrammarCompiler:
         except Exception as e:  # noqa: BLE001 -- a regex it cannot parse or compile
             raise ValueError(f"cannot build an automaton for regex {regex!r}: {e}") from None
 
+    def index(self, spec: StructuredOutputs) -> outlines_core.Index:
+        """The automaton of a constraint, built at its first use (ValueError if it cannot be)."""
+        return self._index(to_regex(spec))
+
     def guide(self, spec: StructuredOutputs) -> TokenGuide:
         """A fresh automaton walk for one request."""
-        index = self._index(to_regex(spec))
-        return TokenGuide(outlines_core.Guide(index), self.mask_words, self.eos_token_id)
+        return TokenGuide(outlines_core.Guide(self.index(spec)), self.mask_words, self.eos_token_id)
 
 
 class TokenGuide:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +181,26 @@ def test_bad_constraints_are_clear_errors(tok):
         with pytest.raises(ValueError, match=words):
             fn()
     assert not engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_a_slow_automaton_builds_beside_the_engine_loop(tok):
+    """Any-JSON's automaton takes seconds to build; `prepare_structured` (what the server
+    calls in a worker thread) does not hold the engine back meanwhile, and the request that
+    then uses it finds it built."""
+    engine = _engine(tok)
+    spec = StructuredOutputs(json_object=True)
+    builder = threading.Thread(target=engine.prepare_structured, args=(spec,))
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=10_000 // 80, ignore_eos=True))
+    builder.start()
+    steps = 0
+    while builder.is_alive() and engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    builder.join()
+    assert steps >= 20  # iterations ran while the index was being built
+    grammars = engine._grammars
+    before = grammars._index.cache_info().hits
+    engine.add_request([1], SamplingParams(max_tokens=30, structured_outputs=spec))
+    assert grammars._index.cache_info().hits == before + 1  # built once, reused
+    with pytest.raises(ValueError, match="regex"):
+        engine.prepare_structured(StructuredOutputs(regex="(a"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -33,6 +34,7 @@ from orca_jax.scheduler import (
     RequestStatus,
     SamplingParams,
     SchedulerOutput,
+    StructuredOutputs,
     make_scheduler,
 )
 from orca_jax.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -82,6 +84,7 @@ class Engine:
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
         self.num_iterations = 0  # batches dispatched
         self.num_preemptions = 0
         warmup = config.warmup if config.warmup is not None else jax.default_backend() != "cpu"
@@ -170,19 +173,31 @@ class Engine:
         self._requests[req_id] = _Tracked(output, request, sampling, detok)
         return req_id
 
-    def _guide(self, params: SamplingParams) -> TokenGuide | None:
-        """A fresh automaton for a structured request (ValueError for a bad schema or regex;
-        the first use of a regex builds its index over the vocabulary, which can take
-        seconds for a large JSON schema)."""
-        if params.structured_outputs is None:
-            return None
+    def prepare_structured(self, spec: StructuredOutputs) -> None:
+        """Build (and cache) the automaton index of a constraint ahead of `add_request`.
+
+        The first use of a regex walks the whole vocabulary, seconds for a large JSON
+        schema; outlines-core does it without holding the GIL, so a server calls this from
+        a worker thread while the engine's thread keeps iterating. ValueError for a bad
+        schema or regex. Thread-safe."""
+        self._grammar_compiler().index(spec)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer")
-        if self._grammars is None:
-            from orca_jax.structured import GrammarCompiler  # noqa: PLC0415
+        with self._grammars_lock:
+            if self._grammars is None:
+                from orca_jax.structured import GrammarCompiler  # noqa: PLC0415
 
-            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
-        return self._grammars.guide(params.structured_outputs)
+                self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+            return self._grammars
+
+    def _guide(self, params: SamplingParams) -> TokenGuide | None:
+        """A fresh automaton for a structured request (ValueError for a bad schema or regex;
+        see `prepare_structured` for the cost of a first use)."""
+        if params.structured_outputs is None:
+            return None
+        return self._grammar_compiler().guide(params.structured_outputs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; True if it was live. Its blocks are freed."""

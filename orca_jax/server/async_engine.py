@@ -64,6 +64,11 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise RuntimeError(f"the engine loop has stopped: {self.error!r}")
+        if params.structured_outputs is not None:
+            # Building an automaton can take seconds (a large JSON schema over the whole
+            # vocabulary); it runs here, in a worker thread, not on the engine's thread,
+            # so other requests' iterations go on meanwhile. The engine finds it cached.
+            await asyncio.to_thread(self.engine.prepare_structured, params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop())
         accepted = stream.loop.create_future()
         self._send(("add", prompt, params, request_id, stream, accepted))
