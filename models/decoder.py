@@ -181,7 +181,10 @@ def token_logprobs(
     `_LOGPROB_ROWS` x V logits exist at once.
     """
     T = x.shape[0]
-    C = _LOGPROB_ROWS if T % _LOGPROB_ROWS == 0 else T
+    C = min(T, _LOGPROB_ROWS)
+    pad = -T % C  # rows up to a whole number of chunks (they score nothing)
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    targets = jnp.pad(targets, (0, pad), constant_values=-1)
 
     def chunk(args):
         x, t = args  # [C, D], [C]
@@ -190,8 +193,9 @@ def token_logprobs(
         top_lp, top_ids = jax.lax.top_k(lp, num_top)
         return jnp.where(t >= 0, target_lp, 0.0), top_ids.astype(jnp.int32), top_lp
 
-    out = jax.lax.map(chunk, (x.reshape(T // C, C, -1), targets.reshape(T // C, C)))
-    return jax.tree.map(lambda a: a.reshape(T, *a.shape[2:]), out)
+    n = (T + pad) // C
+    out = jax.lax.map(chunk, (x.reshape(n, C, -1), targets.reshape(n, C)))
+    return jax.tree.map(lambda a: a.reshape(T + pad, *a.shape[2:])[:T], out)
 
 
 def forward(

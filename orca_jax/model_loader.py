@@ -57,6 +57,8 @@ def load_model(
                 "preset names (or is 'random')"
             )
         weights = weights or model
+        if weights == "random":  # the path's shapes and tokenizer, random values
+            tok = _path_tokenizer(model)
     if weights is None and model == "smollm2-135m":
         weights = default_model_path()
     if weights is None or weights == "random":
@@ -69,8 +71,7 @@ def load_model(
         from models.loaders.hf import load_safetensors
 
         params = load_safetensors(weights, config)
-        if os.path.isdir(weights) and _has_tokenizer(weights):
-            tok = Tokenizer.from_pretrained_dir(weights)
+        tok = _path_tokenizer(weights)
     if not isinstance(params, RandomWeights):
         # On the host: the runner places them (whole on one device, or each device its
         # slices), so a model larger than one device still loads.
@@ -106,8 +107,16 @@ def model_config(model: str, **overrides) -> ModelConfig:
     return config.replace(**overrides) if overrides else config
 
 
-def _has_tokenizer(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json"))
+def _path_tokenizer(path: str):
+    """The tokenizer a model path holds (a GGUF's metadata, a directory's files), or None."""
+    from orca_jax.tokenizer import Tokenizer
+
+    if path.endswith(".gguf"):
+        return Tokenizer.from_gguf(path)
+    files = ("tokenizer.json", "vocab.json")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in files):
+        return Tokenizer.from_pretrained_dir(path)
+    return None
 
 
 def _check_shapes(loaded: ModelConfig, preset: ModelConfig) -> ModelConfig:

@@ -56,7 +56,8 @@ class RunnerConfig:
     min_token_bucket: int = 16
     min_req_bucket: int = 8
     min_pages_bucket: int = 8
-    max_logit_bias: int = 300  # bias entries per request in the sampler (logit_bias, min_tokens)
+    # Bias entries per request in the sampler (logit_bias, bad_words, min_tokens' stop ids).
+    max_logit_bias: int = 300
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):

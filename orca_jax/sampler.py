@@ -13,9 +13,10 @@ as a padded `history [R, W]` and the bias as `bias_ids, bias_values [R, B]`: W a
 when no row changes its logits (those batches pay nothing) and fixed widths otherwise (the
 engine's max_model_len and max_logit_bias), so processing adds one compiled shape per
 request bucket, which the warm-up covers. Last, structured outputs (`orca_jax.structured`)
-send the tokens a row's automaton forbids to -inf: `allowed [R, M]` is a bitmask (bit t % 32
-of word t // 32; rows without a constraint all ones), M = 0 or ceil(V / 32): another
-compiled shape, also warmed up.
+and `allowed_token_ids` send the tokens a row may not take to -inf: `allowed [R, M]` is a
+bitmask (bit t % 32 of word t // 32; rows without a constraint all ones), M = 0 or
+ceil(V / 32). So a request bucket has four sampler shapes (plain, processed, masked, both),
+all warmed up.
 """
 
 from __future__ import annotations

@@ -122,8 +122,9 @@ class Tokenizer:
         """Per token id, the bytes it stands for in decoded text; None for special tokens.
 
         What a token automaton (structured outputs) walks. Byte-level vocabularies map each
-        character back to its byte; others fall back to the decoded text (`<0xNN>` byte
-        tokens to their byte)."""
+        character back to its byte; SentencePiece-style ones (Llama's tokenizer.json) read
+        `\u2581` as a space and `<0xNN>` byte tokens as their byte. (Decoding a token alone
+        would not do: their decoders strip a leading space.)"""
         backend = self.backend_tokenizer
         special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         byte_level = isinstance(backend.decoder, decoders.ByteLevel)
@@ -137,7 +138,7 @@ class Tokenizer:
             elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
                 out[i] = bytes([int(token[3:5], 16)])
             else:
-                out[i] = backend.decode([i], skip_special_tokens=False).encode()
+                out[i] = token.replace("\u2581", " ").encode()
         return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -93,6 +93,34 @@ def _finish(engine):
     return done
 
 
+@pytest.mark.parametrize("policy", ["orca", "static"])
+def test_min_tokens_holds_stop_strings_off_under_every_policy(tiny_with_vocab, tok, policy):
+    """Stop strings count from the min_tokens-th token on, whether tokens arrive one per
+    iteration (orca) or all at the end (static)."""
+    (a,) = tok.encode("a", add_special_tokens=False)
+    sp = SamplingParams(
+        max_tokens=6, min_tokens=3, stop=["a"], logit_bias={a: 100}, ignore_eos=True
+    )
+    engine = _engine(tiny_with_vocab, tok, policy=policy)
+    engine.add_request([1, 2, 3], sp)
+    (out,) = _finish(engine)
+    assert out.outputs[0].text == "aa" and out.outputs[0].finish_reason == "stop"
+
+
+def test_a_rejected_request_leaves_the_seed_stream_alone(tiny_with_vocab, tok):
+    """Unseeded requests draw their seeds from the engine's stream only once accepted."""
+    sp = SamplingParams(max_tokens=6, temperature=1.0, ignore_eos=True)
+    tokens = []
+    for reject_first in (False, True):
+        engine = _engine(tiny_with_vocab, tok)
+        if reject_first:
+            with pytest.raises(ValueError, match="max_model_len"):
+                engine.add_request([1] * 200, sp)
+        engine.add_request([5, 6], sp)
+        tokens.append(_finish(engine)[0].token_ids)
+    assert tokens[0] == tokens[1]
+
+
 def test_vllm_sampling_extras(tiny_with_vocab, tok):
     """allowed_token_ids, bad_words, skip_special_tokens and truncate_prompt_tokens, each
     against what the unconstrained run does."""

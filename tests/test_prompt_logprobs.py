@@ -142,3 +142,23 @@ def test_limits_are_clear_errors(gpt2):
     engine.add_request([1], SamplingParams(max_tokens=2, prompt_logprobs=0))  # nothing to score
     (out,) = _serve(engine, []).values()
     assert out.prompt_logprobs == [None]
+
+
+def test_token_logprobs_of_a_bucket_not_a_multiple_of_the_chunk(gpt2):
+    """300 rows go through in chunks of 256 (padded), scoring what one pass over all would."""
+    import jax  # noqa: PLC0415
+
+    from models.decoder import logits_of, token_logprobs  # noqa: PLC0415
+
+    cfg, params, _ = gpt2
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, cfg.d_model)).astype(np.float32)
+    targets = rng.integers(-1, cfg.vocab_size, 300).astype(np.int32)
+    lp, top_ids, top_lp = token_logprobs(params, x, targets, cfg, 2)
+    want = np.asarray(jax.nn.log_softmax(logits_of(params, x, cfg), -1))
+    rows = np.arange(300)
+    np.testing.assert_allclose(
+        lp, np.where(targets >= 0, want[rows, np.maximum(targets, 0)], 0.0), atol=1e-5
+    )
+    np.testing.assert_array_equal(top_ids, np.argsort(-want, -1)[:, :2])
+    assert lp.shape == (300,) and top_lp.shape == (300, 2)

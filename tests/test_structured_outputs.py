@@ -177,10 +177,43 @@ def test_bad_constraints_are_clear_errors(tok):
             "JSON schema",
         ),
     ]
+    both = dict(structured_outputs=spec, max_tokens=4)
+    cases += [
+        (lambda: engine.add_request([1], SamplingParams(**both, allowed_token_ids=[5])), "allowed"),
+        (lambda: engine.add_request([1], SamplingParams(**both, bad_words=["x"])), "bad_words"),
+        (
+            lambda: engine.add_request(
+                [1], SamplingParams(min_tokens=2, allowed_token_ids=[tok.eos_token_id])
+            ),
+            "only stop ids",
+        ),
+    ]
     for fn, words in cases:
         with pytest.raises(ValueError, match=words):
             fn()
     assert not engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_a_refused_token_ends_only_its_request(tok, monkeypatch):
+    """Should an automaton ever refuse a sampled token, that request ends ("abort") and the
+    engine goes on serving the others."""
+    from orca_jax.structured import TokenGuide  # noqa: PLC0415
+
+    def refuse(self, token_id):
+        raise ValueError("refused")
+
+    monkeypatch.setattr(TokenGuide, "advance", refuse)
+    engine = _engine(tok)
+    prompt = tok.encode("Say: ")
+    outs = _serve(
+        engine,
+        [
+            (prompt, SamplingParams(max_tokens=9, structured_outputs=SPECS[0])),
+            (prompt, SamplingParams(max_tokens=9, ignore_eos=True)),
+        ],
+    )
+    assert outs[0].outputs[0].finish_reason == "abort" and len(outs[0].token_ids) == 1
+    assert outs[1].outputs[0].finish_reason == "length" and len(outs[1].token_ids) == 9
 
 
 def test_a_slow_automaton_builds_beside_the_engine_loop(tok):

@@ -348,3 +348,25 @@ def test_stream_round_trips_any_text(gpt2, text):
     deltas = _stream(gpt2, gpt2.encode(text), prompt_ids=gpt2.encode("prompt "))
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas if "\ufffd" not in text)
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary():
+    """Llama-style tokenizer.json: \u2581 is a space and <0xNN> a byte, although decoding such
+    a token alone strips its space (what structured outputs must not believe)."""
+    from tokenizers import Tokenizer as Backend  # noqa: PLC0415
+    from tokenizers import decoders, models  # noqa: PLC0415
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581hello": 3, "\u2581": 4, "<0xC3>": 5, "ab": 6}
+    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    backend.add_special_tokens(["<s>", "</s>"])
+    tok = Tokenizer(backend, bos_token_id=1, eos_token_id=2)
+    assert backend.decode([3]) == "hello"  # why decoding alone would be wrong
+    assert tok.token_bytes() == [b"<unk>", None, None, b" hello", b" ", b"\xc3", b"ab"]

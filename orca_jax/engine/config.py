@@ -28,7 +28,7 @@ class EngineConfig:
     scheduling_order: str = "fcfs"  # paged only: "fcfs" or "priority"
     enable_prefix_caching: bool = False  # paged only: reuse K/V of full blocks already computed
     max_logprobs: int = 0  # top log-probabilities a request may ask for
-    max_logit_bias: int = 300  # logit_bias entries of a request (+ its stop ids if min_tokens)
+    max_logit_bias: int = 300  # biased ids per request: logit_bias, bad_words, min_tokens' stops
     seed: int = 0  # draws a seed for requests that set none
     # Compile every shape bucket at start-up. None: yes on accelerators; on the CPU, where one
     # compile of a real model takes seconds and a full warm-up minutes, buckets compile on

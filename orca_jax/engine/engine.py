@@ -51,6 +51,7 @@ class _Tracked:
     request: Request  # the scheduler's record (its output tokens lead ours under `static`)
     sampling: SamplingState  # what its row of each step's sampling metadata holds
     detok: IncrementalDetokenizer | None
+    error: str | None = None  # why it must end now (its automaton refused a sampled token)
     # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
     pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
 
@@ -138,22 +139,25 @@ class Engine:
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
-        seed = params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
         sampling = SamplingState.create(
             params,
-            seed,
             tokenizer=self.tokenizer,
             vocab_size=self.model_config.vocab_size,
             mask_words=self.runner.mask_words,
             max_logit_bias=self.config.max_logit_bias,
-            make_guide=self._guide,
         )
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(
             req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
         )
-        self.scheduler.add_request(request)  # validates lengths and cache fit
+        self.scheduler.validate(request)  # lengths and cache fit, before any costly work
+        sampling.guide = self._guide(params)
+        # Drawn only now: a rejected request leaves the stream of seeds as it was.
+        sampling.seed = (
+            params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
+        )
+        self.scheduler.add_request(request)
         detok = (
             IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens
@@ -246,14 +250,17 @@ class Engine:
         return self.runner.execute_and_sample(packed, md, self.config.max_logprobs, targets)
 
     def _prompt_targets(self, batch: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
-        """i32[T]: for each packed prompt token of a request that asked for prompt logprobs,
-        the prompt token after it (-1 elsewhere); None when no such token is in the batch."""
+        """i32[T]: for each packed prompt token of a request that asked for prompt logprobs
+        and has not had them yet, the prompt token after it (-1 elsewhere); None when no such
+        token is in the batch."""
         targets, offset = None, 0
         for s in batch.scheduled:
             request = self._requests[s.req_id].request
             # Positions start_pos ... start_pos + n - 1 predict the prompt tokens after them.
             end = min(s.start_pos + s.num_tokens, request.num_prompt_tokens - 1)
-            if request.sampling_params.prompt_logprobs is not None and end > s.start_pos:
+            # Scored once: a prompt recomputed after a preemption was delivered already.
+            wanted = request.sampling_params.prompt_logprobs is not None
+            if wanted and request.num_output_tokens == 0 and end > s.start_pos:
                 if targets is None:
                     targets = np.full(num_tokens, -1, np.int32)
                 targets[offset : offset + end - s.start_pos] = request.prompt_token_ids[
@@ -280,7 +287,10 @@ class Engine:
                 logprobs[s.req_id] = float(token_lp[row])
                 tracked = self._requests.get(s.req_id)
                 if tracked is not None:
-                    tracked.sampling.advance(int(tokens[row]))
+                    try:
+                        tracked.sampling.advance(int(tokens[row]))
+                    except ValueError as e:  # never expected: ends this request, not the loop
+                        tracked.error = str(e)
                 n = tracked.params.logprobs if tracked else None
                 if n is not None:
                     top = {int(tokens[row]): float(token_lp[row])}
@@ -312,7 +322,7 @@ class Engine:
         for s in batch.scheduled:
             tracked = self._requests.get(s.req_id)
             out = tracked.output.prompt_logprobs if tracked is not None else None
-            if out is not None:
+            if out is not None and tracked.request.num_output_tokens == 0:
                 prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
                 for pos in range(s.start_pos, min(s.start_pos + s.num_tokens, len(prompt) - 1)):
                     row = offset + pos - s.start_pos
@@ -338,12 +348,18 @@ class Engine:
             del tracked.pending_logprobs[:num_new]
         finished, reason = delta.finished, delta.finish_reason
         if tracked.detok is not None:
-            for tok in delta.new_token_ids:
+            # Stop strings count once min_tokens are out: they must end in the text of
+            # token min_tokens or later (`floor`: the text before it; None: not reached).
+            n_before = len(comp.token_ids) - len(delta.new_token_ids)
+            floor = 0 if n_before >= tracked.params.min_tokens else None
+            for i, tok in enumerate(delta.new_token_ids):
+                if n_before + i + 1 == tracked.params.min_tokens:
+                    floor = len(comp.text) + len(comp.delta_text)
                 comp.delta_text += tracked.detok.push(tok)
             if finished:
                 comp.delta_text += tracked.detok.flush()
-            stops = tracked.params.stop if len(comp.token_ids) >= tracked.params.min_tokens else ()
-            stop_at = _find_stop(comp.text, comp.delta_text, stops)
+            stops = tracked.params.stop if floor is not None else ()
+            stop_at = _find_stop(comp.text, comp.delta_text, stops, floor or 0)
             if stop_at is not None:
                 cut, stop = stop_at
                 if tracked.params.include_stop_str_in_output:
@@ -354,6 +370,9 @@ class Engine:
                     self.scheduler.finish_requests(out.request_id, RequestStatus.FINISHED_STOPPED)
                 finished, reason = True, "stop"
             comp.text += comp.delta_text
+        if tracked.error is not None and not finished:  # its automaton refused a token
+            self.scheduler.finish_requests(out.request_id, RequestStatus.FINISHED_ABORTED)
+            finished, reason = True, "abort"
         if finished and comp.stop_reason is None and reason == "stop" and comp.token_ids:
             comp.stop_reason = comp.token_ids[-1]
         comp.finish_reason = reason if finished else None
@@ -361,8 +380,11 @@ class Engine:
         return out
 
 
-def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """Earliest stop string ending inside the new text: (index in text + delta, the stop).
+def _find_stop(
+    text: str, delta: str, stops: Sequence[str], floor: int = 0
+) -> tuple[int, str] | None:
+    """Earliest stop string ending inside the new text, and after index `floor` of text +
+    delta: (its index in text + delta, the stop).
 
     Only the last `len(stop) - 1` characters of the old text are searched again, so the cost
     per iteration does not grow with the output.
@@ -372,7 +394,8 @@ def _find_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[int, str] |
     best = None
     for stop in stops:
         keep = min(len(text), len(stop) - 1)
-        i = (text[len(text) - keep :] + delta).find(stop)
+        start = max(0, floor - len(stop) + 1 - (len(text) - keep))
+        i = (text[len(text) - keep :] + delta).find(stop, start)
         if i >= 0 and (best is None or len(text) - keep + i < best[0]):
             best = (len(text) - keep + i, stop)
     return best

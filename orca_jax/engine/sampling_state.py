@@ -10,7 +10,6 @@ structured-output automaton.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,33 +25,47 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class SamplingState:
     params: SamplingParams
-    seed: int
     stop_ids: tuple[int, ...]  # ids that end the request (held off until min_tokens)
-    guide: TokenGuide | None = None  # its structured-output automaton
     allowed: np.ndarray | None = None  # i32[M] bitmask of allowed_token_ids
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to complete
+    # Set by the engine once the request is known to be servable:
+    seed: int = 0  # of its random stream
+    guide: TokenGuide | None = None  # its structured-output automaton
 
     @classmethod
     def create(
         cls,
         params: SamplingParams,
-        seed: int,
         *,
         tokenizer: Tokenizer | None,
         vocab_size: int,
         mask_words: int,
         max_logit_bias: int,
-        make_guide: Callable[[SamplingParams], TokenGuide | None],
     ) -> SamplingState:
-        """Check `params` against the model and limits (ValueError) and build the state."""
+        """Check `params` against the model and limits (ValueError) and build the state.
+
+        Every row it will give keeps some token possible: combinations that could forbid
+        them all (a mask and -inf biases together) are refused here."""
         ids = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ())
         if bad := [t for t in ids if t >= vocab_size]:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
         if params.bad_words and tokenizer is None:
             raise ValueError("bad_words need a tokenizer")
+        if params.structured_outputs is not None and (
+            params.allowed_token_ids is not None or params.bad_words
+        ):
+            raise ValueError(
+                "structured outputs choose the allowed tokens themselves: allowed_token_ids "
+                "and bad_words cannot be set with them"
+            )
         eos = tokenizer.eos_token_id if tokenizer is not None else None
         eos_ids = (eos,) if eos is not None and not params.ignore_eos else ()
         stop_ids = tuple(dict.fromkeys(params.stop_token_ids + eos_ids))
+        allowed_ids = set(params.allowed_token_ids or ())
+        if params.min_tokens and allowed_ids and allowed_ids <= set(stop_ids):
+            raise ValueError(
+                "allowed_token_ids holds only stop ids, which min_tokens forbids at first"
+            )
         bad_words = _bad_word_ids(params.bad_words, tokenizer) if params.bad_words else ()
         num_bias = len(params.logit_bias) + len(bad_words)
         num_bias += len(stop_ids) if params.min_tokens else 0
@@ -67,7 +80,7 @@ class SamplingState:
             for t in params.allowed_token_ids:
                 allowed[t // 32] |= np.uint32(1 << (t % 32))
             allowed = allowed.view(np.int32)
-        return cls(params, seed, stop_ids, make_guide(params), allowed, bad_words)
+        return cls(params, stop_ids, allowed, bad_words)
 
     def row(self, request: Request, sample: bool) -> tuple | RowSampling:
         """This step's row; the plain 5-tuple when nothing changes the logits. `sample`:

@@ -107,11 +107,12 @@ class KVCacheManager:
         """Give a request that holds no blocks the cached blocks of its longest known prefix
         (full blocks, at most all tokens but the last) and mark those tokens computed.
         Returns how many tokens that saves (0 without prefix caching, and for a request that
-        scores its prompt: every prompt token must be computed for that)."""
+        has yet to score its prompt: every prompt token must be computed for that)."""
+        scoring = request.sampling_params.prompt_logprobs is not None
         if (
             not self.enable_prefix_caching
             or request.req_id in self.req_to_block_ids
-            or request.sampling_params.prompt_logprobs is not None
+            or (scoring and not request.output_token_ids)
         ):
             return 0
         tokens, S = request.all_token_ids, self.block_size

@@ -91,7 +91,7 @@ class Scheduler(abc.ABC):
 
     def add_request(self, request: Request) -> None:
         """Queue a request; raises ValueError, changing nothing, if it can never be served."""
-        self._validate(request)
+        self.validate(request)
         self.requests[request.req_id] = request
         self.waiting.add(request)
 
@@ -236,7 +236,8 @@ class Scheduler(abc.ABC):
             budget -= request.num_prompt_tokens
         return admitted
 
-    def _validate(self, request: Request) -> None:
+    def validate(self, request: Request) -> None:
+        """Raise ValueError if `request` can never be served (changes nothing)."""
         config = self.config
         name = f"request {request.req_id!r}"
         if request.req_id in self.requests:
