@@ -374,6 +374,86 @@ def test_vllm_sampling_extensions(served, llm):
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "celsius": {"type": "boolean"},
+            },
+            "required": ["city", "celsius"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+        },
+    },
+}
+
+
+def test_forced_tool_calls(served):
+    """tool_choice naming a function, or "required": the reply is tool calls whose arguments
+    parse and follow the function's schema, streamed or not; "auto" and inconsistent choices
+    are 400s, "none" answers in text."""
+    http, client, _ = served
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(
+        model="smollm2", messages=messages, max_tokens=60, temperature=0, tools=[WEATHER, TIME]
+    )
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(**kw, tool_choice=named)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert isinstance(args["city"], str) and isinstance(args["celsius"], bool)
+
+    streamed = list(client.chat.completions.create(**kw, tool_choice=named, stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    (last_call,) = streamed[-1].choices[0].delta.tool_calls
+    assert last_call.function.arguments == call.function.arguments
+    assert not any(c.choices[0].delta.content for c in streamed)
+
+    required = client.chat.completions.create(
+        **kw, tool_choice="required", parallel_tool_calls=False
+    )
+    assert required.choices[0].finish_reason == "tool_calls"
+    (call,) = required.choices[0].message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call.function.arguments), dict)
+
+    text = client.chat.completions.create(**kw, tool_choice="none")
+    assert text.choices[0].message.content and not text.choices[0].message.tool_calls
+
+    body = dict(messages=messages, tools=[WEATHER])
+    for extra, words in (
+        ({}, '"auto" is not supported'),
+        (
+            {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "not among the tools",
+        ),
+        ({"tool_choice": "required", "tools": None}, "needs tools"),
+        (
+            {"tool_choice": "required", "response_format": {"type": "json_object"}},
+            "no response_format",
+        ),
+    ):
+        r = http.post("/v1/chat/completions", json=body | extra)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
+
+
 def test_tokenize_and_detokenize(served, llm):
     http, client, _ = served
     tok = llm.get_tokenizer()

@@ -97,12 +97,14 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             echo=req.echo,
         )
 
-    def chat_prompt(messages) -> list[int] | JSONResponse:
+    def chat_prompt(messages, tools=None) -> list[int] | JSONResponse:
         """The chat's token ids, as the model's template renders it, or the error."""
         if tokenizer is None or tokenizer.chat_template is None:
             return error(400, "this model has no chat template")
         try:
-            text = tokenizer.apply_chat_template([m.as_template_message() for m in messages])
+            text = tokenizer.apply_chat_template(
+                [m.as_template_message() for m in messages], tools=tools
+            )
         except Exception as e:  # noqa: BLE001 -- a template's raise_exception, bad content parts
             return error(400, f"chat template: {e}")
         return tokenizer.encode(text, add_special_tokens=False)
@@ -111,7 +113,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def chat(req: ChatCompletionRequest):
         if (bad := check(req)) is not None:
             return bad
-        prompt = chat_prompt(req.messages)
+        prompt = chat_prompt(req.messages, req.template_tools())
         if isinstance(prompt, JSONResponse):
             return prompt
         max_tokens = (
@@ -121,7 +123,15 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             params = req.sampling_params(max_tokens, req.num_logprobs())
         except ValueError as e:
             return error(400, str(e))
-        return await _serve([prompt], params, req, "chatcmpl", responses.chat_chunk, responses.chat)
+        return await _serve(
+            [prompt],
+            params,
+            req,
+            "chatcmpl",
+            responses.chat_chunk,
+            responses.chat,
+            tools=req.tool_calling(),
+        )
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -173,7 +183,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             tokenizer=tokenizer,
             top_n=params.logprobs or 0,
             n=params.n,
-            **extra,  # completions: echo
+            **extra,  # completions: echo; chat: tools
         )
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage

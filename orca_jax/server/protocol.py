@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from orca_jax.scheduler import SamplingParams, StructuredOutputs
+from orca_jax.server.tools import Tool, ToolCalling, ToolChoice
 
 MAX_N = 64  # most completions one request may ask per prompt
 
@@ -180,11 +181,35 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs needs logprobs=true"
+        try:
+            self.tool_calling()
+        except ValueError as e:
+            return str(e)
         return super().unsupported()
+
+    def tool_calling(self) -> ToolCalling | None:
+        """What tool calls the reply must be, if any (ValueError: a choice not served)."""
+        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them (OpenAI's JSON)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def _structured(self) -> StructuredOutputs | None:
+        spec = super()._structured()
+        calling = self.tool_calling()
+        if calling is None:
+            return spec
+        if spec is not None:
+            raise ValueError("tool calls fix the output's format: no response_format with them")
+        return calling.constraint()
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

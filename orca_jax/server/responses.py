@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orca_jax.engine.outputs import RequestOutput
+from orca_jax.server.tools import ToolCalling
 from orca_jax.tokenizer import Tokenizer
 
 
@@ -161,17 +162,29 @@ def completion_chunk(
     }
 
 
-def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n) -> dict:
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": out.outputs[0].text},
-            "finish_reason": out.outputs[0].finish_reason,
-            "stop_reason": out.outputs[0].stop_reason,
-            "logprobs": chat_logprobs(out, tokenizer, top_n, False),
-        }
-        for i, out in enumerate(outs)
-    ]
+def _reply(out: RequestOutput, tools: ToolCalling | None) -> tuple[dict, str | None]:
+    """The assistant's message and finish reason: tool calls when the request forced them
+    and the output completed them, its text otherwise."""
+    comp = out.outputs[0]
+    calls = tools.parse(comp.text) if tools is not None and comp.finish_reason == "stop" else None
+    if calls is None:
+        return {"role": "assistant", "content": comp.text}, comp.finish_reason
+    return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
+
+
+def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, tools=None) -> dict:
+    choices = []
+    for i, out in enumerate(outs):
+        message, finish_reason = _reply(out, tools)
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "finish_reason": finish_reason,
+                "stop_reason": out.outputs[0].stop_reason,
+                "logprobs": chat_logprobs(out, tokenizer, top_n, False),
+            }
+        )
     return {
         "id": id,
         "object": "chat.completion",
@@ -182,19 +195,30 @@ def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n) 
     }
 
 
-def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n):
+def chat_chunk(
+    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n, tools=None
+):
+    """A stream chunk. With forced tool calls the text is held back and the calls go out
+    whole in the last chunk (with the whole output's logprobs), once they can be read."""
     comp = out.outputs[0]
     if not first and not comp.delta_token_ids and not out.finished:
         return None
-    delta = (
-        {"role": "assistant", "content": comp.delta_text} if first else {"content": comp.delta_text}
-    )
-    choice = {
-        "index": i,
-        "delta": delta,
-        "finish_reason": comp.finish_reason,
-        "logprobs": chat_logprobs(out, tokenizer, top_n, True),
-    }
+    finish_reason, logprobs = comp.finish_reason, chat_logprobs(out, tokenizer, top_n, True)
+    if tools is None:
+        delta = {"content": comp.delta_text}
+    elif not out.finished:
+        if not first:
+            return None
+        delta, logprobs = {}, None
+    else:
+        message, finish_reason = _reply(out, tools)
+        delta = {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+        logprobs = chat_logprobs(out, tokenizer, top_n, False)
+    if first:
+        delta = {"role": "assistant", **delta}
+    choice = {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     return {
         "id": id,
         "object": "chat.completion.chunk",
@@ -205,7 +229,17 @@ def chat_chunk(i: int, out: RequestOutput, first: bool, *, id, created, model, t
 
 
 def usage_chunk(
-    outs: list[RequestOutput], chunk_fn, *, id, created, model, tokenizer, top_n, n, echo=False
+    outs: list[RequestOutput],
+    chunk_fn,
+    *,
+    id,
+    created,
+    model,
+    tokenizer,
+    top_n,
+    n,
+    echo=False,
+    tools=None,
 ) -> dict:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, usage."""
     kind = "chat.completion.chunk" if chunk_fn is chat_chunk else "text_completion"

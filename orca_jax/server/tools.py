@@ -1,0 +1,143 @@
+"""Tool calls (OpenAI's `tools` / `tool_choice`) as structured outputs.
+
+A forced choice is a constraint on the output (`orca_jax.structured`): a named function makes
+the output that function's arguments, a JSON object of its `parameters` schema; "required"
+makes it a JSON list of `{"name": ..., "parameters": {...}}` objects, each one of the tools
+(one object, not a list, with `parallel_tool_calls: false`). The finished text is then read
+back into OpenAI's `tool_calls`. "auto" would mean reading the model's own tool-call syntax out
+of free text, which differs from model to model (vLLM needs a per-model parser for it): it is
+refused with a clear error. "none" serves the chat as if no tool were offered (the template
+still sees them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orca_jax.scheduler import StructuredOutputs
+
+_ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: any object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: _FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCalling:
+    """A chat request whose output must be tool calls: which tools, and how many calls."""
+
+    tools: tuple[Tool, ...]
+    named: str | None  # the forced function, or None for "required" (any of them)
+    parallel: bool  # "required" may call several
+
+    @classmethod
+    def of(
+        cls, tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool
+    ) -> ToolCalling | None:
+        """The tool calling a request asks for; None when it asks for text (ValueError for
+        a choice that cannot be served)."""
+        if choice is None:  # OpenAI's default: "auto" when tools are offered
+            choice = "auto" if tools else "none"
+        if choice == "none":
+            return None
+        if not tools:
+            raise ValueError(f"tool_choice {_describe(choice)} needs tools")
+        if choice == "auto":
+            raise ValueError(
+                'tool_choice "auto" is not supported: it needs the model\'s own tool-call '
+                'format read from free text; send tool_choice "required" or a named function '
+                '(or "none")'
+            )
+        named = None if choice == "required" else choice.function.name
+        if named is not None and named not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+        return cls(tuple(tools), named, parallel)
+
+    def constraint(self) -> StructuredOutputs:
+        """What the output must be (see the module docstring)."""
+        if self.named is not None:
+            return StructuredOutputs(json=self._parameters(self.named))
+        one = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [t.function.name]},
+                        "parameters": t.function.parameters or _ANY_OBJECT,
+                    },
+                    "required": ["name", "parameters"],
+                }
+                for t in self.tools
+            ]
+        }
+        schema = {"type": "array", "items": one, "minItems": 1} if self.parallel else one
+        return StructuredOutputs(json=schema)
+
+    def parse(self, text: str) -> list[dict[str, Any]] | None:
+        """OpenAI's `tool_calls` read from a finished output; None if it is not complete
+        JSON of the expected shape (a length-limited output, say)."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if self.named is not None:
+            return [_call(self.named, value)] if isinstance(value, dict) else None
+        calls = value if self.parallel else [value]
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls
+        ):
+            return None
+        return [_call(c["name"], c.get("parameters", {})) for c in calls]
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's: "stop" for a forced function, "tool_calls" when the call was chosen."""
+        return "stop" if self.named is not None else "tool_calls"
+
+    def _parameters(self, name: str) -> dict[str, Any]:
+        tool = next(t for t in self.tools if t.function.name == name)
+        return tool.function.parameters or _ANY_OBJECT
+
+
+def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
+
+
+def _describe(choice: ToolChoice) -> str:
+    return f'"{choice}"' if isinstance(choice, str) else f"function {choice.function.name!r}"
