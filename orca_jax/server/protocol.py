@@ -9,6 +9,7 @@ silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -170,7 +171,23 @@ class ChatMessage(BaseModel):
             if any(part.get("type") != "text" for part in content):
                 raise ValueError("only text content parts are supported")
             content = "".join(part.get("text", "") for part in content)
-        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+        extra = dict(self.model_extra or {})
+        if isinstance(extra.get("tool_calls"), list):  # templates expect arguments as objects
+            extra["tool_calls"] = [_with_parsed_arguments(c) for c in extra["tool_calls"]]
+        return {**extra, "role": self.role, "content": content or ""}
+
+
+def _with_parsed_arguments(call: Any) -> Any:
+    """An earlier assistant tool call with its JSON-string `arguments` parsed (as vLLM and
+    transformers templates expect: `| tojson` would encode a string twice)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except (ValueError, RecursionError):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 class ChatCompletionRequest(_Common):
@@ -208,7 +225,10 @@ class ChatCompletionRequest(_Common):
         if calling is None:
             return spec
         if spec is not None:
-            raise ValueError("tool calls fix the output's format: no response_format with them")
+            raise ValueError(
+                "tool calls fix the output's format: no response_format or structured_outputs "
+                "with them"
+            )
         return calling.constraint()
 
     def num_logprobs(self) -> int | None:

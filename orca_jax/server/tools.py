@@ -4,8 +4,9 @@ A forced choice is a constraint on the output (`orca_jax.structured`): a named f
 the output that function's arguments, a JSON object of its `parameters` schema; "required"
 makes it a JSON list of `{"name": ..., "parameters": {...}}` objects, each one of the tools
 (one object, not a list, with `parallel_tool_calls: false`). The finished text is then read
-back into OpenAI's `tool_calls`. "auto" would mean reading the model's own tool-call syntax out
-of free text, which differs from model to model (vLLM needs a per-model parser for it): it is
+back into OpenAI's `tool_calls`; an output cut by max_tokens comes back as text, with
+finish_reason "length". "auto" would mean reading the model's own tool-call syntax out of
+free text, which differs from model to model (vLLM needs a per-model parser for it): it is
 refused with a clear error. "none" serves the chat as if no tool were offered (the template
 still sees them).
 """
@@ -17,7 +18,7 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orca_jax.scheduler import StructuredOutputs
 
@@ -29,8 +30,15 @@ class FunctionDefinition(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; None: any object
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; None: any object
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None and schema.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of an object")
+        return schema
 
 
 class Tool(BaseModel):
@@ -74,6 +82,9 @@ class ToolCalling:
             return None
         if not tools:
             raise ValueError(f"tool_choice {_describe(choice)} needs tools")
+        names = [t.function.name for t in tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool names must be unique, got {names}")
         if choice == "auto":
             raise ValueError(
                 'tool_choice "auto" is not supported: it needs the model\'s own tool-call '
@@ -106,20 +117,24 @@ class ToolCalling:
         return StructuredOutputs(json=schema)
 
     def parse(self, text: str) -> list[dict[str, Any]] | None:
-        """OpenAI's `tool_calls` read from a finished output; None if it is not complete
-        JSON of the expected shape (a length-limited output, say)."""
+        """OpenAI's `tool_calls` read from a finished output; None if it does not start with
+        complete JSON of the expected shape (a length-limited output, say). Text after the
+        JSON (an end-of-sequence token kept by skip_special_tokens=false) is ignored."""
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
+            value, _ = json.JSONDecoder().raw_decode(text.lstrip())
+        except (ValueError, RecursionError):  # also Python's limit on huge integers
             return None
         if self.named is not None:
             return [_call(self.named, value)] if isinstance(value, dict) else None
         calls = value if self.parallel else [value]
         if not isinstance(calls, list) or not all(
-            isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls
+            isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and isinstance(c.get("parameters"), dict)
+            for c in calls
         ):
             return None
-        return [_call(c["name"], c.get("parameters", {})) for c in calls]
+        return [_call(c["name"], c["parameters"]) for c in calls]
 
     @property
     def finish_reason(self) -> str:
