@@ -90,7 +90,9 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params_list, strict=True):
                 ids.append([])
-                for one in p.completions():
+                for j, one in enumerate(p.completions()):
+                    if j:  # the prompt is scored once, by completion 0 (see _merge)
+                        one = dataclasses.replace(one, prompt_logprobs=None)
                     ids[-1].append(self.engine.add_request(prompt, one))
         except ValueError as e:
             for req_id in itertools.chain.from_iterable(ids):  # nothing half-submitted stays
@@ -130,7 +132,8 @@ class LLM:
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:
-    """The n completions of one prompt as one output (completion j at index j); the first's id."""
+    """The n completions of one prompt as one output (completion j at index j); the first's
+    id and prompt logprobs."""
     if len(outs) == 1:
         return outs[0]
     first = outs[0]

@@ -162,3 +162,21 @@ def test_token_logprobs_of_a_bucket_not_a_multiple_of_the_chunk(gpt2):
     )
     np.testing.assert_array_equal(top_ids, np.argsort(-want, -1)[:, :2])
     assert lp.shape == (300,) and top_lp.shape == (300, 2)
+
+
+def test_n_completions_score_the_prompt_once(gpt2):
+    """LLM.generate with n=3 scores the prompt in completion 0 only, and reports it."""
+    from orca_jax import LLM  # noqa: PLC0415
+
+    cfg, params, reference = gpt2
+    llm = LLM(params=params, config=cfg, max_logprobs=TOP, warmup=False, num_kv_blocks=120)
+    prompt = _prompts(1, seed=3)[0]
+    sp = SamplingParams(max_tokens=3, temperature=1.0, seed=1, n=3, prompt_logprobs=TOP)
+    scored = []
+    original = llm.engine._prompt_targets
+    llm.engine._prompt_targets = lambda *a: scored.append(t := original(*a)) or t
+    [out] = llm.generate([prompt], sp, use_tqdm=False)
+    assert len(out.outputs) == 3
+    targets = [t for t in scored if t is not None]
+    assert len(targets) == 1 and (targets[0] >= 0).sum() == len(prompt) - 1  # one request's
+    check_against_reference(out, reference)
