@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -82,6 +82,9 @@ class Engine:
         self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
+        # Requests that asked for prompt logprobs and have not delivered a token yet: the
+        # per-iteration scan for prompt tokens to score runs only while there are some.
+        self._unscored: set[str] = set()
         self._ids = itertools.count()
         self._seed_rng = np.random.default_rng(config.seed)
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
@@ -175,6 +178,8 @@ class Engine:
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
         self._requests[req_id] = _Tracked(output, request, sampling, detok)
+        if params.prompt_logprobs is not None:
+            self._unscored.add(req_id)
         return req_id
 
     def prepare_structured(self, spec: StructuredOutputs) -> None:
@@ -205,6 +210,7 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; True if it was live. Its blocks are freed."""
+        self._unscored.discard(request_id)
         if self._requests.pop(request_id, None) is None:
             return False
         self.scheduler.abort_request(request_id)
@@ -249,24 +255,30 @@ class Engine:
             self.broadcast.send(packed, md, self.config.max_logprobs, targets)
         return self.runner.execute_and_sample(packed, md, self.config.max_logprobs, targets)
 
-    def _prompt_targets(self, batch: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
-        """i32[T]: for each packed prompt token of a request that asked for prompt logprobs
-        and has not had them yet, the prompt token after it (-1 elsewhere); None when no such
-        token is in the batch."""
-        targets, offset = None, 0
+    def _scored_spans(self, batch: SchedulerOutput) -> Iterator[tuple[_Tracked, int, int, int]]:
+        """`(tracked, packed row of `first`, first, end)` for each request whose prompt
+        positions first ... end - 1 this batch scores: position p predicts prompt token
+        p + 1. Only requests that asked for prompt logprobs and have no token yet (a prompt
+        recomputed after a preemption was delivered already)."""
+        if not self._unscored:
+            return
+        offset = 0
         for s in batch.scheduled:
-            request = self._requests[s.req_id].request
-            # Positions start_pos ... start_pos + n - 1 predict the prompt tokens after them.
-            end = min(s.start_pos + s.num_tokens, request.num_prompt_tokens - 1)
-            # Scored once: a prompt recomputed after a preemption was delivered already.
-            wanted = request.sampling_params.prompt_logprobs is not None
-            if wanted and request.num_output_tokens == 0 and end > s.start_pos:
-                if targets is None:
-                    targets = np.full(num_tokens, -1, np.int32)
-                targets[offset : offset + end - s.start_pos] = request.prompt_token_ids[
-                    s.start_pos + 1 : end + 1
-                ]
+            tracked = self._requests.get(s.req_id) if s.req_id in self._unscored else None
+            if tracked is not None and tracked.request.num_output_tokens == 0:
+                end = min(s.start_pos + s.num_tokens, tracked.request.num_prompt_tokens - 1)
+                if end > s.start_pos:
+                    yield tracked, offset, s.start_pos, end
             offset += s.num_tokens
+
+    def _prompt_targets(self, batch: SchedulerOutput, num_tokens: int) -> np.ndarray | None:
+        """i32[T]: the prompt token each scored packed token predicts (-1 elsewhere); None
+        when the batch scores none."""
+        targets = None
+        for tracked, row, first, end in self._scored_spans(batch):
+            if targets is None:
+                targets = np.full(num_tokens, -1, np.int32)
+            targets[row : row + end - first] = tracked.request.prompt_token_ids[first + 1 : end + 1]
         return targets
 
     def stop_followers(self) -> None:
@@ -308,6 +320,7 @@ class Engine:
             outputs.append(self._advance(tracked, delta, now))
             if tracked.output.finished:
                 del self._requests[delta.req_id]
+                self._unscored.discard(delta.req_id)
         return outputs
 
     def _record_prompt_logprobs(
@@ -318,19 +331,14 @@ class Engine:
         top_lp: np.ndarray,  # f32[T, max_logprobs]
     ) -> None:
         """File each scored prompt token's {token id: logprob} (the token, then the top n)."""
-        offset = 0
-        for s in batch.scheduled:
-            tracked = self._requests.get(s.req_id)
-            out = tracked.output.prompt_logprobs if tracked is not None else None
-            if out is not None and tracked.request.num_output_tokens == 0:
-                prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
-                for pos in range(s.start_pos, min(s.start_pos + s.num_tokens, len(prompt) - 1)):
-                    row = offset + pos - s.start_pos
-                    entry = {prompt[pos + 1]: float(target_lp[row])}
-                    top = zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
-                    entry.update(top)
-                    out[pos + 1] = entry
-            offset += s.num_tokens
+        for tracked, row0, first, end in self._scored_spans(batch):
+            prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
+            for pos in range(first, end):
+                row = row0 + pos - first
+                entry = {prompt[pos + 1]: float(target_lp[row])}
+                top = zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
+                entry.update(top)
+                tracked.output.prompt_logprobs[pos + 1] = entry
 
     def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
         """Apply a scheduler delta: detokenize, look for stop strings, update timestamps."""
@@ -340,6 +348,7 @@ class Engine:
         if out.first_token_time is None and delta.new_token_ids:
             out.first_token_time = now
             out.num_cached_tokens = tracked.request.num_cached_tokens
+            self._unscored.discard(out.request_id)  # its prompt logprobs are complete
         out.last_token_time = now
         comp.token_ids.extend(delta.new_token_ids)
         if comp.logprobs is not None:

@@ -3,8 +3,8 @@
 Built once per request (`SamplingState.create` validates the parameters against the model,
 tokenizer and engine limits), then asked for a row each step: penalties read the tokens so
 far; the logit bias gathers `logit_bias`, the stop ids `min_tokens` holds off and the bad
-words whose prefix was just generated; the token mask combines `allowed_token_ids` with the
-structured-output automaton.
+words whose prefix was just generated; the token mask is `allowed_token_ids` or the
+structured-output automaton's allowed set.
 """
 
 from __future__ import annotations
@@ -104,13 +104,10 @@ class SamplingState:
             bias += tuple((t, -np.inf) for t in _banned(self.bad_words, request.output_token_ids))
         if bias:
             extra["bias"] = bias
-        if sample and (self.guide is not None or self.allowed is not None):
-            mask = self.allowed
-            if self.guide is not None:
-                mask = (
-                    self.guide.allowed_mask() if mask is None else mask & self.guide.allowed_mask()
-                )
-            extra["allowed"] = mask
+        if sample and self.guide is not None:  # never with `allowed` (refused in create)
+            extra["allowed"] = self.guide.allowed_mask()
+        elif sample and self.allowed is not None:
+            extra["allowed"] = self.allowed
         return RowSampling(*row, **extra) if extra else row
 
     def advance(self, token_id: int) -> None:
