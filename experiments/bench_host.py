@@ -1,10 +1,16 @@
-"""Host time per iteration: schedule + build the packed batch (+ update), no device work.
+"""Host time per iteration, no device work: the scheduler alone, or the whole engine step.
 
-  python experiments/bench_host.py --num_reqs=256 --policy=orca
+  python experiments/bench_host.py --num_reqs=256 --policy=orca             # scheduler
+  python experiments/bench_host.py --num_reqs=256 --policy=orca --engine    # engine.step()
 
-256 requests decode together (context ~--context tokens each); the model never runs: sampled
-tokens are made up on the host, so what is timed is exactly the per-iteration host work the
-device would otherwise wait for.
+`--num_reqs` requests decode together (context ~`--context` tokens each); the model never
+runs: sampled tokens are made up on the host, so what is timed is exactly the per-iteration
+host work the device would otherwise wait for.
+
+Scheduler mode times schedule + packing the batch (+ sampling metadata) and update. Engine
+mode times all of `Engine.step()` (those, plus sampling rows, closing the batch, streaming
+deltas and, with `--text`, detokenizing with SmolLM2's tokenizer and looking for a stop
+string) with the device replaced by a stub that returns random tokens at once.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from models import get_config
+from models import get_config, init_params
 from orca_jax.batch_builder import BatchBuilder
 from orca_jax.engine.config import EngineConfig
 from orca_jax.sampler import SamplingMetadata
@@ -25,25 +31,38 @@ _NUM_REQS = flags.DEFINE_integer("num_reqs", 256, "Requests running together.")
 _CONTEXT = flags.DEFINE_integer("context", 512, "Prompt tokens per request.")
 _POLICY = flags.DEFINE_string("policy", "orca", "Scheduling policy.")
 _ITERS = flags.DEFINE_integer("iters", 200, "Timed iterations.")
+_ENGINE = flags.DEFINE_bool("engine", False, "Time the whole Engine.step(), device stubbed.")
+_TEXT = flags.DEFINE_bool("text", True, "Engine mode: detokenize (SmolLM2's tokenizer).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Engine mode: sampling temperature.")
+_REPETITION = flags.DEFINE_float(
+    "repetition_penalty", 1.0, "Engine mode: a penalty on every request."
+)
+
+_MAX_LEN = 1024
 
 
-def main(argv):
-    del argv
-    n, ctx = _NUM_REQS.value, _CONTEXT.value
-    model = get_config("gpt2")
-    max_len = 1024
-    # Long enough outputs that, under paged's chunked prefill, all requests decode together
-    # for a while before the first ones finish.
-    max_tokens = max_len - ctx
-    cfg = EngineConfig(
+def _config(n: int, ctx: int, **kw) -> EngineConfig:
+    return EngineConfig(
         policy=_POLICY.value,
         max_batch_size=n,
         block_size=16,
-        num_kv_blocks=n * (max_len // 16) + 1,
-        max_model_len=max_len,
+        num_kv_blocks=n * (_MAX_LEN // 16) + 1,
+        max_model_len=_MAX_LEN,
         max_num_batched_tokens=n * ctx,  # whole prompts in one iteration, for every policy
+        **kw,
     )
-    sched_cfg, runner_cfg = cfg.resolve(model)
+
+
+def _median_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def bench_scheduler(n: int, ctx: int) -> str:
+    model = get_config("gpt2")
+    # Long enough outputs that, under paged's chunked prefill, all requests decode together
+    # for a while before the first ones finish.
+    max_tokens = _MAX_LEN - ctx
+    sched_cfg, runner_cfg = _config(n, ctx).resolve(model)
     scheduler = make_scheduler(sched_cfg)
     builder = BatchBuilder(runner_cfg, max_live_reqs=sched_cfg.num_blocks)
     rng = np.random.default_rng(0)
@@ -74,13 +93,73 @@ def main(argv):
         sched_t.append(t1 - t0)
         build_t.append(t2 - t1)
         update_t.append(t3 - t2)
-    med = lambda xs: statistics.median(xs) * 1e3
-    print(
-        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}: "
-        f"schedule {med(sched_t):.3f} ms + build batch {med(build_t):.3f} ms = "
-        f"{med(sched_t) + med(build_t):.3f} ms; update {med(update_t):.3f} ms (medians of "
-        f"{_ITERS.value})"
+    s, b, u = _median_ms(sched_t), _median_ms(build_t), _median_ms(update_t)
+    return (
+        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}: schedule {s:.3f} ms + "
+        f"build batch {b:.3f} ms = {s + b:.3f} ms; update {u:.3f} ms (medians of {_ITERS.value})"
     )
+
+
+class _StubDevice:
+    """Stands in for `ModelRunner.execute_and_sample`: random tokens, returned at once."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+        self.rng = np.random.default_rng(1)
+
+    def __call__(self, batch, md, num_top_logprobs=0, prompt_targets=None):
+        from orca_jax.runner import StepOutputs
+
+        r, k = batch.max_reqs, num_top_logprobs
+        tokens = self.rng.integers(100, self.vocab, r).astype(np.int32)
+        top = np.zeros((r, k), np.int32), np.zeros((r, k), np.float32)
+        return StepOutputs(tokens, np.zeros(r, np.float32), *top)
+
+
+def bench_engine(n: int, ctx: int) -> str:
+    from orca_jax import Engine
+
+    tokenizer = None
+    if _TEXT.value:
+        from models.loaders.gguf_llama import default_model_path
+        from orca_jax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf(default_model_path())
+    # One small layer: the weights never run; the vocabulary is SmolLM2's.
+    model = get_config("tiny-llama").replace(vocab_size=49152, max_seq_len=_MAX_LEN)
+    engine = Engine(model, init_params(model), tokenizer, _config(n, ctx, warmup=False))
+    engine.runner.execute_and_sample = _StubDevice(model.vocab_size)
+    params = SamplingParams(
+        max_tokens=_MAX_LEN - ctx,
+        ignore_eos=True,
+        temperature=_TEMPERATURE.value,
+        repetition_penalty=_REPETITION.value,
+        stop=("\n\nUser:",) if tokenizer is not None else (),
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        engine.add_request(rng.integers(100, model.vocab_size, ctx).tolist(), params)
+    while not all(t.request.num_output_tokens for t in engine._requests.values()):
+        engine.step()  # prefills (not timed)
+    times = []
+    for _ in range(_ITERS.value):
+        t0 = time.perf_counter()
+        outs = engine.step()
+        times.append(time.perf_counter() - t0)
+        # Request-level batching (static) delivers its outputs when the batch ends.
+        assert _POLICY.value == "static" or len(outs) == n, len(outs)
+    return (
+        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}, "
+        f"{'detokenized, one stop string' if tokenizer else 'token ids only'}"
+        f"{', repetition penalty' if _REPETITION.value != 1.0 else ''}: engine.step() "
+        f"{_median_ms(times):.3f} ms (median of {_ITERS.value})"
+    )
+
+
+def main(argv):
+    del argv
+    bench = bench_engine if _ENGINE.value else bench_scheduler
+    print(bench(_NUM_REQS.value, _CONTEXT.value))
 
 
 if __name__ == "__main__":

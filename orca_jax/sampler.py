@@ -133,9 +133,10 @@ class SamplingMetadata:
         for i, r in processed:
             if r.penalized:
                 presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
-                tokens = list(r.prompt) + list(r.output)
-                history[i, : len(tokens)] = tokens
-                num_prompt[i] = len(r.prompt)
+                n_prompt, n_output = len(r.prompt), len(r.output)
+                history[i, :n_prompt] = r.prompt  # numpy rows (the engine's) copy fast
+                history[i, n_prompt : n_prompt + n_output] = r.output
+                num_prompt[i] = n_prompt
             if r.bias:
                 bias_ids[i, : len(r.bias)], bias_values[i, : len(r.bias)] = zip(
                     *r.bias, strict=True

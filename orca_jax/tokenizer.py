@@ -313,6 +313,13 @@ class IncrementalDetokenizer:
     `push(token_id)` returns the newly completed text (possibly ""); `flush()` returns what is
     still held back when the stream ends. The concatenation of all returns equals
     `tokenizer.decode(output_ids)`, and no return ends inside a multi-byte character.
+
+    The work is `detokenize_incrementally`'s, done per token by the `tokenizers` library's own
+    `DecodeStream` (the same window rule, without two Python-level decodes per token: the
+    engine runs this for every running request every iteration). The Python rule takes over
+    where the stream cannot start from the same state (a prompt tail that is not complete text)
+    or refuses a step (a decoder that rewrites the text before the window), so both give the
+    same deltas.
     """
 
     def __init__(
@@ -328,10 +335,31 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(len(self.token_ids) - _INITIAL_PREFIX_TOKENS, 0)
         self.read_offset = len(self.token_ids)
         self.output_text = ""  # everything returned so far
+        self._stream = self._primed_stream()
+
+    def _primed_stream(self) -> decoders.DecodeStream | None:
+        """A stream that has emitted the prompt's left context and holds nothing back, or
+        None when it cannot start there (the context ends inside a character, say)."""
+        stream = decoders.DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        backend = self.tokenizer.backend_tokenizer
+        emitted = None
+        for token_id in self.token_ids[self.prefix_offset :]:
+            emitted = stream.step(backend, token_id)
+        return stream if emitted is not None or self.read_offset == 0 else None
 
     def push(self, token_id: int) -> str:
         """Append one output token; return the text it completes."""
         self.token_ids.append(token_id)
+        if self._stream is not None:
+            try:
+                delta = self._stream.step(self.tokenizer.backend_tokenizer, token_id)
+            except Exception:  # noqa: BLE001 (tokenizers' InvalidPrefix): the rule below
+                self._stream = None
+            else:
+                if delta is not None:
+                    self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+                    self.output_text += delta
+                return delta or ""
         delta, self.prefix_offset, self.read_offset = detokenize_incrementally(
             self.tokenizer,
             self.token_ids,
@@ -352,5 +380,6 @@ class IncrementalDetokenizer:
             self.skip_special_tokens,
         )
         self.prefix_offset = self.read_offset = len(self.token_ids)
+        self._stream = None  # ended: any further push takes the rule's path
         self.output_text += new_text[len(prefix_text) :]
         return new_text[len(prefix_text) :]

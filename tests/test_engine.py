@@ -4,6 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from models import get_config, init_params
 from orca_jax import LLM, Engine, EngineConfig, SamplingParams
@@ -200,6 +202,29 @@ def test_stop_search_spans_the_delta_boundary_without_rescanning():
     assert _find_stop("abc", "def", ["cd", "ef"]) == (2, "cd")  # earliest wins
     assert _find_stop("xx stop", "yy", ["stop"]) is None  # wholly in old text: already seen
     assert _find_stop("", "xyz", ["y"]) == (1, "y")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text("abc", max_size=8),
+    delta=st.text("abc", max_size=6),
+    stops=st.lists(st.text("abc", min_size=1, max_size=4), max_size=3),
+    floor=st.integers(0, 14),
+)
+def test_stop_search_matches_a_brute_force_scan(text, delta, stops, floor):
+    """The earliest stop occurrence that ends inside the delta, past `floor`."""
+    from orca_jax.engine.engine import _find_stop
+
+    whole = text + delta
+    found = [
+        (i, stop)
+        for i in range(len(whole))
+        for stop in stops
+        if whole.startswith(stop, i) and i + len(stop) > len(text) and i + len(stop) > floor
+    ]
+    want = min(found, key=lambda f: f[0], default=None)
+    got = _find_stop(text, delta, stops, floor)
+    assert (got and got[0]) == (want and want[0])  # ties between stops: either is right
 
 
 @pytest.mark.parametrize("policy", ["orca", "paged"])

@@ -10,6 +10,7 @@ import json
 import os
 
 import jinja2
+import numpy as np
 import pytest
 import regex
 import transformers
@@ -348,6 +349,54 @@ def test_stream_round_trips_any_text(gpt2, text):
     deltas = _stream(gpt2, gpt2.encode(text), prompt_ids=gpt2.encode("prompt "))
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas if "\ufffd" not in text)
+
+
+def _rule_deltas(tok: Tokenizer, prompt: list[int], ids: list[int], skip: bool) -> list[str]:
+    """The deltas of the window rule alone (`detokenize_incrementally`), then the tail."""
+    all_ids, deltas = list(prompt), []
+    prefix, read = max(len(prompt) - 5, 0), len(prompt)
+    for i in ids:
+        all_ids.append(i)
+        delta, prefix, read = detokenize_incrementally(
+            tok, all_ids, prefix, read, skip_special_tokens=skip
+        )
+        deltas.append(delta)
+    head = tok.decode(all_ids[prefix:read], skip)
+    return [*deltas, tok.decode(all_ids[prefix:], skip)[len(head) :]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prompt=st.text(alphabet=st.characters(codec="utf-8"), max_size=20),
+    text=st.text(alphabet=st.characters(codec="utf-8"), max_size=40),
+)
+def test_stream_fast_path_gives_the_rules_deltas(gpt2, prompt, text):
+    prompt_ids, ids = gpt2.encode(prompt + " "), gpt2.encode(text)
+    detok = IncrementalDetokenizer(gpt2, prompt_ids)
+    assert detok._stream is not None  # complete text before: the library's stream serves it
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert deltas == _rule_deltas(gpt2, prompt_ids, ids, True)
+
+
+@needs_smollm2
+@pytest.mark.parametrize("skip", [True, False])
+def test_stream_of_random_ids_gives_the_rules_deltas(smollm2, skip):
+    """Random ids (special tokens, bytes that never complete a character, prompts ending
+    inside one): whichever path serves each token, the deltas are the rule's."""
+    rng = np.random.default_rng(0)
+    split = smollm2.encode("Hi 🤖 👋🏽")  # emoji spread over byte tokens
+    paths = set()
+    for case in range(40):
+        if case % 2:
+            prompt = split[: int(rng.integers(1, len(split)))]  # may end inside a character
+        else:
+            prompt = rng.integers(0, smollm2.vocab_size, int(rng.integers(0, 12))).tolist()
+        ids = rng.integers(0, smollm2.vocab_size, 30).tolist()
+        detok = IncrementalDetokenizer(smollm2, prompt, skip_special_tokens=skip)
+        paths.add(detok._stream is None)
+        deltas = [detok.push(i) for i in ids] + [detok.flush()]
+        assert deltas == _rule_deltas(smollm2, prompt, ids, skip)
+    assert paths == {True, False}  # both the library's stream and the rule served some
 
 
 def test_token_bytes_of_a_sentencepiece_style_vocabulary():

@@ -289,27 +289,33 @@ class Engine:
     def _close(self, batch: SchedulerOutput, device_out: StepOutputs | None) -> list[RequestOutput]:
         sampled, logprobs = {}, {}
         if device_out is not None:
-            tokens, token_lp, top_ids, top_lp = (np.asarray(a) for a in device_out[:4])  # waits
+            # Python ints and floats once per batch (numpy scalars cost more per row).
+            tokens = np.asarray(device_out.tokens).tolist()  # waits for the device
+            token_lp = np.asarray(device_out.token_logprobs).tolist()
+            top = None  # the top-n ids and logprobs, fetched if some request wants them
             if device_out.prompt is not None:
                 self._record_prompt_logprobs(batch, *(np.asarray(a) for a in device_out.prompt))
             for row, s in enumerate(batch.scheduled):
                 if not s.sample:
                     continue
-                sampled[s.req_id] = int(tokens[row])
-                logprobs[s.req_id] = float(token_lp[row])
+                token = sampled[s.req_id] = tokens[row]
+                logprobs[s.req_id] = token_lp[row]
                 tracked = self._requests.get(s.req_id)
-                if tracked is not None:
-                    try:
-                        tracked.sampling.advance(int(tokens[row]))
-                    except ValueError as e:  # never expected: ends this request, not the loop
-                        tracked.error = str(e)
-                n = tracked.params.logprobs if tracked else None
+                if tracked is None:  # aborted meanwhile
+                    continue
+                try:
+                    tracked.sampling.advance(token)
+                except ValueError as e:  # never expected: ends this request, not the loop
+                    tracked.error = str(e)
+                n = tracked.params.logprobs
                 if n is not None:
-                    top = {int(tokens[row]): float(token_lp[row])}
-                    top.update(
-                        zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
+                    if top is None:
+                        top = np.asarray(device_out.top_ids), np.asarray(device_out.top_logprobs)
+                    entry = {token: token_lp[row]}  # the sampled token, then the top n
+                    entry.update(
+                        zip(top[0][row, :n].tolist(), top[1][row, :n].tolist(), strict=True)
                     )
-                    tracked.pending_logprobs.append(top)
+                    tracked.pending_logprobs.append(entry)
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         now = time.monotonic()
         outputs = []
@@ -341,44 +347,56 @@ class Engine:
                 tracked.output.prompt_logprobs[pos + 1] = entry
 
     def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
-        """Apply a scheduler delta: detokenize, look for stop strings, update timestamps."""
+        """Apply a scheduler delta: detokenize, look for stop strings, update timestamps.
+
+        Runs for every request every iteration: the plain path (no stop string, no
+        min_tokens, one token) does little more than one `detok.push`."""
         out, comp = tracked.output, tracked.output.outputs[0]
-        comp.delta_token_ids = list(delta.new_token_ids)
-        comp.delta_text = ""
-        if out.first_token_time is None and delta.new_token_ids:
+        new_ids = delta.new_token_ids  # a fresh list per delta: ours to keep
+        comp.delta_token_ids = new_ids
+        if out.first_token_time is None and new_ids:
             out.first_token_time = now
             out.num_cached_tokens = tracked.request.num_cached_tokens
             self._unscored.discard(out.request_id)  # its prompt logprobs are complete
         out.last_token_time = now
-        comp.token_ids.extend(delta.new_token_ids)
+        comp.token_ids.extend(new_ids)
         if comp.logprobs is not None:
-            num_new = len(delta.new_token_ids)
+            num_new = len(new_ids)
             comp.logprobs.extend(tracked.pending_logprobs[:num_new])
             del tracked.pending_logprobs[:num_new]
         finished, reason = delta.finished, delta.finish_reason
-        if tracked.detok is not None:
+        text = ""
+        detok = tracked.detok
+        if detok is not None:
+            params = tracked.params
             # Stop strings count once min_tokens are out: they must end in the text of
             # token min_tokens or later (`floor`: the text before it; None: not reached).
-            n_before = len(comp.token_ids) - len(delta.new_token_ids)
-            floor = 0 if n_before >= tracked.params.min_tokens else None
-            for i, tok in enumerate(delta.new_token_ids):
-                if n_before + i + 1 == tracked.params.min_tokens:
-                    floor = len(comp.text) + len(comp.delta_text)
-                comp.delta_text += tracked.detok.push(tok)
+            n_before = len(comp.token_ids) - len(new_ids)
+            if n_before >= params.min_tokens:
+                floor = 0
+                text = "".join([detok.push(tok) for tok in new_ids])
+            else:
+                floor = None
+                for i, tok in enumerate(new_ids):
+                    if n_before + i + 1 == params.min_tokens:
+                        floor = len(comp.text) + len(text)
+                    text += detok.push(tok)
             if finished:
-                comp.delta_text += tracked.detok.flush()
-            stops = tracked.params.stop if floor is not None else ()
-            stop_at = _find_stop(comp.text, comp.delta_text, stops, floor or 0)
+                text += detok.flush()
+            stop_at = None
+            if text and params.stop and floor is not None:
+                stop_at = _find_stop(comp.text, text, params.stop, floor)
             if stop_at is not None:
                 cut, stop = stop_at
-                if tracked.params.include_stop_str_in_output:
+                if params.include_stop_str_in_output:
                     cut += len(stop)
-                comp.delta_text = comp.delta_text[: max(0, cut - len(comp.text))]
+                text = text[: max(0, cut - len(comp.text))]
                 comp.stop_reason = stop
                 if not finished:
                     self.scheduler.finish_requests(out.request_id, RequestStatus.FINISHED_STOPPED)
                 finished, reason = True, "stop"
-            comp.text += comp.delta_text
+            comp.text += text
+        comp.delta_text = text
         if tracked.error is not None and not finished:  # its automaton refused a token
             self.scheduler.finish_requests(out.request_id, RequestStatus.FINISHED_ABORTED)
             finished, reason = True, "abort"
@@ -402,6 +420,8 @@ def _find_stop(
         return None
     best = None
     for stop in stops:
+        if stop[-1] not in delta:  # a stop ending in the new text ends with one of its chars
+            continue
         keep = min(len(text), len(stop) - 1)
         start = max(0, floor - len(stop) + 1 - (len(text) - keep))
         i = (text[len(text) - keep :] + delta).find(stop, start)

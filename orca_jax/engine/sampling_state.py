@@ -31,6 +31,10 @@ class SamplingState:
     # Set by the engine once the request is known to be servable:
     seed: int = 0  # of its random stream
     guide: TokenGuide | None = None  # its structured-output automaton
+    # Penalized requests: i32[prompt + max_tokens] prompt then output tokens, filled as they
+    # come (`_history`), so a step copies a row of numpy, not the whole context from lists.
+    _tokens: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    _filled: int = 0
 
     @classmethod
     def create(
@@ -90,12 +94,13 @@ class SamplingState:
         row = (p.temperature, p.top_k, p.top_p, self.seed, request.num_output_tokens)
         extra = {}
         if p.has_penalties:
+            tokens, num_prompt = self._history(request), request.num_prompt_tokens
             extra.update(
                 presence=p.presence_penalty,
                 frequency=p.frequency_penalty,
                 repetition=p.repetition_penalty,
-                prompt=request.prompt_token_ids,
-                output=request.output_token_ids,
+                prompt=tokens[:num_prompt],
+                output=tokens[num_prompt:],
             )
         bias = p.logit_bias
         if request.num_output_tokens < p.min_tokens:
@@ -109,6 +114,19 @@ class SamplingState:
         elif sample and self.allowed is not None:
             extra["allowed"] = self.allowed
         return RowSampling(*row, **extra) if extra else row
+
+    def _history(self, request: Request) -> np.ndarray:
+        """i32[prompt + output so far]: a view of the buffer, topped up with new tokens."""
+        num_prompt = request.num_prompt_tokens
+        if self._tokens is None:
+            self._tokens = np.empty(request.max_total_tokens, np.int32)
+            self._tokens[:num_prompt] = request.prompt_token_ids
+            self._filled = num_prompt
+        end = num_prompt + request.num_output_tokens
+        if end > self._filled:
+            self._tokens[self._filled : end] = request.output_token_ids[self._filled - num_prompt :]
+            self._filled = end
+        return self._tokens[:end]
 
     def advance(self, token_id: int) -> None:
         """A token was sampled for this request."""

@@ -28,14 +28,16 @@ class OrcaScheduler(Scheduler):
     def _schedule(self) -> tuple[list[tuple[Request, int]], list[Request]]:
         max_batch_size = self.config.max_batch_size
         budget = self.config.max_num_batched_tokens
-        batch: list[Request] = []
+        picked: list[tuple[Request, int]] = []
+        inflight = self._inflight_req_ids
         # Admitted requests are older than every waiting one: admission is FCFS and stops at
         # the first request that does not fit.
         for request in self.running:
-            if len(batch) == max_batch_size or budget == 0:
+            if len(picked) == max_batch_size or budget == 0:
                 break
-            if request.req_id not in self._inflight_req_ids:
-                batch.append(request)
-                budget -= request.num_uncomputed_tokens  # 1: prompts are fed whole
-        batch += self._admit_reserving(max_batch_size - len(batch), budget)
-        return [(r, r.num_uncomputed_tokens) for r in batch], []
+            if request.req_id not in inflight:
+                num_new = request.num_uncomputed_tokens  # 1: prompts are fed whole
+                picked.append((request, num_new))
+                budget -= num_new
+        admitted = self._admit_reserving(max_batch_size - len(picked), budget)
+        return picked + [(r, r.num_uncomputed_tokens) for r in admitted], []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a batch."""
 
@@ -28,7 +28,7 @@ class ScheduledRequest:
         return len(self.token_ids)
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     """One iteration's batch, as the scheduler decided it."""
 
@@ -55,7 +55,7 @@ class SchedulerOutput:
         return len(self.scheduled)
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelRunnerOutput:
     """What the runner returns for one batch."""
 
@@ -66,12 +66,13 @@ class ModelRunnerOutput:
     logprobs: dict[str, float] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestDelta:
     """A streaming delta of one request, returned by Scheduler.update()."""
 
     req_id: str
-    # Tokens generated since the previous delta of this request.
+    # Tokens generated since the previous delta of this request (a fresh list: the receiver
+    # may keep it).
     new_token_ids: list[int]
     # True on the request's last delta.
     finished: bool = False

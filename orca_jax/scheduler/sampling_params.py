@@ -60,9 +60,9 @@ class SamplingParams:
     # Seed of this request's random stream; None draws from the engine's stream.
     seed: int | None = None
     # Stop strings, checked by the engine on the detokenized text.
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | None = ()
     # Token ids that end the request (reason "stop"); the stop token is kept in the output.
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = ()
     # Keep generating past the end-of-sequence token (the paper's benchmark setting).
     ignore_eos: bool = False
     # Number of top log-probabilities to return per token; None returns none.
@@ -92,7 +92,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     # Words never to generate: the last token of a word (as written, and after a space) is
     # banned whenever the output ends with the word's other tokens (vLLM's `bad_words`).
-    bad_words: tuple[str, ...] = ()
+    bad_words: tuple[str, ...] | None = ()
     # Keep the stop string that ended the request in its text.
     include_stop_str_in_output: bool = False
     # Leave special tokens (<|im_end|>...) out of the text; the token ids keep them.
@@ -104,11 +104,12 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        # Frozen dataclass: normalize through object.__setattr__.
+        # Frozen dataclass: normalize through object.__setattr__. None means none, as in
+        # vLLM (and what a JSON null sends).
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         _check_int("max_tokens", self.max_tokens, minimum=1)
         if not self.temperature >= 0.0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -148,7 +149,7 @@ class SamplingParams:
                 _check_int("allowed_token_ids entries", t, minimum=0)
         if isinstance(self.bad_words, str):
             object.__setattr__(self, "bad_words", (self.bad_words,))
-        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words or ()))
         for w in self.bad_words:
             if not isinstance(w, str) or not w.strip():
                 raise ValueError(f"bad_words must be non-empty str, got {w!r}")

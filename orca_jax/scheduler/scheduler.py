@@ -67,13 +67,9 @@ class Scheduler(abc.ABC):
 
     def _delta(self, request: Request, token_id: int, logprob: float | None) -> RequestDelta | None:
         """The streaming delta for one sampled token (None to hold it back)."""
-        return RequestDelta(
-            req_id=request.req_id,
-            new_token_ids=[token_id],
-            finished=request.is_finished,
-            finish_reason=request.finish_reason,
-            logprobs=None if logprob is None else [logprob],
-        )
+        reason = request.finish_reason  # None while it runs
+        logprobs = None if logprob is None else [logprob]
+        return RequestDelta(request.req_id, [token_id], reason is not None, reason, logprobs)
 
     def _after_update(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Hook run at the end of every update()."""
@@ -135,22 +131,23 @@ class Scheduler(abc.ABC):
             )
         picked, preempted = self._schedule()
         scheduled = []
-        for request, num_new_tokens in picked:
+        block_table = self.kv_cache_manager.block_table
+        num_tokens = 0
+        for request, num_new_tokens in picked:  # every running request, every iteration
             start = request.num_computed_tokens
             end = start + num_new_tokens
+            tokens = request.all_token_ids
+            sample = end == len(tokens)  # the step reaches the last known token
             scheduled.append(
                 ScheduledRequest(
-                    req_id=request.req_id,
-                    token_ids=request.all_token_ids[start:end],
-                    start_pos=start,
-                    block_ids=self.kv_cache_manager.block_table(request.req_id),
-                    sample=end == request.num_tokens,
+                    request.req_id, tokens[start:end], start, block_table(request.req_id), sample
                 )
             )
+            num_tokens += num_new_tokens
         output = SchedulerOutput(
             batch_id=self._next_batch_id,
             scheduled=scheduled,
-            num_scheduled_tokens=sum(s.num_tokens for s in scheduled),
+            num_scheduled_tokens=num_tokens,
             preempted_req_ids=[r.req_id for r in preempted],
             finished_req_ids=self._released_req_ids,
         )
@@ -177,15 +174,18 @@ class Scheduler(abc.ABC):
         del self._inflight[model_output.batch_id]
 
         outputs = []
+        requests, inflight = self.requests, self._inflight_req_ids
+        prefix_caching = self.kv_cache_manager.enable_prefix_caching
         for s in batch.scheduled:
-            self._inflight_req_ids.discard(s.req_id)
-            request = self.requests[s.req_id]
+            inflight.discard(s.req_id)
+            request = requests[s.req_id]
             if request.is_finished:
                 # Finished from outside while in flight: its token is dropped, its blocks free.
                 self._release(request)
                 continue
-            request.num_computed_tokens += s.num_tokens
-            self.kv_cache_manager.cache_computed_blocks(request)
+            request.num_computed_tokens += len(s.token_ids)
+            if prefix_caching:
+                self.kv_cache_manager.cache_computed_blocks(request)
             if not s.sample:
                 continue
             token_id = sampled[s.req_id]

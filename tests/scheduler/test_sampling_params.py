@@ -70,3 +70,14 @@ def test_completions_fan_out_with_successive_seeds():
         (1, 12, 0.7),
     ]
     assert [p.seed for p in SamplingParams(n=2).completions()] == [None, None]
+
+
+def test_none_means_no_stops_and_no_bad_words():
+    """vLLM's defaults are None (and a JSON null sends None): the same as empty."""
+    params = SamplingParams(stop=None, stop_token_ids=None, bad_words=None, logit_bias=None)
+    assert (params.stop, params.stop_token_ids, params.bad_words, params.logit_bias) == (
+        (),
+        (),
+        (),
+        (),
+    )
