@@ -23,6 +23,7 @@ _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens to generate at most
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k cut (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus cut (1: off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p x the top one's probability.")
 
 
 def main(argv: list[str]) -> None:
@@ -58,6 +59,7 @@ def _generate(llm: LLM) -> None:
         temperature=_TEMPERATURE.value,
         top_k=_TOP_K.value,
         top_p=_TOP_P.value,
+        min_p=_MIN_P.value,
         seed=engine_flags.SEED.value if _TEMPERATURE.value > 0 else None,
     )
     if _CHAT.value and not _PROMPT_IDS.value:  # each prompt as one user turn

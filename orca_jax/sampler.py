@@ -1,5 +1,5 @@
 """Sampling on the device, per request: penalties, logit bias, greedy, temperature, top-k,
-top-p, seeded.
+min-p, top-p, seeded.
 
 Each request's randomness is `fold_in(key(seed), step)` where `step` counts the tokens it has
 generated, so a request samples the same tokens alone or in any batch, at any row.
@@ -46,6 +46,7 @@ class RowSampling(NamedTuple):
     output: Sequence[int] = ()
     bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit); repeats add up
     allowed: np.ndarray | None = None  # i32[M] bitmask of the tokens that may come next
+    min_p: float = 0.0  # drop tokens below min_p x the top probability (0: off)
 
     @property
     def penalized(self) -> bool:
@@ -67,6 +68,7 @@ class SamplingMetadata:
     temperature: jax.Array  # f32[R]; 0 means greedy
     top_k: jax.Array  # i32[R]; 0 means no top-k cut
     top_p: jax.Array  # f32[R]; 1 means no nucleus cut
+    min_p: jax.Array  # f32[R]; 0 means no min-p cut
     seeds: jax.Array  # u32[R] per-request seed
     steps: jax.Array  # i32[R] tokens generated so far (the key is folded with it)
     presence: jax.Array  # f32[R]; 0 means off
@@ -105,14 +107,18 @@ class SamplingMetadata:
         every iteration). When some row has either, the batch carries both a history of
         width W = `history_width` (at least a penalized row's prompt + output length) and a
         bias of width B = `bias_width` (at least a row's bias entries). When some row has an
-        `allowed` mask, the batch carries masks of `mask_words` words."""
+        `allowed` mask, the batch carries masks of `mask_words` words. `min_p` costs no
+        shape: every batch carries its column."""
         pad = [_GREEDY[:5]] * (num_reqs - len(rows))
         t, k, p, seed, step = zip(*(r[:5] for r in rows), *pad, strict=True)
         presence = np.zeros(num_reqs, np.float32)
         frequency = np.zeros(num_reqs, np.float32)
         repetition = np.ones(num_reqs, np.float32)
         num_prompt = np.zeros(num_reqs, np.int32)
+        min_p = np.zeros(num_reqs, np.float32)
         full = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
+        for i, r in full:
+            min_p[i] = r.min_p
         processed = [(i, r) for i, r in full if r.processed]
         masked = [(i, r.allowed) for i, r in full if r.allowed is not None]
         allowed = np.full((num_reqs, mask_words if masked else 0), -1, np.int32)
@@ -145,6 +151,7 @@ class SamplingMetadata:
             temperature=np.asarray(t, np.float32),
             top_k=np.asarray(k, np.int32),
             top_p=np.asarray(p, np.float32),
+            min_p=min_p,
             seeds=np.asarray(seed, np.uint32),
             steps=np.asarray(step, np.int32),
             presence=presence,
@@ -190,14 +197,19 @@ def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return logits - md.frequency[:, None] * counts - md.presence[:, None] * (counts > 0)
 
 
-def _sample_row(logits, temperature, top_k, top_p, seed, step):
-    """One request: [V] logits -> sampled token id (temperature > 0 assumed)."""
+def _sample_row(logits, temperature, top_k, top_p, min_p, seed, step):
+    """One request: [V] logits -> sampled token id (temperature > 0 assumed).
+
+    Cuts, as vLLM applies them: top-k and min-p (p / p_max >= min_p, on the tempered
+    distribution: a ratio, so the order of the two does not matter), then top-p over what is
+    left, renormalized."""
     V = logits.shape[0]
     scaled = logits / temperature
     order = jnp.argsort(-scaled)  # [V] most likely first
     sorted_logits = scaled[order]
     rank = jnp.arange(V)
     keep = jnp.where(top_k > 0, rank < top_k, True)
+    keep &= sorted_logits >= sorted_logits[0] + jnp.log(min_p)  # log 0 = -inf: all kept
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
     mass_before = jnp.cumsum(probs) - probs  # probability of strictly more likely tokens
     keep &= mass_before < top_p  # the most likely token always stays
@@ -225,7 +237,9 @@ def sample(
 
     def sampled():
         temperature = jnp.where(is_greedy, 1.0, md.temperature)
-        toks = jax.vmap(_sample_row)(logits, temperature, md.top_k, md.top_p, md.seeds, md.steps)
+        toks = jax.vmap(_sample_row)(
+            logits, temperature, md.top_k, md.top_p, md.min_p, md.seeds, md.steps
+        )
         return jnp.where(is_greedy, greedy_tokens, toks.astype(jnp.int32))
 
     # Sorting the vocabulary is skipped entirely when every request is greedy.

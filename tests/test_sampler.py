@@ -148,3 +148,33 @@ def test_logit_bias_is_added_after_the_penalties():
     toks, lp, *_ = sample(logits, md)
     np.testing.assert_array_equal(toks, [9] * 4)  # forced, greedy
     np.testing.assert_allclose(lp, jax.nn.log_softmax(logits)[:, 9], rtol=1e-6)  # raw logprobs
+
+
+def test_min_p_keeps_tokens_near_the_top_after_temperature():
+    """vLLM's min_p: a token stays if its tempered probability is at least min_p times the
+    largest; with top-p, the nucleus is taken over what min_p left (renormalized)."""
+    probs = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (3000, 1))
+
+    def support(temperature, min_p, top_p=1.0):
+        rows = [RowSampling(temperature, 0, top_p, s, 0, min_p=min_p) for s in range(3000)]
+        toks = np.asarray(sample(logits, SamplingMetadata.build(rows, 3000))[0])
+        return set(toks.tolist()), toks
+
+    tempered = probs ** (1 / 0.5) / (probs ** (1 / 0.5)).sum()  # T = 0.5 sharpens
+    # T = 1: 0.1 / 0.4 = 0.25 >= 0.2 stays, 0.05 / 0.4 does not.
+    assert support(1.0, 0.2)[0] == {0, 1, 2, 3}
+    # T = 0.5: ratios square, (0.15 / 0.4)^2 = 0.14 < 0.2, (0.3 / 0.4)^2 = 0.56 stays.
+    assert (tempered / tempered[0] >= 0.2).sum() == 2
+    kept, toks = support(0.5, 0.2)
+    assert kept == {0, 1}
+    freq = np.bincount(toks, minlength=5)[:2] / len(toks)
+    want = tempered[:2] / tempered[:2].sum()
+    np.testing.assert_allclose(freq, want, atol=4 * np.sqrt(0.25 / len(toks)))
+    # min_p 0.3 leaves {0.4, 0.3, 0.15} = 0.85, renormalized 0.47, 0.35, 0.18. Top-p 0.8:
+    # 0.47 + 0.35 = 0.82 reaches it -> {0, 1} (on the raw 0.4 + 0.3 = 0.7 it would not);
+    # top-p 0.9 needs the third.
+    assert support(1.0, 0.3, top_p=0.8)[0] == {0, 1}
+    assert support(1.0, 0.3, top_p=0.9)[0] == {0, 1, 2}
+    assert support(1.0, 0.0)[0] == {0, 1, 2, 3, 4}  # off
+    assert support(1.0, 1.0)[0] == {0}  # only the most likely

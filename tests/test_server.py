@@ -134,6 +134,7 @@ def test_models_and_health(served):
         ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
         ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition"),
+        ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
         ("/v1/completions", {"prompt": "word " * 400}, 400, "max_model_len"),
         ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "vocabulary"),
         ("/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "gpt-9"),
@@ -290,6 +291,18 @@ def test_penalties_reach_the_sampler(served, offline):
     text = out.choices[0].text
     assert text == _offline(offline, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
     assert text != _offline(offline, QUESTION, ignore_eos=True, max_tokens=12).text
+
+
+def test_min_p_reaches_the_sampler(served, offline):
+    """Seeded sampling at a high temperature with min_p: the offline engine's tokens."""
+    _, client, _ = served
+    kw = dict(max_tokens=12, temperature=1.5, seed=3)
+    out = client.completions.create(
+        model="smollm2", prompt=QUESTION, extra_body={"min_p": 0.3, "ignore_eos": True}, **kw
+    )
+    text = out.choices[0].text
+    assert text == _offline(offline, QUESTION, min_p=0.3, ignore_eos=True, **kw).text
+    assert text != _offline(offline, QUESTION, ignore_eos=True, **kw).text  # it cut something
 
 
 def test_logit_bias_and_min_tokens(served, llm):

@@ -87,12 +87,13 @@ class SamplingState:
         return cls(params, stop_ids, allowed, bad_words)
 
     def row(self, request: Request, sample: bool) -> tuple | RowSampling:
-        """This step's row; the plain 5-tuple when nothing changes the logits. `sample`:
+        """This step's row; the plain 5-tuple when only temperature, top-k, top-p and the
+        seed are set. `sample`:
         whether the step samples for it (a non-final prefill chunk does not)."""
         p = self.params
         # The key folds in tokens generated so far: the same whatever the batch.
         row = (p.temperature, p.top_k, p.top_p, self.seed, request.num_output_tokens)
-        extra = {}
+        extra = {"min_p": p.min_p} if p.min_p else {}
         if p.has_penalties:
             tokens, num_prompt = self._history(request), request.num_prompt_tokens
             extra.update(

@@ -57,6 +57,9 @@ class SamplingParams:
     top_k: int = 0
     # Keep the smallest set of tokens whose probability reaches top_p; 1 turns it off.
     top_p: float = 1.0
+    # Drop tokens less likely than min_p times the most likely one (after temperature;
+    # vLLM's `min_p`); 0 turns it off.
+    min_p: float = 0.0
     # Seed of this request's random stream; None draws from the engine's stream.
     seed: int | None = None
     # Stop strings, checked by the engine on the detokenized text.
@@ -116,6 +119,8 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=0)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:  # also rejects NaN
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             _check_int("seed", self.seed)
         for s in self.stop:

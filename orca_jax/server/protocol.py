@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset we serve, as pydantic models.
 
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
-silently. Extensions in vLLM's style: `top_k`, `ignore_eos`, `stop_token_ids`,
+silently. Extensions in vLLM's style: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_tokens`, `structured_outputs`, `allowed_token_ids`, `bad_words`,
 `include_stop_str_in_output`, `skip_special_tokens`, `truncate_prompt_tokens`.
 """
@@ -56,6 +56,7 @@ class _Common(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # a vLLM extension
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -91,6 +92,7 @@ class _Common(BaseModel):
             temperature=self.temperature,
             top_k=self.top_k,
             top_p=self.top_p,
+            min_p=self.min_p,
             seed=self.seed,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids),
