@@ -2,6 +2,7 @@
 
   python experiments/bench_host.py --num_reqs=256 --policy=orca             # scheduler
   python experiments/bench_host.py --num_reqs=256 --policy=orca --engine    # engine.step()
+  python experiments/bench_host.py --num_reqs=256 --policy=orca --server    # the server's
 
 `--num_reqs` requests decode together (context ~`--context` tokens each); the model never
 runs: sampled tokens are made up on the host, so what is timed is exactly the per-iteration
@@ -11,6 +12,12 @@ Scheduler mode times schedule + packing the batch (+ sampling metadata) and upda
 mode times all of `Engine.step()` (those, plus sampling rows, closing the batch, streaming
 deltas and, with `--text`, detokenizing with SmolLM2's tokenizer and looking for a stop
 string) with the device replaced by a stub that returns random tokens at once.
+
+Server mode runs the same engine under the HTTP server's `AsyncEngine` (its own thread, the
+Prometheus metrics observing) with one streaming consumer per request on an asyncio loop
+that builds each SSE chunk as the completions route does; it times the engine thread's
+iterations (everything a served iteration costs the host, the handlers' share of the GIL
+included).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ _CONTEXT = flags.DEFINE_integer("context", 512, "Prompt tokens per request.")
 _POLICY = flags.DEFINE_string("policy", "orca", "Scheduling policy.")
 _ITERS = flags.DEFINE_integer("iters", 200, "Timed iterations.")
 _ENGINE = flags.DEFINE_bool("engine", False, "Time the whole Engine.step(), device stubbed.")
+_SERVER = flags.DEFINE_bool("server", False, "Time the server's iterations, device stubbed.")
 _TEXT = flags.DEFINE_bool("text", True, "Engine mode: detokenize (SmolLM2's tokenizer).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Engine mode: sampling temperature.")
 _REPETITION = flags.DEFINE_float(
@@ -116,7 +124,8 @@ class _StubDevice:
         return StepOutputs(tokens, np.zeros(r, np.float32), *top)
 
 
-def bench_engine(n: int, ctx: int) -> str:
+def _stub_engine(n: int, ctx: int):
+    """An engine over SmolLM2's vocabulary whose device is `_StubDevice`."""
     from orca_jax import Engine
 
     tokenizer = None
@@ -129,16 +138,33 @@ def bench_engine(n: int, ctx: int) -> str:
     model = get_config("tiny-llama").replace(vocab_size=49152, max_seq_len=_MAX_LEN)
     engine = Engine(model, init_params(model), tokenizer, _config(n, ctx, warmup=False))
     engine.runner.execute_and_sample = _StubDevice(model.vocab_size)
-    params = SamplingParams(
-        max_tokens=_MAX_LEN - ctx,
+    return engine
+
+
+def _params(max_tokens: int, text: bool) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
         ignore_eos=True,
         temperature=_TEMPERATURE.value,
         repetition_penalty=_REPETITION.value,
-        stop=("\n\nUser:",) if tokenizer is not None else (),
+        stop=("\n\nUser:",) if text else (),
     )
+
+
+def _case(n: int, ctx: int, text: bool) -> str:
+    return (
+        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}, "
+        f"{'detokenized, one stop string' if text else 'token ids only'}"
+        f"{', repetition penalty' if _REPETITION.value != 1.0 else ''}"
+    )
+
+
+def bench_engine(n: int, ctx: int) -> str:
+    engine = _stub_engine(n, ctx)
+    params = _params(_MAX_LEN - ctx, engine.tokenizer is not None)
     rng = np.random.default_rng(0)
     for _ in range(n):
-        engine.add_request(rng.integers(100, model.vocab_size, ctx).tolist(), params)
+        engine.add_request(rng.integers(100, 49152, ctx).tolist(), params)
     while not all(t.request.num_output_tokens for t in engine._requests.values()):
         engine.step()  # prefills (not timed)
     times = []
@@ -149,16 +175,54 @@ def bench_engine(n: int, ctx: int) -> str:
         # Request-level batching (static) delivers its outputs when the batch ends.
         assert _POLICY.value == "static" or len(outs) == n, len(outs)
     return (
-        f"policy {_POLICY.value}, {n} decoding requests, context {ctx}, "
-        f"{'detokenized, one stop string' if tokenizer else 'token ids only'}"
-        f"{', repetition penalty' if _REPETITION.value != 1.0 else ''}: engine.step() "
+        f"{_case(n, ctx, engine.tokenizer is not None)}: engine.step() "
         f"{_median_ms(times):.3f} ms (median of {_ITERS.value})"
+    )
+
+
+def bench_server(n: int, ctx: int) -> str:
+    import asyncio
+    import json
+
+    from orca_jax.server import responses
+    from orca_jax.server.async_engine import AsyncEngine
+    from orca_jax.server.metrics import ServerMetrics
+
+    engine = _stub_engine(n, ctx)
+    served = AsyncEngine(engine)
+    served.observers.append(ServerMetrics(engine, "bench").observe)
+    stamps: list[tuple[float, int]] = []  # (time, requests progressed) per iteration
+    served.observers.append(lambda outs: stamps.append((time.perf_counter(), len(outs))))
+    meta = dict(id="cmpl", created=0, model="bench", tokenizer=engine.tokenizer, top_n=0, n=1)
+    params = _params(_ITERS.value + 20, engine.tokenizer is not None)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, 49152, ctx).tolist() for _ in range(n)]
+
+    async def client(i: int) -> None:
+        first = True
+        async for out in await served.add(prompts[i], params, f"r{i}"):
+            chunk = responses.completion_chunk(i, out, first, **meta)
+            first = False
+            if chunk is not None:
+                json.dumps(chunk)  # what the route sends
+
+    async def all_clients() -> None:
+        await asyncio.gather(*(client(i) for i in range(n)))
+
+    asyncio.run(all_clients())
+    served.shutdown()
+    # Iterations where every request decodes: from the one after all have started.
+    full = [t for t, k in stamps if k == n]
+    gaps = np.diff(full[5:-5])
+    return (
+        f"{_case(n, ctx, engine.tokenizer is not None)}, served: engine thread "
+        f"{1e3 * float(np.median(gaps)):.3f} ms per iteration (median of {len(gaps)})"
     )
 
 
 def main(argv):
     del argv
-    bench = bench_engine if _ENGINE.value else bench_scheduler
+    bench = bench_server if _SERVER.value else bench_engine if _ENGINE.value else bench_scheduler
     print(bench(_NUM_REQS.value, _CONTEXT.value))
 
 

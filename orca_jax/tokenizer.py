@@ -10,6 +10,7 @@ stop strings on text.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -71,6 +72,35 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, **kwa
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kwargs)
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """A chat template compiled in jinja2's immutable sandbox with transformers' extras
+    (the tokenizer's own, and those requests bring, which repeat)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered chat up to the end of its last message's content (what follows it, an
+    end-of-turn marker, is dropped); templates that trim content are matched trimmed."""
+    final = messages[-1].get("content") if messages else None
+    if not isinstance(final, str) or not final.strip():
+        raise ValueError("continue_final_message needs a last message with text content")
+    for content in (final, final.strip()):
+        at = text.rfind(content)
+        if at >= 0:
+            return text[: at + len(content)]
+    raise ValueError(
+        "continue_final_message: the last message's content does not appear in the rendered "
+        "chat (the template changes it)"
+    )
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with the special ids and chat template a server needs."""
 
@@ -92,7 +122,6 @@ class Tokenizer:
         if add_bos_token and bos_token_id is None:
             raise ValueError("add_bos_token=True needs a bos_token_id")
         self.add_bos_token = add_bos_token
-        self._compiled_template: jinja2.Template | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -146,36 +175,47 @@ class Tokenizer:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        **kwargs: Any,
     ) -> str:
         """Render `messages` with the tokenizer's Jinja chat template, as transformers does.
 
         The template runs in jinja2's immutable sandbox with transformers' extras
         (`raise_exception`, `strftime_now`, a non-escaping `tojson`, loop controls); extra
-        `kwargs` (e.g. `tools`) are passed to it. Encode the result with `add_special_tokens=False`.
+        `kwargs` (e.g. `tools`, or a template's own switches) are passed to it. Encode the
+        result with `add_special_tokens=False`.
+
+        `continue_final_message`: leave the last message open (the text ends with its
+        content, no end-of-turn after it), so the model continues it, e.g. a reply the
+        caller has started; it excludes `add_generation_prompt`. `chat_template`: a template
+        to use instead of the tokenizer's (the same sandbox).
         """
-        if self.chat_template is None:
+        if continue_final_message and add_generation_prompt:
+            raise ValueError(
+                "continue_final_message continues the last message; it cannot be combined "
+                "with add_generation_prompt, which opens a new one"
+            )
+        template = chat_template or self.chat_template
+        if template is None:
             raise ValueError(
                 "this tokenizer has no chat template; pass chat_template= when building it or "
                 "format the prompt yourself"
             )
-        if self._compiled_template is None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-            )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-            self._compiled_template = env.from_string(self.chat_template)
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self._token(self.pad_token_id),
             **kwargs,
         }
-        return self._compiled_template.render(
+        text = _compiled(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **context
         )
+        return _cut_after_final_message(text, messages) if continue_final_message else text
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:

@@ -360,3 +360,22 @@ def test_logit_bias_and_min_tokens(policy):
     assert outputs[0] == outputs[1] == [11] * 6
     assert outputs[2][-1] == 11 and len(outputs[2]) == 5 and 11 not in outputs[2][:4]
     assert outputs[3][0] != plain[0]
+
+
+def test_snapshots_keep_their_iteration_while_the_engine_goes_on():
+    """`RequestOutput.snapshot()` (what the server hands each stream) stays as it was when
+    taken, the same as a deep copy taken then, while the engine keeps updating in place;
+    logprobs and prompt logprobs included."""
+    import copy
+
+    engine = make_engine(warmup=False, max_logprobs=2)
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    engine.add_request([3, 1, 4, 1, 5], params)
+    taken = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            taken.append((out.snapshot(), copy.deepcopy(out)))
+    assert len(taken) == 6 and taken[-1][0].finished
+    for snap, deep in taken:
+        assert snap == deep
+    assert [len(s.token_ids) for s, _ in taken] == [1, 2, 3, 4, 5, 6]

@@ -172,6 +172,34 @@ def test_smollm2_chat_template_matches_transformers(
 
 
 @needs_smollm2
+@pytest.mark.parametrize("final", ["The capital of France is", "  Paris, of course.  "])
+def test_continue_final_message_matches_transformers(smollm2, hf_smollm2, final):
+    """The last (assistant) message stays open: the text ends with its content."""
+    messages = [*CHATS[0], {"role": "assistant", "content": final}]
+    ours = smollm2.apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
+    theirs = hf_smollm2.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert ours == theirs and ours.rstrip().endswith(final.strip())
+    with pytest.raises(ValueError, match="cannot be combined"):
+        smollm2.apply_chat_template(messages, continue_final_message=True)
+
+
+@needs_smollm2
+def test_chat_template_override_and_its_arguments(smollm2):
+    """A request's own template, and template arguments (a model's switches), as vLLM's
+    `chat_template` and `chat_template_kwargs`."""
+    template = "{% if think %}/think {% endif %}{{ messages[-1].content }}{{ eos_token }}"
+    chat = [{"role": "user", "content": "hi"}]
+    assert smollm2.apply_chat_template(chat, chat_template=template) == "hi<|im_end|>"
+    assert smollm2.apply_chat_template(chat, chat_template=template, think=True) == (
+        "/think hi<|im_end|>"
+    )
+
+
+@needs_smollm2
 def test_smollm2_chat_prompt_for_a_question(smollm2):
     prompt = smollm2.apply_chat_template(CHATS[0])
     # The template itself adds SmolLM's default system prompt when none is given.

@@ -10,7 +10,6 @@ request's progress to its handler's asyncio queue as a snapshot (the engine upda
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import queue
 import threading
@@ -115,22 +114,31 @@ class AsyncEngine:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
-                for observe in self.observers:
-                    observe(outputs)
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue
-                    stream.put(copy.deepcopy(out))
-                    if out.finished:
-                        del self._streams[out.request_id]
+                self.deliver(self.engine.step())
         except BaseException as e:  # noqa: BLE001 -- every waiting handler must hear of it
             log.exception("engine loop failed")
             self.error = e
             for stream in self._streams.values():
                 stream.put(e)
             self._streams.clear()
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand one iteration's outputs on (engine thread): observers see the live objects,
+        each handler gets a snapshot. One wake-up per event loop, not per request: waking a
+        loop from another thread writes to its self-pipe, and an iteration may progress
+        hundreds of requests."""
+        for observe in self.observers:
+            observe(outputs)
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            batches.setdefault(stream.loop, []).append((stream, out.snapshot()))
+            if out.finished:
+                del self._streams[out.request_id]
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _take_commands(self) -> None:
         while True:
@@ -150,6 +158,11 @@ class AsyncEngine:
             elif command[0] == "abort":
                 self.engine.abort(command[1])
                 self._streams.pop(command[1], None)
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

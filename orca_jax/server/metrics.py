@@ -100,10 +100,11 @@ class ServerMetrics:
         ):
             counter.inc(now - before)
         self._seen = totals
+        generated = 0  # one increment per iteration: each takes the metric's lock
         for out in outputs:
             completion = out.outputs[0]
             new = len(completion.delta_token_ids)
-            self.generation_tokens.inc(new)
+            generated += new
             if new and new == len(completion.token_ids):  # the request's first tokens
                 self.prompt_tokens.inc(len(out.prompt_token_ids))
                 self.ttft.observe(out.first_token_time - out.arrival_time)
@@ -117,6 +118,7 @@ class ServerMetrics:
             if len(completion.token_ids) > 1:
                 span = out.last_token_time - out.first_token_time
                 self.tpot.observe(span / (len(completion.token_ids) - 1))
+        self.generation_tokens.inc(generated)
 
     def _totals(self) -> tuple[int, int, int]:
         """The engine's running totals behind the counters (preemptions, prefix tokens)."""
