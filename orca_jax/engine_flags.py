@@ -30,6 +30,13 @@ _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 _NUM_BLOCKS = flags.DEFINE_integer("num_kv_blocks", None, "KV blocks (block 0 is reserved).")
 _KV_MEMORY = flags.DEFINE_integer("kv_cache_memory", 256 * 2**20, "KV bytes if no block count.")
 _N_WORKERS = flags.DEFINE_integer("n_workers", 1, "Batches in flight (orca, paged).")
+_ORDER = flags.DEFINE_enum(
+    "scheduling_order",
+    "fcfs",
+    ["fcfs", "priority"],
+    "paged: serve waiting requests first come first served, or by their priority (lower "
+    "first; a running request may be preempted for a more urgent one).",
+)
 _PREFIX_CACHING = flags.DEFINE_bool(
     "enable_prefix_caching", False, "paged: reuse the K/V of prompt prefixes already computed."
 )
@@ -64,6 +71,7 @@ def build_llm(**overrides) -> LLM:
         num_kv_blocks=_NUM_BLOCKS.value,
         kv_cache_memory=_KV_MEMORY.value,
         n_workers=_N_WORKERS.value,
+        scheduling_order=_ORDER.value,
         enable_prefix_caching=_PREFIX_CACHING.value,
         tensor_parallel_size=_TP.value,
         pipeline_parallel_size=_PP.value,

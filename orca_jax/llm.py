@@ -73,10 +73,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
-        A prompt that cannot be served raises ValueError before anything runs.
+        `priority`: one per prompt, lower served first (an engine with
+        `scheduling_order="priority"`). A prompt that cannot be served raises ValueError
+        before anything runs.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -86,14 +89,17 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
         ids: list[list[str]] = []  # per prompt, one request per completion (params.n)
         try:
-            for prompt, p in zip(prompts, params_list, strict=True):
+            for prompt, p, rank in zip(prompts, params_list, priorities, strict=True):
                 ids.append([])
                 for j, one in enumerate(p.completions()):
                     if j:  # the prompt is scored once, by completion 0 (see _merge)
                         one = dataclasses.replace(one, prompt_logprobs=None)
-                    ids[-1].append(self.engine.add_request(prompt, one))
+                    ids[-1].append(self.engine.add_request(prompt, one, priority=rank))
         except ValueError as e:
             for req_id in itertools.chain.from_iterable(ids):  # nothing half-submitted stays
                 self.engine.abort(req_id)
@@ -114,16 +120,32 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or to each of
-        a list of them: rendered by the model's chat template with the assistant's turn
-        opened, tokenized as the template wrote it (no extra special tokens), generated.
-        Each output's `prompt` is the rendered text."""
+        a list of them: rendered by the model's chat template (or `chat_template`) with the
+        assistant's turn opened, tokenized as the template wrote it (no extra special
+        tokens), generated. Each output's `prompt` is the rendered text.
+
+        As in vLLM: `continue_final_message` (with `add_generation_prompt=False`) leaves
+        the last message open for the model to go on; `chat_template_kwargs` and `tools`
+        are passed to the template."""
         tok = self.get_tokenizer()
-        if tok is None or tok.chat_template is None:
+        if tok is None or (tok.chat_template is None and chat_template is None):
             raise ValueError("this model has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        texts = [tok.apply_chat_template(list(c)) for c in conversations]
+        options = dict(
+            chat_template_kwargs or {},
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+        )
+        texts = [tok.apply_chat_template(list(c), **options) for c in conversations]
         prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         for out, text in zip(outs, texts, strict=True):

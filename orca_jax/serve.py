@@ -23,6 +23,11 @@ _SERVED_NAME = flags.DEFINE_string(
 _MAX_LOGPROBS = flags.DEFINE_integer(
     "max_logprobs", 20, "Most top log-probabilities a request may ask."
 )
+_TRUST_TEMPLATES = flags.DEFINE_bool(
+    "trust_request_chat_template",
+    False,
+    "Take a request's own chat_template (sandboxed Jinja, but it can spend server time).",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -38,7 +43,11 @@ def main(argv: list[str]) -> None:
         return
     engine = AsyncEngine(llm.engine)
     try:
-        app_ = build_app(engine, _SERVED_NAME.value or engine_flags.model_name())
+        app_ = build_app(
+            engine,
+            _SERVED_NAME.value or engine_flags.model_name(),
+            trust_request_chat_template=_TRUST_TEMPLATES.value,
+        )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:
         engine.shutdown()

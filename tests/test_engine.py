@@ -379,3 +379,32 @@ def test_snapshots_keep_their_iteration_while_the_engine_goes_on():
     for snap, deep in taken:
         assert snap == deep
     assert [len(s.token_ids) for s, _ in taken] == [1, 2, 3, 4, 5, 6]
+
+
+def test_priorities_need_an_engine_that_honours_them():
+    params = SamplingParams(max_tokens=2)
+    with pytest.raises(ValueError, match="first come first served"):
+        make_engine("orca", warmup=False).add_request([1, 2], params, priority=1)
+    engine = make_engine("paged", warmup=False, scheduling_order="priority")
+    urgent = engine.add_request([1, 2], params, priority=-1)
+    assert engine.scheduler.requests[urgent].priority == -1
+
+
+def test_llm_generate_takes_priorities():
+    """vLLM's `LLM.generate(..., priority=)`: with one request per iteration, the most
+    urgent prompt (lowest value) is served first whatever its place in the list."""
+    llm = LLM(
+        params=PARAMS,
+        config=CFG,
+        policy="paged",
+        scheduling_order="priority",
+        max_batch_size=1,
+        num_kv_blocks=64,
+        warmup=False,
+    )
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=3), priority=[2, 0, 1], use_tqdm=False)
+    order = sorted(range(3), key=lambda i: outs[i].first_token_time)
+    assert order == [1, 2, 0]
+    with pytest.raises(ValueError, match="2 priorities for 3 prompts"):
+        llm.generate(prompts, priority=[0, 1])

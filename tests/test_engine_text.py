@@ -196,3 +196,9 @@ def test_llm_generate_real_smollm2_paris():
     assert one.outputs[0].text == outs[0].outputs[0].text and one.prompt == prompts[0]
     both = llm.chat([conversation, [{"role": "user", "content": "What is 2+2?"}]])
     assert [o.outputs[0].text for o in both] == [o.outputs[0].text for o in outs]
+    # A reply the caller started: the model goes on from it, as from the rendered text.
+    started = [*conversation, {"role": "assistant", "content": "The capital of France is"}]
+    opts = dict(add_generation_prompt=False, continue_final_message=True)
+    [cont] = llm.chat(started, SamplingParams(max_tokens=4), use_tqdm=False, **opts)
+    assert cont.prompt == tok.apply_chat_template(started, **opts)
+    assert cont.prompt.endswith("is") and "Paris" in cont.outputs[0].text

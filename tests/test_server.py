@@ -490,6 +490,42 @@ def test_tokenize_and_detokenize(served, llm):
     assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 256
 
 
+def test_chat_rendering_options(served, llm, offline):
+    """vLLM's chat options: continue_final_message leaves the assistant's started reply open
+    (the model goes on from it), template arguments reach the template, a request's own
+    template only on a server that trusts them, and priorities only where honoured."""
+    http, client, engine = served
+    tok = llm.get_tokenizer()
+    started = "The capital of France is"
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": started}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    rendered = tok.apply_chat_template(messages, **options)
+    assert rendered.endswith(started)  # no end-of-turn after it (tested against transformers)
+    r = http.post("/tokenize", json={"messages": messages} | options).json()
+    assert r["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    reply = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=8, temperature=0, extra_body=options
+    )
+    want = _offline(offline, r["tokens"], max_tokens=8).text
+    assert reply.choices[0].message.content == want and "Paris" in want
+
+    template = "{% if shout %}LOUD {% endif %}{{ messages[0].content }}"
+    for body, status, words in [
+        ({"continue_final_message": True}, 400, "add_generation_prompt=false"),
+        ({"chat_template_kwargs": {"messages": []}}, 400, "cannot set ['messages']"),
+        ({"chat_template": template}, 400, "--trust_request_chat_template"),
+        ({"priority": 1}, 400, "priority"),
+    ]:
+        r = http.post("/v1/chat/completions", json={"messages": messages[:1]} | body)
+        assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    with TestClient(build_app(engine, "smollm2", trust_request_chat_template=True)) as trusting:
+        body = {"messages": messages[:1], "chat_template": template}
+        plain = trusting.post("/tokenize", json=body).json()["tokens"]
+        loud = trusting.post("/tokenize", json=body | {"chat_template_kwargs": {"shout": True}})
+        assert tok.decode(plain) == QUESTION
+        assert tok.decode(loud.json()["tokens"]) == "LOUD " + QUESTION
+
+
 def test_prefix_caching_shows_in_usage_and_metrics():
     """A paged engine with prefix caching behind the server: a repeated prompt's usage
     reports the cached tokens, and /metrics counts them."""

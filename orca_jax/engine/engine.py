@@ -131,6 +131,11 @@ class Engine:
             raise ValueError(
                 f"token ids {bad[:5]} outside the vocabulary [0, {self.model_config.vocab_size})"
             )
+        if priority and self.config.scheduling_order != "priority":
+            raise ValueError(
+                f"priority={priority}, but this engine serves first come first served "
+                "(scheduling_order='priority', policy 'paged', honours priorities)"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         for name in ("logprobs", "prompt_logprobs"):

@@ -38,8 +38,14 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
     return JSONResponse(body, status_code=status)
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    """The server's routes over `engine` (already running), serving `model_name`."""
+def build_app(
+    engine: AsyncEngine, model_name: str, *, trust_request_chat_template: bool = False
+) -> FastAPI:
+    """The server's routes over `engine` (already running), serving `model_name`.
+
+    `trust_request_chat_template`: take a request's own `chat_template` (a Jinja template
+    runs sandboxed, yet can still spend the server's time); refused by default, as vLLM
+    does."""
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
@@ -97,13 +103,20 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
             echo=req.echo,
         )
 
-    def chat_prompt(messages, tools=None) -> list[int] | JSONResponse:
-        """The chat's token ids, as the model's template renders it, or the error."""
-        if tokenizer is None or tokenizer.chat_template is None:
+    def chat_prompt(messages, options: dict, tools=None) -> list[int] | JSONResponse:
+        """The chat's token ids, as the model's template (or the request's, `options`)
+        renders it, or the error."""
+        if options.get("chat_template") is not None and not trust_request_chat_template:
+            return error(
+                400,
+                "this server does not take chat templates from requests (start it with "
+                "--trust_request_chat_template)",
+            )
+        if tokenizer is None or (tokenizer.chat_template is None and not options["chat_template"]):
             return error(400, "this model has no chat template")
         try:
             text = tokenizer.apply_chat_template(
-                [m.as_template_message() for m in messages], tools=tools
+                [m.as_template_message() for m in messages], tools=tools, **options
             )
         except Exception as e:  # noqa: BLE001 -- a template's raise_exception, bad content parts
             return error(400, f"chat template: {e}")
@@ -113,7 +126,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def chat(req: ChatCompletionRequest):
         if (bad := check(req)) is not None:
             return bad
-        prompt = chat_prompt(req.messages, req.template_tools())
+        prompt = chat_prompt(req.messages, req.template_options(), req.template_tools())
         if isinstance(prompt, JSONResponse):
             return prompt
         max_tokens = (
@@ -138,7 +151,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         if (bad := check(req)) is not None:
             return bad
         if req.messages is not None:
-            tokens = chat_prompt(req.messages)
+            tokens = chat_prompt(req.messages, req.template_options())
             if isinstance(tokens, JSONResponse):
                 return tokens
         elif tokenizer is None:
@@ -171,7 +184,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         try:
             for prompt in prompts:
                 for one in params.completions():  # completion j samples from seed + j
-                    streams.append(await engine.add(prompt, one, f"{rid}-{len(streams)}"))
+                    rid_j = f"{rid}-{len(streams)}"
+                    streams.append(await engine.add(prompt, one, rid_j, req.priority))
         except ValueError as e:
             for i in range(len(streams)):
                 engine.abort(f"{rid}-{i}")

@@ -52,7 +52,11 @@ class AsyncEngine:
     # ---- handler side (asyncio) --------------------------------------------------------------
 
     async def add(
-        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine has accepted it, return the iterator of its
         snapshots (one after every iteration it progresses in, the last one finished).
@@ -70,7 +74,7 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.prepare_structured, params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop())
         accepted = stream.loop.create_future()
-        self._send(("add", prompt, params, request_id, stream, accepted))
+        self._send(("add", prompt, params, request_id, priority, stream, accepted))
         try:
             await accepted  # the engine's ValueError for bad input
         except asyncio.CancelledError:
@@ -147,9 +151,11 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, prompt, params, request_id, stream, accepted = command
+                _, prompt, params, request_id, priority, stream, accepted = command
                 try:
-                    self.engine.add_request(prompt, params, request_id=request_id)
+                    self.engine.add_request(
+                        prompt, params, request_id=request_id, priority=priority
+                    )
                 except ValueError as e:
                     stream.loop.call_soon_threadsafe(_settle, accepted, e)
                     continue

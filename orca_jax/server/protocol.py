@@ -3,7 +3,9 @@
 Fields we do not implement are refused with a 400 (see `unsupported()`), never ignored
 silently. Extensions in vLLM's style: `top_k`, `min_p`, `ignore_eos`, `stop_token_ids`,
 `repetition_penalty`, `min_tokens`, `structured_outputs`, `allowed_token_ids`, `bad_words`,
-`include_stop_str_in_output`, `skip_special_tokens`, `truncate_prompt_tokens`.
+`include_stop_str_in_output`, `skip_special_tokens`, `truncate_prompt_tokens`, `priority`;
+for chats `add_generation_prompt`, `continue_final_message`, `chat_template`,
+`chat_template_kwargs`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
+    priority: int = 0  # vLLM's: lower first, with --scheduling_order=priority
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
@@ -192,7 +195,45 @@ def _with_parsed_arguments(call: Any) -> Any:
     return {**call, "function": {**function, "arguments": arguments}}
 
 
-class ChatCompletionRequest(_Common):
+# Names a chat is rendered with that `chat_template_kwargs` may not set.
+_TEMPLATE_NAMES = {
+    "messages",
+    "tools",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+}
+
+
+class _ChatTemplating(BaseModel):
+    """vLLM's chat rendering options (chat completions, and /tokenize with messages)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # leave the last message open; the model goes on
+    chat_template: str | None = None  # a template for this request (--trust_request_...)
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's own switches
+
+    def templating_unsupported(self) -> str | None:
+        if self.continue_final_message and self.add_generation_prompt:
+            return (
+                "continue_final_message continues the last message; send "
+                "add_generation_prompt=false with it"
+            )
+        if clash := _TEMPLATE_NAMES & (self.chat_template_kwargs or {}).keys():
+            return f"chat_template_kwargs cannot set {sorted(clash)}"
+        return None
+
+    def template_options(self) -> dict[str, Any]:
+        """Keyword arguments of `Tokenizer.apply_chat_template` (besides the messages)."""
+        return {
+            **(self.chat_template_kwargs or {}),
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "chat_template": self.chat_template,
+        }
+
+
+class ChatCompletionRequest(_Common, _ChatTemplating):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -207,6 +248,8 @@ class ChatCompletionRequest(_Common):
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs needs logprobs=true"
+        if why := self.templating_unsupported():
+            return why
         try:
             self.tool_calling()
         except ValueError as e:
@@ -237,8 +280,9 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM's extension): a completion `prompt` or chat `messages`."""
+class TokenizeRequest(_ChatTemplating):
+    """POST /tokenize (vLLM's extension): a completion `prompt` or chat `messages` (rendered
+    with the chat options)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -250,7 +294,7 @@ class TokenizeRequest(BaseModel):
     def unsupported(self) -> str | None:
         if (self.prompt is None) == (self.messages is None):
             return "send exactly one of prompt and messages"
-        return None
+        return self.templating_unsupported()
 
 
 class DetokenizeRequest(BaseModel):
