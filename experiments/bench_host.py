@@ -40,6 +40,12 @@ _POLICY = flags.DEFINE_string("policy", "orca", "Scheduling policy.")
 _ITERS = flags.DEFINE_integer("iters", 200, "Timed iterations.")
 _ENGINE = flags.DEFINE_bool("engine", False, "Time the whole Engine.step(), device stubbed.")
 _SERVER = flags.DEFINE_bool("server", False, "Time the server's iterations, device stubbed.")
+_DEVICE_MS = flags.DEFINE_float(
+    "device_ms",
+    0.0,
+    "Engine mode: the stub device takes this long per step (asynchronously, as a GPU does); "
+    "then the engine runs with and without async_output, side by side.",
+)
 _TEXT = flags.DEFINE_bool("text", True, "Engine mode: detokenize (SmolLM2's tokenizer).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Engine mode: sampling temperature.")
 _REPETITION = flags.DEFINE_float(
@@ -108,12 +114,26 @@ def bench_scheduler(n: int, ctx: int) -> str:
     )
 
 
-class _StubDevice:
-    """Stands in for `ModelRunner.execute_and_sample`: random tokens, returned at once."""
+class _Pending:
+    """A stub device's result: reading it (`np.asarray`) waits until the step is done."""
 
-    def __init__(self, vocab: int):
-        self.vocab = vocab
+    def __init__(self, value: np.ndarray, ready_at: float):
+        self.value, self.ready_at = value, ready_at
+
+    def __array__(self, dtype=None, copy=None):
+        time.sleep(max(0.0, self.ready_at - time.perf_counter()))  # releases the GIL
+        return self.value
+
+
+class _StubDevice:
+    """Stands in for `ModelRunner.execute_and_sample`: random tokens, at once or, with
+    `step_s`, after that long per step (steps queue up one after another, as on a GPU,
+    while the host goes on)."""
+
+    def __init__(self, vocab: int, step_s: float = 0.0):
+        self.vocab, self.step_s = vocab, step_s
         self.rng = np.random.default_rng(1)
+        self.busy_until = 0.0
 
     def __call__(self, batch, md, num_top_logprobs=0, prompt_targets=None):
         from orca_jax.runner import StepOutputs
@@ -121,10 +141,14 @@ class _StubDevice:
         r, k = batch.max_reqs, num_top_logprobs
         tokens = self.rng.integers(100, self.vocab, r).astype(np.int32)
         top = np.zeros((r, k), np.int32), np.zeros((r, k), np.float32)
-        return StepOutputs(tokens, np.zeros(r, np.float32), *top)
+        out = StepOutputs(tokens, np.zeros(r, np.float32), *top)
+        if not self.step_s:
+            return out
+        self.busy_until = max(self.busy_until, time.perf_counter()) + self.step_s
+        return StepOutputs(*(_Pending(a, self.busy_until) for a in out[:4]))
 
 
-def _stub_engine(n: int, ctx: int):
+def _stub_engine(n: int, ctx: int, **config):
     """An engine over SmolLM2's vocabulary whose device is `_StubDevice`."""
     from orca_jax import Engine
 
@@ -136,8 +160,8 @@ def _stub_engine(n: int, ctx: int):
         tokenizer = Tokenizer.from_gguf(default_model_path())
     # One small layer: the weights never run; the vocabulary is SmolLM2's.
     model = get_config("tiny-llama").replace(vocab_size=49152, max_seq_len=_MAX_LEN)
-    engine = Engine(model, init_params(model), tokenizer, _config(n, ctx, warmup=False))
-    engine.runner.execute_and_sample = _StubDevice(model.vocab_size)
+    engine = Engine(model, init_params(model), tokenizer, _config(n, ctx, warmup=False, **config))
+    engine.runner.execute_and_sample = _StubDevice(model.vocab_size, _DEVICE_MS.value / 1e3)
     return engine
 
 
@@ -159,8 +183,9 @@ def _case(n: int, ctx: int, text: bool) -> str:
     )
 
 
-def bench_engine(n: int, ctx: int) -> str:
-    engine = _stub_engine(n, ctx)
+def _time_steps(n: int, ctx: int, **config) -> tuple[float, bool]:
+    """Median ms per `Engine.step()` while all requests decode; and whether text was on."""
+    engine = _stub_engine(n, ctx, **config)
     params = _params(_MAX_LEN - ctx, engine.tokenizer is not None)
     rng = np.random.default_rng(0)
     for _ in range(n):
@@ -174,9 +199,19 @@ def bench_engine(n: int, ctx: int) -> str:
         times.append(time.perf_counter() - t0)
         # Request-level batching (static) delivers its outputs when the batch ends.
         assert _POLICY.value == "static" or len(outs) == n, len(outs)
+    return _median_ms(times), engine.tokenizer is not None
+
+
+def bench_engine(n: int, ctx: int) -> str:
+    if not _DEVICE_MS.value:
+        ms, text = _time_steps(n, ctx)
+        return f"{_case(n, ctx, text)}: engine.step() {ms:.3f} ms (median of {_ITERS.value})"
+    sync, text = _time_steps(n, ctx, async_output=False)
+    overlapped, _ = _time_steps(n, ctx, async_output=True)
     return (
-        f"{_case(n, ctx, engine.tokenizer is not None)}: engine.step() "
-        f"{_median_ms(times):.3f} ms (median of {_ITERS.value})"
+        f"{_case(n, ctx, text)}, device {_DEVICE_MS.value:.2f} ms per step: engine.step() "
+        f"{sync:.3f} ms emitting before the next dispatch, {overlapped:.3f} ms after it "
+        f"(async_output; x{overlapped / sync:.2f}; medians of {_ITERS.value})"
     )
 
 

@@ -37,6 +37,12 @@ _ORDER = flags.DEFINE_enum(
     "paged: serve waiting requests first come first served, or by their priority (lower "
     "first; a running request may be preempted for a more urgent one).",
 )
+_ASYNC_OUTPUT = flags.DEFINE_bool(
+    "async_output",
+    True,
+    "Dispatch the next batch before the returned one's text work, so the device runs "
+    "while the host detokenizes (--noasync_output: emit each batch before the next).",
+)
 _PREFIX_CACHING = flags.DEFINE_bool(
     "enable_prefix_caching", False, "paged: reuse the K/V of prompt prefixes already computed."
 )
@@ -72,6 +78,7 @@ def build_llm(**overrides) -> LLM:
         kv_cache_memory=_KV_MEMORY.value,
         n_workers=_N_WORKERS.value,
         scheduling_order=_ORDER.value,
+        async_output=_ASYNC_OUTPUT.value,
         enable_prefix_caching=_PREFIX_CACHING.value,
         tensor_parallel_size=_TP.value,
         pipeline_parallel_size=_PP.value,

@@ -30,15 +30,15 @@ def tiny_with_vocab():
 
 def _engine(tiny_with_vocab, tok, **kw):
     cfg, params = tiny_with_vocab
-    ecfg = EngineConfig(
+    settings = dict(
         max_batch_size=4,
         block_size=8,
         num_kv_blocks=64,
         max_model_len=128,
         max_num_batched_tokens=64,
         warmup=False,
-        **kw,
     )
+    ecfg = EngineConfig(**(settings | kw))
     return Engine(cfg, params, tok, ecfg)
 
 
@@ -202,3 +202,50 @@ def test_llm_generate_real_smollm2_paris():
     [cont] = llm.chat(started, SamplingParams(max_tokens=4), use_tqdm=False, **opts)
     assert cont.prompt == tok.apply_chat_template(started, **opts)
     assert cont.prompt.endswith("is") and "Paris" in cont.outputs[0].text
+
+
+@pytest.mark.parametrize(
+    "policy,kw",
+    [
+        ("orca", {}),
+        ("orca", {"n_workers": 2}),
+        ("paged", {"num_kv_blocks": 8}),  # preempts
+        ("static", {}),
+    ],
+)
+def test_async_output_changes_timing_not_outputs(tiny_with_vocab, tok, policy, kw):
+    """Emitting a batch's text after the next batch is dispatched (`async_output`, the
+    default) gives every request the same text, tokens and finish as emitting it first,
+    stop strings included (a stopped request may already sit in the next batch: its token
+    there is dropped), and leaks no block."""
+    prompts = ["Once upon a time", "Hello", "The capital of France", "1, 2, 3,", "Why"] * 2
+    base = [
+        SamplingParams(max_tokens=6 + 3 * i, temperature=1.0, seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    free = _engine(tiny_with_vocab, tok, policy=policy, async_output=False, **kw)
+    texts = [o.outputs[0].text for o in _run_all(free, prompts, base)]
+    # Stop strings cut half of the requests somewhere inside their text.
+    params = [
+        dataclasses.replace(p, stop=(t[len(t) // 2 : len(t) // 2 + 2],)) if i % 2 else p
+        for i, (p, t) in enumerate(zip(base, texts, strict=True))
+    ]
+    results = {}
+    for overlap in (False, True):
+        engine = _engine(tiny_with_vocab, tok, policy=policy, async_output=overlap, **kw)
+        outs = _run_all(engine, prompts, params)
+        results[overlap] = [
+            (o.outputs[0].text, o.token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason)
+            for o in outs
+        ]
+        usable = engine.scheduler.config.num_blocks - 1
+        assert engine.scheduler.kv_cache_manager.num_free_blocks == usable
+        assert (engine.num_preemptions > 0) == (policy == "paged")
+    assert results[True] == results[False]
+    assert sum(r[2] == "stop" for r in results[True]) >= 3
+
+
+def _run_all(engine, prompts, params):
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done = {o.request_id: o for o in _finish(engine)}
+    return [done[i] for i in ids]

@@ -21,6 +21,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # KV pages incl. the null page; None: from memory
     kv_cache_memory: int = 256 * 2**20  # bytes of KV cache (all devices) if no num_kv_blocks
     n_workers: int = 1  # batches in flight (orca, paged; static runs one)
+    # Dispatch the next batch before the returned one's text work (detokenizing, stop
+    # strings, outputs), so the device runs while the host does it (Engine.step).
+    async_output: bool = True
     tensor_parallel_size: int = 1  # devices that split heads and FFN (see sharding/)
     pipeline_parallel_size: int = 1  # stages of consecutive layers, each on its own devices
     max_model_len: int | None = None  # longest prompt + output; None: the model's context

@@ -31,6 +31,7 @@ from orca_jax.sampler import SamplingMetadata
 from orca_jax.scheduler import (
     ModelRunnerOutput,
     Request,
+    RequestDelta,
     RequestStatus,
     SamplingParams,
     SchedulerOutput,
@@ -227,22 +228,34 @@ class Engine:
     # ---- the loop ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run (at most) one iteration; return the requests that progressed in it."""
-        scheduled_any = False
-        if len(self._inflight) < self.scheduler.config.n_workers:
+        """Run (at most) one iteration; return the requests that progressed.
+
+        A batch in flight closes in two halves: `_collect` waits for its tokens and gives
+        them to the scheduler, `_emit` does the text work (detokenizing, stop strings,
+        outputs). With `async_output` (the default) the next batch is scheduled and
+        dispatched between the two, so the device runs it while the host emits: outputs
+        come back one `step()` later, and a request that a stop string ends may already
+        sit in the next batch (its token there is dropped). Without it, each `step()` emits
+        the batch it ran (with `n_workers=1`)."""
+        n_workers = self.scheduler.config.n_workers
+        overlap = self.config.async_output
+        closed: list[tuple[list[RequestDelta], float]] = []
+        if overlap and len(self._inflight) >= n_workers:  # make room for the next batch
+            closed.append(self._collect(*self._inflight.popleft()))
+        scheduled = False
+        if len(self._inflight) < n_workers:
             batch = self.scheduler.schedule()
             self.num_preemptions += len(batch.preempted_req_ids)
             if batch.is_empty:
                 self.batch_builder.forget(batch)  # it may report freed requests
-                self._close(batch, None)
+                closed.append(self._collect(batch, None))
             else:
                 self._inflight.append((batch, self._dispatch(batch)))
-                scheduled_any = True
-        if self._inflight and (
-            len(self._inflight) >= self.scheduler.config.n_workers or not scheduled_any
-        ):
-            return self._close(*self._inflight.popleft())
-        return []
+                scheduled = True
+        full = len(self._inflight) >= n_workers
+        if self._inflight and (not scheduled or (full and not overlap)):  # nothing new: drain
+            closed.append(self._collect(*self._inflight.popleft()))
+        return [out for deltas, now in closed for out in self._emit(deltas, now)]
 
     def _dispatch(self, batch: SchedulerOutput) -> tuple:
         rows = []
@@ -291,8 +304,13 @@ class Engine:
         if self.broadcast is not None:
             self.broadcast.send_stop()
 
-    def _close(self, batch: SchedulerOutput, device_out: StepOutputs | None) -> list[RequestOutput]:
-        sampled, logprobs = {}, {}
+    def _collect(
+        self, batch: SchedulerOutput, device_out: StepOutputs | None
+    ) -> tuple[list[RequestDelta], float]:
+        """First half of closing a batch: wait for its tokens, advance the requests'
+        sampling state and give the tokens to the scheduler (the next batch is scheduled
+        with them). Returns the scheduler's deltas and when the tokens arrived."""
+        sampled, logprobs, refused = {}, {}, []
         if device_out is not None:
             # Python ints and floats once per batch (numpy scalars cost more per row).
             tokens = np.asarray(device_out.tokens).tolist()  # waits for the device
@@ -312,6 +330,7 @@ class Engine:
                     tracked.sampling.advance(token)
                 except ValueError as e:  # never expected: ends this request, not the loop
                     tracked.error = str(e)
+                    refused.append(s.req_id)
                 n = tracked.params.logprobs
                 if n is not None:
                     if top is None:
@@ -322,7 +341,13 @@ class Engine:
                     )
                     tracked.pending_logprobs.append(entry)
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
-        now = time.monotonic()
+        # Ended before the next batch is scheduled (their automaton is past use); `_emit`
+        # reports them aborted.
+        self.scheduler.finish_requests(refused, RequestStatus.FINISHED_ABORTED)
+        return deltas, time.monotonic()
+
+    def _emit(self, deltas: list[RequestDelta], now: float) -> list[RequestOutput]:
+        """Second half: each delta's text, stop strings and output (`_advance`)."""
         outputs = []
         for delta in deltas:
             tracked = self._requests.get(delta.req_id)
