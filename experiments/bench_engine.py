@@ -1,14 +1,15 @@
-"""Engine throughput with host work overlapped (n_workers=2) or not (n_workers=1).
+"""Engine throughput with host work overlapped (async_output; n_workers=2) or not.
 
   PYTHONPATH=. python experiments/bench_engine.py --model=gpt2 --dtype=bfloat16   # on a GPU
 
 R requests of P prompt tokens each generate O tokens (EOS ignored), all together, under
 `--policy`. Each configuration runs the same workload twice on one engine: the first pass
 compiles the shapes it meets, the second is timed (so no compile is timed). Reports time per
-iteration and output tokens/s for one batch of all R requests (n_workers=1), and for two
-batches of R/2 in flight (n_workers=2: a request in flight is not scheduled again, so the
-requests alternate, as in Orca's pipeline): there the host schedules and packs one batch
-while the device runs the other.
+iteration and output tokens/s for one batch of all R requests (n_workers=1), with the
+returned batch's text work before the next dispatch or after it (async_output: overlapping
+the device's step), and for two batches of R/2 in flight (n_workers=2: a request in flight
+is not scheduled again, so the requests alternate, as in Orca's pipeline): there the host
+schedules and packs one batch while the device runs the other.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def main(argv):
         f"{model.name} {_DTYPE.value}, {_POLICY.value}, {n} requests x ({p} prompt + {o} "
         "output) tokens; second pass of each engine timed",
         "",
-        "| n_workers | max batch | s | iterations | ms/iteration | output tok/s |",
-        "|---|---|---|---|---|---|",
+        "| n_workers | async_output | max batch | s | iterations | ms/iteration | output tok/s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for n_workers, max_batch in ((1, n), (2, -(-n // 2))):
+    configs = ((1, False, n), (1, True, n), (2, True, -(-n // 2)))
+    for n_workers, async_output, max_batch in configs:
         config = EngineConfig(
             policy=_POLICY.value,
             max_batch_size=max_batch,
@@ -65,13 +67,15 @@ def main(argv):
             max_model_len=p + o,
             max_num_batched_tokens=max(n, 512),
             n_workers=n_workers,
+            async_output=async_output,
             warmup=False,
         )
         engine = Engine(model, weights, None, config)
         run(engine, prompts, params)  # compiles the shapes this workload meets
         sec, iters = run(engine, prompts, params)
         rows.append(
-            f"| {n_workers} | {max_batch} | {sec:.3f} | {iters} | {1e3 * sec / iters:.3f} | "
+            f"| {n_workers} | {async_output} | {max_batch} | {sec:.3f} | {iters} | "
+            f"{1e3 * sec / iters:.3f} | "
             f"{n * o / sec:,.0f} |"
         )
         print(rows[-1], flush=True)

@@ -10,7 +10,8 @@
 #   2. whole gpt2 bf16 step, 128 decodes x 512, Pallas then reference, against its floor
 #   3. the kernel test suite on the GPU (Triton, not interpret)
 #   4. host time per iteration on this machine's CPU (scheduler; whole engine step)
-#   5. engine throughput, host work overlapped (n_workers=2) or not, gpt2 bf16, if time is left
+#   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
+#      if time is left
 #   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
 #      (calibration.json), if time is left
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
@@ -61,7 +62,7 @@ stage attention_tests 300 "$PY" -m pytest tests/kernels/test_ragged_paged_attent
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
-stage engine 100 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
+stage engine 150 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
   --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
 stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
   --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
@@ -79,7 +80,7 @@ stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtyp
   echo "--- host (scheduler; whole engine step, device stubbed, no tokenizer)"
   tail -1 "$OUT/host.log" 2>/dev/null
   tail -1 "$OUT/host_engine.log" 2>/dev/null
-  echo "--- engine (n_workers 1 vs 2)"
+  echo "--- engine (n_workers 1, async_output off / on; n_workers 2)"
   cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
   echo "--- simulator calibration (gpt2 bf16)"
   grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
