@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from orca_jax import distributed
@@ -19,6 +21,9 @@ _WEIGHTS = flags.DEFINE_string(
     "weights", None, "Weights: a .gguf, a Hugging Face directory, or 'random' (uses --seed)."
 )
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer path (default: the weights').")
+_CHAT_TEMPLATE = flags.DEFINE_string(
+    "chat_template", None, "A Jinja chat template, or a file holding one, replacing the model's."
+)
 SEED = flags.DEFINE_integer("seed", 0, "Seed for random weights and for sampling.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.")
 _ATTENTION = flags.DEFINE_enum(
@@ -85,7 +90,23 @@ def build_llm(**overrides) -> LLM:
         max_model_len=_MAX_LEN.value or min(2048, model_config(_MODEL.value).max_seq_len),
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
     )
-    return LLM(_MODEL.value, **(kwargs | overrides))
+    llm = LLM(_MODEL.value, **(kwargs | overrides))
+    if _CHAT_TEMPLATE.value is not None:
+        tok = llm.get_tokenizer()
+        if tok is None:
+            raise ValueError("--chat_template: this model has no tokenizer")
+        tok.chat_template = read_template(_CHAT_TEMPLATE.value)
+    return llm
+
+
+def read_template(value: str) -> str:
+    """A chat template given as a file path, or as the template itself."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:  # neither a file nor Jinja: most likely a mistyped path
+        raise ValueError(f"--chat_template={value!r} is not a file, nor a Jinja template")
+    return value
 
 
 def model_name() -> str:

@@ -23,6 +23,19 @@ _SERVED_NAME = flags.DEFINE_string(
 _MAX_LOGPROBS = flags.DEFINE_integer(
     "max_logprobs", 20, "Most top log-probabilities a request may ask."
 )
+_AUTO_TOOLS = flags.DEFINE_bool(
+    "enable_auto_tool_choice",
+    False,
+    'Serve tool_choice "auto" (the default when tools are sent): read the model\'s own tool '
+    "calls out of its text with --tool_call_parser.",
+)
+_TOOL_PARSER = flags.DEFINE_enum(
+    "tool_call_parser",
+    None,
+    ["hermes", "llama3_json"],
+    "The model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen, "
+    "SmolLM3...) or llama3_json (a JSON object per call: Llama 3.x).",
+)
 _TRUST_TEMPLATES = flags.DEFINE_bool(
     "trust_request_chat_template",
     False,
@@ -35,8 +48,11 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     from orca_jax.server import AsyncEngine, build_app
+    from orca_jax.server.tool_parsers import get_parser
 
     logging.set_verbosity(logging.INFO)
+    if _AUTO_TOOLS.value and _TOOL_PARSER.value is None:
+        raise app.UsageError("--enable_auto_tool_choice needs --tool_call_parser")
     llm = engine_flags.build_llm(max_logprobs=_MAX_LOGPROBS.value)
     if not distributed.is_leader():
         distributed.follow(llm.engine)
@@ -47,6 +63,7 @@ def main(argv: list[str]) -> None:
             engine,
             _SERVED_NAME.value or engine_flags.model_name(),
             trust_request_chat_template=_TRUST_TEMPLATES.value,
+            tool_parser=get_parser(_TOOL_PARSER.value) if _AUTO_TOOLS.value else None,
         )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:

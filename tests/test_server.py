@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from models import get_config, init_params
 from orca_jax import LLM, SamplingParams
 from orca_jax.server import AsyncEngine, build_app
+from orca_jax.server.tool_parsers import HermesParser
 
 QUESTION = "What is the capital of France?"
 
@@ -452,7 +453,7 @@ def test_forced_tool_calls(served):
 
     body = dict(messages=messages, tools=[WEATHER])
     for extra, words in (
-        ({}, '"auto" is not supported'),
+        ({}, "--enable_auto_tool_choice"),
         (
             {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "not among the tools",
@@ -465,6 +466,26 @@ def test_forced_tool_calls(served):
     ):
         r = http.post("/v1/chat/completions", json=body | extra)
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
+
+
+def test_auto_tool_choice_with_a_parser_serves_text_replies(served, offline):
+    """A server started with a tool-call parser takes tools with the default "auto": a
+    reply that calls no tool is the model's text, the same as without tools offered."""
+    http, client, engine = served
+    messages = [{"role": "user", "content": QUESTION}]
+    with TestClient(build_app(engine, "smollm2", tool_parser=HermesParser())) as with_parser:
+        tooled = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="-", http_client=with_parser
+        )
+        kw = dict(model="smollm2", messages=messages, max_tokens=16, temperature=0)
+        reply = tooled.chat.completions.create(**kw, tools=[WEATHER])
+        plain = client.chat.completions.create(**kw)
+        assert reply.choices[0].message.content == plain.choices[0].message.content
+        assert not reply.choices[0].message.tool_calls
+        assert reply.choices[0].finish_reason == plain.choices[0].finish_reason
+        chunks = list(tooled.chat.completions.create(**kw, tools=[WEATHER], stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == plain.choices[0].message.content
 
 
 def test_tokenize_and_detokenize(served, llm):

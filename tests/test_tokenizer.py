@@ -447,3 +447,15 @@ def test_token_bytes_of_a_sentencepiece_style_vocabulary():
     tok = Tokenizer(backend, bos_token_id=1, eos_token_id=2)
     assert backend.decode([3]) == "hello"  # why decoding alone would be wrong
     assert tok.token_bytes() == [b"<unk>", None, None, b" hello", b" ", b"\xc3", b"ab"]
+
+
+def test_chat_template_flag_reads_a_file_or_the_template(tmp_path):
+    """`--chat_template` (vLLM's): a file holding a template, or the template itself."""
+    from orca_jax.engine_flags import read_template  # noqa: PLC0415
+
+    path = tmp_path / "chat.jinja"
+    path.write_text("{{ messages[0].content }}")
+    assert read_template(str(path)) == "{{ messages[0].content }}"
+    assert read_template("{{ messages }}") == "{{ messages }}"
+    with pytest.raises(ValueError, match="not a file"):
+        read_template(str(tmp_path / "missing.jinja"))

@@ -5,7 +5,10 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+from orca_jax.server import responses
 from orca_jax.server.protocol import ChatMessage
+from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser, get_parser
 from orca_jax.server.tools import NamedToolChoice, Tool, ToolCalling
 
 WEATHER = Tool.model_validate(
@@ -51,8 +54,8 @@ def test_bad_tool_definitions_and_choices():
         Tool.model_validate({"type": "function", "function": {"name": "has space"}})
     with pytest.raises(ValueError, match="unique"):
         ToolCalling.of([TIME, TIME], "required", True)
-    with pytest.raises(ValueError, match='"auto" is not supported'):
-        ToolCalling.of([TIME], None, True)
+    with pytest.raises(ValueError, match="--enable_auto_tool_choice"):
+        ToolCalling.of([TIME], None, True)  # "auto", the default with tools: needs a parser
     assert ToolCalling.of([TIME], "none", True) is None and ToolCalling.of(None, None, True) is None
 
 
@@ -70,3 +73,123 @@ def test_earlier_tool_calls_reach_the_template_with_object_arguments():
     calls = msg.as_template_message()["tool_calls"]
     assert calls[0]["function"]["arguments"] == {"a": 1}
     assert calls[1]["function"]["arguments"] == "not json"
+
+
+# ---------------------------------------------------------------- tool_choice "auto"
+
+CALL = '{"name": "weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize(
+    "text,content,calls",
+    [
+        ("It is sunny.", "It is sunny.", []),
+        (f"Let me check.\n<tool_call>\n{CALL}\n</tool_call>", "Let me check.\n", ["weather"]),
+        (f"<tool_call>{CALL}</tool_call><tool_call>{CALL}</tool_call>", "", ["weather"] * 2),
+        (f"<tool_call>{CALL}", "", ["weather"]),  # ended before closing: still a call
+        ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
+        (
+            '<tool_call>{"arguments": {}}</tool_call>',
+            '<tool_call>{"arguments": {}}</tool_call>',
+            [],
+        ),
+    ],
+)
+def test_hermes_parser(text, content, calls):
+    got_content, got_calls = HermesParser().parse(text)
+    assert got_content == content and [name for name, _ in got_calls] == calls
+    if calls:
+        assert got_calls[0][1] == {"city": "Paris"}
+
+
+def test_hermes_streams_up_to_a_possible_call():
+    parser = HermesParser()
+    assert parser.streamable("Let me check. <tool") == len("Let me check. ")  # may be one
+    assert parser.streamable("a <toolbox") == len("a <toolbox")  # was not
+    assert parser.streamable(f"ok <tool_call>{CALL[:9]}") == len("ok ")
+
+
+@pytest.mark.parametrize(
+    "text,calls",
+    [
+        ('{"name": "weather", "parameters": {"city": "Paris"}}', ["weather"]),
+        ('<|python_tag|>{"name": "weather", "arguments": {"city": "Paris"}}', ["weather"]),
+        ('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {}}', ["a", "b"]),
+        ('{"name": "a", "parameters": "{\\"x\\": 1}"}', ["a"]),  # arguments as a JSON string
+        ("The weather is fine.", []),
+        ('{"name": "a", "parameters": {}} and then some text', []),
+        ('{"city": "Paris"}', []),  # JSON, but no call
+    ],
+)
+def test_llama3_json_parser(text, calls):
+    content, got = Llama3JsonParser().parse(text)
+    assert [name for name, _ in got] == calls
+    assert content == ("" if calls else text)
+
+
+def test_llama3_json_holds_back_what_may_be_a_call():
+    parser = Llama3JsonParser()
+    assert parser.streamable("  ") == 0 and parser.streamable(' {"na') == 0
+    assert parser.streamable("<|python") == 0
+    assert parser.streamable("Sure, the weather") == len("Sure, the weather")
+    with pytest.raises(ValueError, match="known"):
+        get_parser("mistral")
+
+
+def test_auto_calls_are_read_only_for_offered_tools():
+    auto = ToolCalling.of([WEATHER, TIME], "auto", True, HermesParser())
+    assert auto.constraint() is None  # the output stays free
+    content, calls = auto.parse_auto(f"Checking.<tool_call>{CALL}</tool_call>")
+    assert content == "Checking." and calls[0]["function"]["name"] == "weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    other = '<tool_call>{"name": "stocks", "arguments": {}}</tool_call>'
+    assert auto.parse_auto(other) == (other, None)  # not offered: text
+
+
+def _snapshots(pieces: list[str], finish_reason: str = "stop") -> list[RequestOutput]:
+    """What a stream hands a handler: one snapshot per token, each token one piece."""
+    outs, text = [], ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        last = i == len(pieces) - 1
+        comp = CompletionOutput(
+            0,
+            text,
+            list(range(i + 1)),
+            finish_reason=finish_reason if last else None,
+            delta_text=piece,
+            delta_token_ids=[i],
+        )
+        outs.append(RequestOutput("r", None, [1, 2], [comp], finished=last))
+    return outs
+
+
+@pytest.mark.parametrize(
+    "text,calls",
+    [
+        (f"Let me check the weather. <tool_call>{CALL}</tool_call>", 1),
+        ("It is <tool-ish> sunny < in Paris.", 0),
+        ("<tool_call>{broken</tool_call>", 0),
+    ],
+)
+def test_auto_stream_matches_the_whole_reply(text, calls):
+    """Streamed content never shows the start of a call, and content + calls add up to
+    the non-streamed reply."""
+    auto = ToolCalling.of([WEATHER], "auto", True, HermesParser())
+    meta = dict(id="c", created=0, model="m", tokenizer=None, top_n=0, n=1, tools=auto)
+    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
+    chunks = [
+        responses.chat_chunk(0, out, i == 0, **meta) for i, out in enumerate(_snapshots(pieces))
+    ]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c is not None]
+    streamed = "".join(d.get("content") or "" for d in deltas)
+    (reply,) = responses.chat(_snapshots(pieces)[-1:], **meta)["choices"]
+    assert streamed == (reply["message"]["content"] or "")
+    if calls:
+        assert "<tool" not in streamed and reply["finish_reason"] == "tool_calls"
+        tool_calls = deltas[-1]["tool_calls"]
+        assert [c["function"]["name"] for c in tool_calls] == ["weather"]
+        assert tool_calls[0]["function"] == reply["message"]["tool_calls"][0]["function"]
+    else:
+        assert streamed == text and "tool_calls" not in deltas[-1]
+        assert reply["finish_reason"] == "stop"

@@ -31,6 +31,7 @@ from orca_jax.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from orca_jax.server.tool_parsers import ToolParser
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -39,13 +40,18 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
 
 
 def build_app(
-    engine: AsyncEngine, model_name: str, *, trust_request_chat_template: bool = False
+    engine: AsyncEngine,
+    model_name: str,
+    *,
+    trust_request_chat_template: bool = False,
+    tool_parser: ToolParser | None = None,
 ) -> FastAPI:
     """The server's routes over `engine` (already running), serving `model_name`.
 
     `trust_request_chat_template`: take a request's own `chat_template` (a Jinja template
     runs sandboxed, yet can still spend the server's time); refused by default, as vLLM
-    does."""
+    does. `tool_parser`: reads the model's own tool calls, for `tool_choice: "auto"`
+    (`tool_parsers.py`); without it "auto" is refused."""
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
@@ -124,6 +130,7 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
+        req.use_tool_parser(tool_parser)
         if (bad := check(req)) is not None:
             return bad
         prompt = chat_prompt(req.messages, req.template_options(), req.template_tools())

@@ -14,9 +14,10 @@ import dataclasses
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from orca_jax.scheduler import SamplingParams, StructuredOutputs
+from orca_jax.server.tool_parsers import ToolParser
 from orca_jax.server.tools import Tool, ToolCalling, ToolChoice
 
 MAX_N = 64  # most completions one request may ask per prompt
@@ -244,6 +245,7 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
     tools: list[Tool] | None = Field(default=None, min_length=1)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    _tool_parser: ToolParser | None = PrivateAttr(default=None)
 
     def unsupported(self) -> str | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -256,9 +258,16 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
             return str(e)
         return super().unsupported()
 
+    def use_tool_parser(self, parser: ToolParser | None) -> None:
+        """The server's parser of the model's own tool calls (`tool_choice: "auto"`)."""
+        self._tool_parser = parser
+
     def tool_calling(self) -> ToolCalling | None:
-        """What tool calls the reply must be, if any (ValueError: a choice not served)."""
-        return ToolCalling.of(self.tools, self.tool_choice, self.parallel_tool_calls)
+        """What tool calls the reply may or must be, if any (ValueError: a choice not
+        served)."""
+        return ToolCalling.of(
+            self.tools, self.tool_choice, self.parallel_tool_calls, self._tool_parser
+        )
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as chat templates take them (OpenAI's JSON)."""
@@ -271,7 +280,7 @@ class ChatCompletionRequest(_Common, _ChatTemplating):
             return spec
         if spec is not None:
             raise ValueError(
-                "tool calls fix the output's format: no response_format or structured_outputs "
+                "tool calls set the output's format: no response_format or structured_outputs "
                 "with them"
             )
         return calling.constraint()

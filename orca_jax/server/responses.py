@@ -164,8 +164,14 @@ def completion_chunk(
 
 def _reply(out: RequestOutput, tools: ToolCalling | None) -> tuple[dict, str | None]:
     """The assistant's message and finish reason: tool calls when the request forced them
-    and the output completed them, its text otherwise."""
+    and the output completed them, or (tool_choice "auto") when the model wrote some; its
+    text otherwise."""
     comp = out.outputs[0]
+    if tools is not None and tools.parser is not None:
+        content, calls = tools.parse_auto(comp.text)
+        if calls is None:
+            return {"role": "assistant", "content": comp.text}, comp.finish_reason
+        return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
     calls = tools.parse(comp.text) if tools is not None and comp.finish_reason == "stop" else None
     if calls is None:
         return {"role": "assistant", "content": comp.text}, comp.finish_reason
@@ -199,13 +205,27 @@ def chat_chunk(
     i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n, tools=None
 ):
     """A stream chunk. With forced tool calls the text is held back and the calls go out
-    whole in the last chunk (with the whole output's logprobs), once they can be read."""
+    whole in the last chunk (with the whole output's logprobs), once they can be read. With
+    "auto", text streams until it may be turning into a call (the parser's `streamable`);
+    what follows goes out in the last chunk, as calls or, if none, as text."""
     comp = out.outputs[0]
     if not first and not comp.delta_token_ids and not out.finished:
         return None
     finish_reason, logprobs = comp.finish_reason, chat_logprobs(out, tokenizer, top_n, True)
     if tools is None:
         delta = {"content": comp.delta_text}
+    elif tools.parser is not None:
+        before = comp.text[: len(comp.text) - len(comp.delta_text)]
+        sent = tools.parser.streamable(before)
+        if not out.finished:
+            delta = {"content": comp.text[sent : tools.parser.streamable(comp.text)]}
+        else:
+            message, finish_reason = _reply(out, tools)
+            delta = {"content": (message["content"] or "")[sent:]}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [
+                    {"index": j, **c} for j, c in enumerate(message["tool_calls"])
+                ]
     elif not out.finished:
         if not first:
             return None

@@ -1,14 +1,16 @@
-"""Tool calls (OpenAI's `tools` / `tool_choice`) as structured outputs.
+"""Tool calls (OpenAI's `tools` / `tool_choice`): forced ones as structured outputs, "auto"
+read from the model's own syntax.
 
 A forced choice is a constraint on the output (`orca_jax.structured`): a named function makes
 the output that function's arguments, a JSON object of its `parameters` schema; "required"
 makes it a JSON list of `{"name": ..., "parameters": {...}}` objects, each one of the tools
 (one object, not a list, with `parallel_tool_calls: false`). The finished text is then read
 back into OpenAI's `tool_calls`; an output cut by max_tokens comes back as text, with
-finish_reason "length". "auto" would mean reading the model's own tool-call syntax out of
-free text, which differs from model to model (vLLM needs a per-model parser for it): it is
-refused with a clear error. "none" serves the chat as if no tool were offered (the template
-still sees them).
+finish_reason "length". "auto" (OpenAI's default when tools are offered) leaves the output
+free and reads the model's own tool-call syntax out of it, which differs from model to model:
+the server must be started with a parser for it (`tool_parsers.py`; vLLM's
+`--enable-auto-tool-choice --tool-call-parser`), else it is refused with a clear error.
+"none" serves the chat as if no tool were offered (the template still sees them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from orca_jax.scheduler import StructuredOutputs
+from orca_jax.server.tool_parsers import ToolParser
 
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -67,15 +70,20 @@ class ToolCalling:
     """A chat request whose output must be tool calls: which tools, and how many calls."""
 
     tools: tuple[Tool, ...]
-    named: str | None  # the forced function, or None for "required" (any of them)
+    named: str | None  # the forced function, or None for "required" / "auto" (any of them)
     parallel: bool  # "required" may call several
+    parser: ToolParser | None = None  # "auto": the calls are read from free text with it
 
     @classmethod
     def of(
-        cls, tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool
+        cls,
+        tools: list[Tool] | None,
+        choice: ToolChoice | None,
+        parallel: bool,
+        auto_parser: ToolParser | None = None,
     ) -> ToolCalling | None:
         """The tool calling a request asks for; None when it asks for text (ValueError for
-        a choice that cannot be served)."""
+        a choice that cannot be served: "auto" needs the server's `auto_parser`)."""
         if choice is None:  # OpenAI's default: "auto" when tools are offered
             choice = "auto" if tools else "none"
         if choice == "none":
@@ -86,18 +94,23 @@ class ToolCalling:
         if len(set(names)) != len(names):
             raise ValueError(f"tool names must be unique, got {names}")
         if choice == "auto":
-            raise ValueError(
-                'tool_choice "auto" is not supported: it needs the model\'s own tool-call '
-                'format read from free text; send tool_choice "required" or a named function '
-                '(or "none")'
-            )
+            if auto_parser is None:
+                raise ValueError(
+                    'tool_choice "auto" (the default when tools are sent) needs the model\'s '
+                    "own tool-call syntax read from free text: start the server with "
+                    "--enable_auto_tool_choice --tool_call_parser=NAME, or send tool_choice "
+                    '"required", a named function, or "none"'
+                )
+            return cls(tuple(tools), None, parallel, auto_parser)
         named = None if choice == "required" else choice.function.name
         if named is not None and named not in {t.function.name for t in tools}:
             raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
         return cls(tuple(tools), named, parallel)
 
-    def constraint(self) -> StructuredOutputs:
-        """What the output must be (see the module docstring)."""
+    def constraint(self) -> StructuredOutputs | None:
+        """What the output must be (see the module docstring); None for "auto"."""
+        if self.parser is not None:
+            return None
         if self.named is not None:
             return StructuredOutputs(json=self._parameters(self.named))
         one = {
@@ -119,7 +132,10 @@ class ToolCalling:
     def parse(self, text: str) -> list[dict[str, Any]] | None:
         """OpenAI's `tool_calls` read from a finished output; None if it does not start with
         complete JSON of the expected shape (a length-limited output, say). Text after the
-        JSON (an end-of-sequence token kept by skip_special_tokens=false) is ignored."""
+        JSON (an end-of-sequence token kept by skip_special_tokens=false) is ignored.
+        "auto": see `parse_auto`."""
+        if self.parser is not None:
+            return self.parse_auto(text)[1]
         try:
             value, _ = json.JSONDecoder().raw_decode(text.lstrip())
         except (ValueError, RecursionError):  # also Python's limit on huge integers
@@ -135,6 +151,15 @@ class ToolCalling:
         ):
             return None
         return [_call(c["name"], c["parameters"]) for c in calls]
+
+    def parse_auto(self, text: str) -> tuple[str, list[dict[str, Any]] | None]:
+        """ "auto": the content (the text before the calls) and the calls the model wrote,
+        or (the whole text, None) when it called none of the offered tools."""
+        content, calls = self.parser.parse(text)
+        offered = {t.function.name for t in self.tools}
+        if not calls or any(name not in offered for name, _ in calls):
+            return text, None
+        return content, [_call(name, arguments) for name, arguments in calls]
 
     @property
     def finish_reason(self) -> str:

@@ -1,0 +1,124 @@
+"""Reading a model's own tool calls out of its free text (`tool_choice: "auto"`).
+
+Models write tool calls in their own syntax, so a server is told which (vLLM's
+`--tool-call-parser`). Two families cover most open models:
+
+- `hermes` (Hermes, Qwen, SmolLM3 and others): calls sit in
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, possibly after some
+  text; a last block the model ended without closing still counts.
+- `llama3_json` (Llama 3.x): the whole output is the call(s), a JSON object
+  `{"name": ..., "parameters": {...}}` (or `"arguments"`), several separated by `;`,
+  optionally after `<|python_tag|>`.
+
+A parser says how much of a growing text is surely content (`streamable`: a stream sends
+that much as it comes and holds the rest back), and reads a finished text into its content
+and calls (`parse`). Text that does not hold well-formed calls is content: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Protocol
+
+Call = tuple[str, dict[str, Any]]  # (function name, arguments)
+
+
+class ToolParser(Protocol):
+    name: str
+
+    def streamable(self, text: str) -> int:
+        """Length of the prefix of `text` (an unfinished output) that is content whatever
+        comes next."""
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        """(content, calls) of a finished output; no calls: all of it is content."""
+
+
+def _call(value: Any) -> Call | None:
+    """A call from a decoded JSON value, or None if it is not shaped like one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return None
+    return (value["name"], arguments) if isinstance(arguments, dict) else None
+
+
+def _held_back(text: str, marker: str) -> int:
+    """Characters at the end of `text` that could be the start of `marker`."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+class HermesParser:
+    name = "hermes"
+    start, end = "<tool_call>", "</tool_call>"
+    _block = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+
+    def streamable(self, text: str) -> int:
+        at = text.find(self.start)
+        return at if at >= 0 else len(text) - _held_back(text, self.start)
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        at = text.find(self.start)
+        if at < 0:
+            return text, []
+        calls = []
+        for body in self._block.findall(text, at):
+            try:
+                call = _call(json.loads(body))
+            except (ValueError, RecursionError):
+                call = None
+            if call is None:  # a malformed block: the whole text stays content
+                return text, []
+            calls.append(call)
+        return text[:at], calls
+
+
+class Llama3JsonParser:
+    name = "llama3_json"
+    tag = "<|python_tag|>"
+
+    def streamable(self, text: str) -> int:
+        head = text.lstrip()
+        if not head or head.startswith("{") or self.tag.startswith(head[: len(self.tag)]):
+            return 0  # may be a call: hold everything back until it is known
+        return len(text)
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        rest = text.lstrip()
+        if rest.startswith(self.tag):
+            rest = rest[len(self.tag) :].lstrip()
+        if not rest.startswith("{"):
+            return text, []
+        decoder, calls = json.JSONDecoder(), []
+        while rest:
+            try:
+                value, end = decoder.raw_decode(rest)
+            except (ValueError, RecursionError):
+                return text, []
+            call = _call(value)
+            if call is None:
+                return text, []
+            calls.append(call)
+            rest = rest[end:].lstrip()
+            if rest.startswith(";"):
+                rest = rest[1:].lstrip()
+            elif rest:  # text after the calls: not this format after all
+                return text, []
+        return "", calls
+
+
+PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser)}
+
+
+def get_parser(name: str) -> ToolParser:
+    if name not in PARSERS:
+        raise ValueError(f"unknown tool call parser {name!r}; known: {sorted(PARSERS)}")
+    return PARSERS[name]()
