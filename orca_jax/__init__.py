@@ -8,7 +8,13 @@ Names are imported lazily, so `orca_jax.scheduler` (pure Python) can be used wit
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING
+
+try:
+    __version__ = importlib.metadata.version("orca-jax")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree (PYTHONPATH=.)
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "LLM": "orca_jax.llm",

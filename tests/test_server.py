@@ -8,6 +8,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+import orca_jax
 from models import get_config, init_params
 from orca_jax import LLM, SamplingParams
 from orca_jax.server import AsyncEngine, build_app
@@ -123,6 +124,26 @@ def test_models_and_health(served):
     http, client, _ = served
     assert [m.id for m in client.models.list()] == ["smollm2"]
     assert http.get("/health").status_code == 200
+    assert http.get("/version").json() == {"version": orca_jax.__version__}
+
+
+def test_continuous_usage_stats(served):
+    """vLLM's stream option: every chunk carries the request's counts so far."""
+    http, client, _ = served
+    chunks = list(
+        client.completions.create(
+            model="smollm2",
+            prompt=QUESTION,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == [1, 2, 3, 4, 5]
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+import orca_jax
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.server import responses
 from orca_jax.server.async_engine import AsyncEngine
@@ -29,6 +30,7 @@ from orca_jax.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    StreamOptions,
     TokenizeRequest,
 )
 from orca_jax.server.tool_parsers import ToolParser
@@ -83,6 +85,10 @@ def build_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": orca_jax.__version__})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -207,9 +213,9 @@ def build_app(
             **extra,  # completions: echo; chat: tools
         )
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
+            options = req.stream_options or StreamOptions()
             return StreamingResponse(
-                _sse(streams, chunk_fn, meta, usage), media_type="text/event-stream"
+                _sse(streams, chunk_fn, meta, options), media_type="text/event-stream"
             )
         finals = await asyncio.gather(*(_last(s) for s in streams))
         return JSONResponse(final_fn(finals, **meta))
@@ -252,17 +258,18 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]):
                 await t
 
 
-async def _sse(streams, chunk_fn, meta, include_usage: bool):
+async def _sse(streams, chunk_fn, meta, options: StreamOptions):
     finals: dict[int, RequestOutput] = {}
     first = [True] * len(streams)
     async for i, out in _merge(streams):
         chunk = chunk_fn(i, out, first[i], **meta)
         first[i] = False
-        if chunk is not None:
+        if chunk is not None and options.continuous_usage_stats:
+            chunk["usage"] = responses.running_usage(out)
             yield f"data: {json.dumps(chunk)}\n\n"
         if out.finished:
             finals[i] = out
-    if include_usage:
+    if options.include_usage:
         usage = responses.usage_chunk([finals[i] for i in sorted(finals)], chunk_fn, **meta)
         yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"

@@ -49,7 +49,10 @@ class ResponseFormat(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the counts so far
 
 
 class _Common(BaseModel):

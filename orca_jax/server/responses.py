@@ -30,6 +30,16 @@ def _usage(outs: list[RequestOutput], n: int) -> dict:
     }
 
 
+def running_usage(out: RequestOutput) -> dict:
+    """One request's counts so far (vLLM's `continuous_usage_stats` chunks)."""
+    prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def _token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
     if tokenizer is None:
         return f"token_id:{token_id}"
