@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
@@ -220,13 +221,15 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         """Build from a GGUF file's `tokenizer.*` metadata (byte-level BPE, `ggml.model=gpt2`)."""
-        from gguf import GGUFReader  # heavy import; only this constructor needs it
+        from models.loaders.gguf_llama import GGUFFile  # noqa: PLC0415 (numpy + struct only)
 
-        fields = GGUFReader(path).fields
+        metadata = GGUFFile(os.fspath(path), strings=True).metadata
 
         def get(key: str, default: Any = None) -> Any:
-            field = fields.get(key)
-            return default if field is None else field.contents()
+            value = metadata.get(key)
+            if value is None:
+                return default
+            return value.tolist() if isinstance(value, np.ndarray) else value
 
         if (kind := get("tokenizer.ggml.model")) != "gpt2":
             raise ValueError(f"only byte-level BPE GGUF tokenizers are supported, got {kind!r}")

@@ -83,6 +83,10 @@ def test_header_parser_matches_gguf_reader(reader):
         assert ours.tensors[t.name].shape == tuple(reversed(t.shape.tolist()))
         want = gguf.quants.dequantize(t.data, t.tensor_type)
         np.testing.assert_array_equal(ours.dequantize(t.name), want, err_msg=t.name)
+    # With strings=True (what the tokenizer reads) the string arrays come whole.
+    with_strings = GGUFFile(_path(), strings=True).metadata
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert with_strings[key] == reader.fields[key].contents(), key
 
 
 def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
