@@ -264,8 +264,9 @@ async def _sse(streams, chunk_fn, meta, options: StreamOptions):
     async for i, out in _merge(streams):
         chunk = chunk_fn(i, out, first[i], **meta)
         first[i] = False
-        if chunk is not None and options.continuous_usage_stats:
-            chunk["usage"] = responses.running_usage(out)
+        if chunk is not None:
+            if options.continuous_usage_stats:
+                chunk["usage"] = responses.running_usage(out)
             yield f"data: {json.dumps(chunk)}\n\n"
         if out.finished:
             finals[i] = out
