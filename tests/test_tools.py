@@ -87,6 +87,8 @@ CALL = '{"name": "weather", "arguments": {"city": "Paris"}}'
         (f"Let me check.\n<tool_call>\n{CALL}\n</tool_call>", "Let me check.\n", ["weather"]),
         (f"<tool_call>{CALL}</tool_call><tool_call>{CALL}</tool_call>", "", ["weather"] * 2),
         (f"<tool_call>{CALL}", "", ["weather"]),  # ended before closing: still a call
+        (f"<tool_call>[{CALL}, {CALL}]</tool_call>", "", ["weather"] * 2),  # a list in one
+        ("<tool_call>[]</tool_call>", "<tool_call>[]</tool_call>", []),
         ("<tool_call>{not json}</tool_call>", "<tool_call>{not json}</tool_call>", []),
         (
             '<tool_call>{"arguments": {}}</tool_call>',

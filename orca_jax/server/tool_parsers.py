@@ -4,8 +4,9 @@ Models write tool calls in their own syntax, so a server is told which (vLLM's
 `--tool-call-parser`). Two families cover most open models:
 
 - `hermes` (Hermes, Qwen, SmolLM3 and others): calls sit in
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, possibly after some
-  text; a last block the model ended without closing still counts.
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (or a JSON list of such
+  objects in one block), possibly after some text; a last block the model ended without
+  closing still counts.
 - `llama3_json` (Llama 3.x): the whole output is the call(s), a JSON object
   `{"name": ..., "parameters": {...}}` (or `"arguments"`), several separated by `;`,
   optionally after `<|python_tag|>`.
@@ -72,12 +73,14 @@ class HermesParser:
         calls = []
         for body in self._block.findall(text, at):
             try:
-                call = _call(json.loads(body))
+                value = json.loads(body)
             except (ValueError, RecursionError):
-                call = None
-            if call is None:  # a malformed block: the whole text stays content
+                return text, []  # a malformed block: the whole text stays content
+            # One call per block, or (SmolLM2's habit) a list of them in one block.
+            block = [_call(v) for v in (value if isinstance(value, list) else [value])]
+            if not block or None in block:
                 return text, []
-            calls.append(call)
+            calls += block
         return text[:at], calls
 
 
