@@ -116,37 +116,41 @@ class SamplingMetadata:
         repetition = np.ones(num_reqs, np.float32)
         num_prompt = np.zeros(num_reqs, np.int32)
         min_p = np.zeros(num_reqs, np.float32)
-        full = [(i, RowSampling(*r)) for i, r in enumerate(rows) if len(r) > 5]
-        for i, r in full:
-            min_p[i] = r.min_p
-        processed = [(i, r) for i, r in full if r.processed]
+        full = [
+            (i, r if isinstance(r, RowSampling) else RowSampling(*r))
+            for i, r in enumerate(rows)
+            if len(r) > 5
+        ]
+        if full:
+            min_p[[i for i, _ in full]] = [r.min_p for _, r in full]
+        penalized = [(i, r) for i, r in full if r.penalized]
+        biased = [(i, r) for i, r in full if r.bias]
         masked = [(i, r.allowed) for i, r in full if r.allowed is not None]
         allowed = np.full((num_reqs, mask_words if masked else 0), -1, np.int32)
         for i, mask in masked:
             allowed[i] = mask  # raises unless it has mask_words words
-        tokens = max(
-            (len(r.prompt) + len(r.output) for _, r in processed if r.penalized), default=0
-        )
+        tokens = max((len(r.prompt) + len(r.output) for _, r in penalized), default=0)
         if tokens > history_width:
             raise ValueError(f"a penalized row has {tokens} tokens; history_width={history_width}")
-        entries = max((len(r.bias) for _, r in processed), default=0)
+        entries = max((len(r.bias) for _, r in biased), default=0)
         if entries > bias_width:
             raise ValueError(f"a row has {entries} bias entries; bias_width={bias_width}")
-        W, B = (history_width, bias_width) if processed else (0, 0)
+        W, B = (history_width, bias_width) if penalized or biased else (0, 0)
         history = np.full((num_reqs, W), -1, np.int32)
         bias_ids = np.full((num_reqs, B), -1, np.int32)
         bias_values = np.zeros((num_reqs, B), np.float32)
-        for i, r in processed:
-            if r.penalized:
-                presence[i], frequency[i], repetition[i] = r.presence, r.frequency, r.repetition
-                n_prompt, n_output = len(r.prompt), len(r.output)
-                history[i, :n_prompt] = r.prompt  # numpy rows (the engine's) copy fast
-                history[i, n_prompt : n_prompt + n_output] = r.output
-                num_prompt[i] = n_prompt
-            if r.bias:
-                bias_ids[i, : len(r.bias)], bias_values[i, : len(r.bias)] = zip(
-                    *r.bias, strict=True
-                )
+        if penalized:  # columns in one assignment each, then the token rows
+            at = [i for i, _ in penalized]
+            presence[at] = [r.presence for _, r in penalized]
+            frequency[at] = [r.frequency for _, r in penalized]
+            repetition[at] = [r.repetition for _, r in penalized]
+            num_prompt[at] = [len(r.prompt) for _, r in penalized]
+        for i, r in penalized:
+            n_prompt, n_output = len(r.prompt), len(r.output)
+            history[i, :n_prompt] = r.prompt  # numpy rows (the engine's) copy fast
+            history[i, n_prompt : n_prompt + n_output] = r.output
+        for i, r in biased:
+            bias_ids[i, : len(r.bias)], bias_values[i, : len(r.bias)] = zip(*r.bias, strict=True)
         return cls(
             temperature=np.asarray(t, np.float32),
             top_k=np.asarray(k, np.int32),
