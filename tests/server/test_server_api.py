@@ -1,57 +1,18 @@
-"""The OpenAI-compatible server on SmolLM2's real weights, driven by the official `openai`
-client (an independent reading of the protocol) and by raw HTTP for the error shapes."""
+"""The OpenAI-compatible server's protocol on SmolLM2's real weights: chat and completions,
+streaming, errors, aborts, shared iterations, metrics, n, echo, tokenize. Driven by the
+official `openai` client (an independent reading of the protocol) and by raw HTTP for the
+error shapes."""
 
 import asyncio
-import json
 
-import openai
 import pytest
 from fastapi.testclient import TestClient
+from server_utils import QUESTION, offline_output, scrape
 
 import orca_jax
 from models import get_config, init_params
 from orca_jax import LLM, SamplingParams
 from orca_jax.server import AsyncEngine, build_app
-from orca_jax.server.tool_parsers import HermesParser
-
-QUESTION = "What is the capital of France?"
-
-
-ENGINE_KW = dict(
-    max_batch_size=4,
-    max_model_len=256,
-    max_num_batched_tokens=128,
-    num_kv_blocks=64,
-    max_logprobs=5,
-    warmup=False,
-)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    """The served engine (driven by the server's engine thread while the server runs)."""
-    return LLM("smollm2-135m", **ENGINE_KW)
-
-
-@pytest.fixture(scope="module")
-def offline():
-    """A second engine, same weights and settings, for the expected answers: the served one
-    must not be stepped from the test's thread while the server's thread runs it."""
-    return LLM("smollm2-135m", **ENGINE_KW)
-
-
-@pytest.fixture(scope="module")
-def served(llm):
-    engine = AsyncEngine(llm.engine)
-    with TestClient(build_app(engine, "smollm2")) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http)
-        yield http, client, engine
-    engine.shutdown()
-
-
-def _offline(offline, prompt, **kw):
-    """The same request through the offline `LLM` (same weights, no server)."""
-    return offline.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
 
 
 def test_chat_answers_and_streams_the_same_text(served, llm, offline):
@@ -64,7 +25,7 @@ def test_chat_answers_and_streams_the_same_text(served, llm, offline):
     assert "Paris" in text
     tok = llm.get_tokenizer()
     prompt = tok.apply_chat_template(messages)
-    assert text == _offline(offline, prompt, max_tokens=24).text
+    assert text == offline_output(offline, prompt, max_tokens=24).text
     assert reply.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
     assert reply.usage.completion_tokens <= 24
 
@@ -100,7 +61,7 @@ def test_completions_batch_stop_and_logprobs(served, llm, offline):
     )
     assert [c.index for c in out.choices] == [0, 1]
     for choice, prompt in zip(out.choices, ids, strict=True):
-        want = _offline(offline, prompt, max_tokens=8, ignore_eos=True)
+        want = offline_output(offline, prompt, max_tokens=8, ignore_eos=True)
         assert choice.text == want.text
         lp = choice.logprobs
         assert len(lp.token_logprobs) == len(want.token_ids) == 8
@@ -109,7 +70,7 @@ def test_completions_batch_stop_and_logprobs(served, llm, offline):
     assert out.usage.completion_tokens == 16
 
     prompt = "The capital of France is"
-    full = _offline(offline, prompt, max_tokens=16).text
+    full = offline_output(offline, prompt, max_tokens=16).text
     stop = full.strip().split()[2]  # a word the greedy text contains
     streamed = client.completions.create(
         model="smollm2", prompt=prompt, max_tokens=16, temperature=0, stop=[stop], stream=True
@@ -200,7 +161,7 @@ def test_concurrent_requests_share_iterations(served, offline):
     _, _, engine = served
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
-    alone = [_offline(offline, p, max_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    alone = [offline_output(offline, p, max_tokens=12, ignore_eos=True).token_ids for p in prompts]
 
     async def together():
         streams = [await engine.add(p, params, f"c{i}") for i, p in enumerate(prompts)]
@@ -219,29 +180,16 @@ def test_concurrent_requests_share_iterations(served, offline):
     assert iterations < 2 * 12  # four requests of 12 tokens alone would take 4 x 12
 
 
-def _scrape(http) -> dict[tuple[str, tuple], float]:
-    """GET /metrics, parsed by prometheus_client's own parser: {(sample, labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    r = http.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
-
-
 def test_metrics_count_what_the_responses_report(served):
     http, client, _ = served
-    before = _scrape(http)
+    before = scrape(http)
     replies = [
         client.completions.create(
             model="smollm2", prompt=p, max_tokens=n, extra_body={"ignore_eos": True}
         )
         for p, n in (("The capital of France is", 5), ("Hello", 1))
     ]
-    after = _scrape(http)
+    after = scrape(http)
 
     def grew(name, **labels):
         key = (name, tuple(sorted(labels.items())))
@@ -278,7 +226,7 @@ def test_n_completions_per_prompt(served, llm, offline):
     assert [c.index for c in out.choices] == list(range(6))
     for i, prompt in enumerate(prompts):
         for j in range(3):
-            want = _offline(offline, prompt, ignore_eos=True, **{**kw, "seed": 7 + j})
+            want = offline_output(offline, prompt, ignore_eos=True, **{**kw, "seed": 7 + j})
             assert out.choices[3 * i + j].text == want.text
     assert len({c.text for c in out.choices[:3]}) > 1  # different seeds, different samples
     tok = llm.get_tokenizer()
@@ -299,214 +247,6 @@ def test_n_completions_per_prompt(served, llm, offline):
     assert streamed == [c.message.content for c in reply.choices]
     assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
-
-
-def test_penalties_reach_the_sampler(served, offline):
-    _, client, _ = served
-    kw = dict(max_tokens=12, temperature=0, frequency_penalty=1.5, presence_penalty=0.5)
-    out = client.completions.create(
-        model="smollm2",
-        prompt=QUESTION,
-        extra_body={"ignore_eos": True, "repetition_penalty": 1.2},
-        **kw,
-    )
-    text = out.choices[0].text
-    assert text == _offline(offline, QUESTION, ignore_eos=True, repetition_penalty=1.2, **kw).text
-    assert text != _offline(offline, QUESTION, ignore_eos=True, max_tokens=12).text
-
-
-def test_min_p_reaches_the_sampler(served, offline):
-    """Seeded sampling at a high temperature with min_p: the offline engine's tokens."""
-    _, client, _ = served
-    kw = dict(max_tokens=12, temperature=1.5, seed=3)
-    out = client.completions.create(
-        model="smollm2", prompt=QUESTION, extra_body={"min_p": 0.3, "ignore_eos": True}, **kw
-    )
-    text = out.choices[0].text
-    assert text == _offline(offline, QUESTION, min_p=0.3, ignore_eos=True, **kw).text
-    assert text != _offline(offline, QUESTION, ignore_eos=True, **kw).text  # it cut something
-
-
-def test_logit_bias_and_min_tokens(served, llm):
-    """OpenAI's logit_bias (string keys) forces a token; vLLM's min_tokens holds the end of
-    the chat answer off; bad biases are 400s."""
-    http, client, _ = served
-    paris = llm.get_tokenizer().encode(" Paris")
-    assert len(paris) == 1
-    out = client.completions.create(
-        model="smollm2", prompt=QUESTION, max_tokens=3, logit_bias={str(paris[0]): 100}
-    )
-    assert out.choices[0].text == " Paris" * 3
-    messages = [{"role": "user", "content": QUESTION}]
-    kw = dict(model="smollm2", messages=messages, max_tokens=40, temperature=0)
-    short = client.chat.completions.create(**kw)
-    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 20
-    held = client.chat.completions.create(**kw, extra_body={"min_tokens": 20})
-    assert held.usage.completion_tokens >= 20
-    assert held.choices[0].message.content.startswith(short.choices[0].message.content)
-    for bias, words in (({"x": 1}, "token ids"), ({"5": 500}, "[-100, 100]")):
-        r = http.post("/v1/completions", json={"prompt": QUESTION, "logit_bias": bias})
-        assert r.status_code == 400 and words in r.json()["error"]["message"]
-
-
-def test_structured_outputs(served):
-    """OpenAI's response_format (json_schema, json_object) and vLLM's structured_outputs:
-    outputs that Python's json / the choice list accept; bad constraints are 400s."""
-    http, client, _ = served
-    schema = {
-        "type": "object",
-        "properties": {"city": {"enum": ["Paris", "London"]}, "is_capital": {"type": "boolean"}},
-        "required": ["city", "is_capital"],
-    }
-    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
-    reply = client.chat.completions.create(
-        model="smollm2",
-        messages=messages,
-        max_tokens=40,
-        temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
-    )
-    assert reply.choices[0].finish_reason == "stop"
-    assert json.loads(reply.choices[0].message.content) == {"city": "Paris", "is_capital": True}
-    out = client.completions.create(
-        model="smollm2",
-        prompt="The capital of France is",
-        max_tokens=8,
-        extra_body={"structured_outputs": {"choice": [" Paris", " London", " Rome"]}},
-    )
-    assert out.choices[0].text == " Paris" and out.choices[0].finish_reason == "stop"
-    for body, words in (
-        ({"structured_outputs": {"regex": "(a"}}, "regex"),
-        ({"structured_outputs": {"grammar": "x"}}, "grammar"),
-        (
-            {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
-            "not both",
-        ),
-    ):
-        r = http.post("/v1/completions", json={"prompt": QUESTION, **body})
-        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
-
-
-def test_vllm_sampling_extensions(served, llm):
-    """bad_words, allowed_token_ids, include_stop_str_in_output and truncate_prompt_tokens
-    reach the engine through the server, as vLLM's server takes them."""
-    http, client, _ = served
-    tok = llm.get_tokenizer()
-    kw = dict(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
-    assert client.completions.create(**kw).choices[0].text.startswith(" Paris")
-    banned = client.completions.create(**kw, extra_body={"bad_words": ["Paris"]})
-    assert "Paris" not in banned.choices[0].text
-    london = tok.encode(" London")
-    only = client.completions.create(**kw, extra_body={"allowed_token_ids": london})
-    assert only.choices[0].text == " London" * 4
-    stop = client.completions.create(
-        **kw, stop=[" Paris"], extra_body={"include_stop_str_in_output": True}
-    )
-    assert stop.choices[0].text == " Paris" and stop.choices[0].finish_reason == "stop"
-    short = client.completions.create(**kw, extra_body={"truncate_prompt_tokens": 2})
-    assert short.usage.prompt_tokens == 2
-    r = http.post("/v1/completions", json={"prompt": "x", "allowed_token_ids": [10**7]})
-    assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
-
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 20},
-                "celsius": {"type": "boolean"},
-            },
-            "required": ["city", "celsius"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-        },
-    },
-}
-
-
-def test_forced_tool_calls(served):
-    """tool_choice naming a function, or "required": the reply is tool calls whose arguments
-    parse and follow the function's schema, streamed or not; "auto" and inconsistent choices
-    are 400s, "none" answers in text."""
-    http, client, _ = served
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    kw = dict(
-        model="smollm2", messages=messages, max_tokens=60, temperature=0, tools=[WEATHER, TIME]
-    )
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    reply = client.chat.completions.create(**kw, tool_choice=named)
-    choice = reply.choices[0]
-    assert choice.finish_reason == "stop" and choice.message.content is None
-    (call,) = choice.message.tool_calls
-    assert call.function.name == "get_weather" and call.id.startswith("call_")
-    args = json.loads(call.function.arguments)
-    assert isinstance(args["city"], str) and isinstance(args["celsius"], bool)
-
-    streamed = list(client.chat.completions.create(**kw, tool_choice=named, stream=True))
-    assert streamed[0].choices[0].delta.role == "assistant"
-    (last_call,) = streamed[-1].choices[0].delta.tool_calls
-    assert last_call.function.arguments == call.function.arguments
-    assert not any(c.choices[0].delta.content for c in streamed)
-
-    required = client.chat.completions.create(
-        **kw, tool_choice="required", parallel_tool_calls=False
-    )
-    assert required.choices[0].finish_reason == "tool_calls"
-    (call,) = required.choices[0].message.tool_calls
-    assert call.function.name in ("get_weather", "get_time")
-    assert isinstance(json.loads(call.function.arguments), dict)
-
-    text = client.chat.completions.create(**kw, tool_choice="none")
-    assert text.choices[0].message.content and not text.choices[0].message.tool_calls
-
-    body = dict(messages=messages, tools=[WEATHER])
-    for extra, words in (
-        ({}, "--enable_auto_tool_choice"),
-        (
-            {"tool_choice": {"type": "function", "function": {"name": "nope"}}},
-            "not among the tools",
-        ),
-        ({"tool_choice": "required", "tools": None}, "needs tools"),
-        (
-            {"tool_choice": "required", "response_format": {"type": "json_object"}},
-            "no response_format",
-        ),
-    ):
-        r = http.post("/v1/chat/completions", json=body | extra)
-        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
-
-
-def test_auto_tool_choice_with_a_parser_serves_text_replies(served, offline):
-    """A server started with a tool-call parser takes tools with the default "auto": a
-    reply that calls no tool is the model's text, the same as without tools offered."""
-    http, client, engine = served
-    messages = [{"role": "user", "content": QUESTION}]
-    with TestClient(build_app(engine, "smollm2", tool_parser=HermesParser())) as with_parser:
-        tooled = openai.OpenAI(
-            base_url="http://testserver/v1", api_key="-", http_client=with_parser
-        )
-        kw = dict(model="smollm2", messages=messages, max_tokens=16, temperature=0)
-        reply = tooled.chat.completions.create(**kw, tools=[WEATHER])
-        plain = client.chat.completions.create(**kw)
-        assert reply.choices[0].message.content == plain.choices[0].message.content
-        assert not reply.choices[0].message.tool_calls
-        assert reply.choices[0].finish_reason == plain.choices[0].finish_reason
-        chunks = list(tooled.chat.completions.create(**kw, tools=[WEATHER], stream=True))
-        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert streamed == plain.choices[0].message.content
 
 
 def test_tokenize_and_detokenize(served, llm):
@@ -532,42 +272,6 @@ def test_tokenize_and_detokenize(served, llm):
     assert http.get("/v1/models").json()["data"][0]["max_model_len"] == 256
 
 
-def test_chat_rendering_options(served, llm, offline):
-    """vLLM's chat options: continue_final_message leaves the assistant's started reply open
-    (the model goes on from it), template arguments reach the template, a request's own
-    template only on a server that trusts them, and priorities only where honoured."""
-    http, client, engine = served
-    tok = llm.get_tokenizer()
-    started = "The capital of France is"
-    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": started}]
-    options = {"add_generation_prompt": False, "continue_final_message": True}
-    rendered = tok.apply_chat_template(messages, **options)
-    assert rendered.endswith(started)  # no end-of-turn after it (tested against transformers)
-    r = http.post("/tokenize", json={"messages": messages} | options).json()
-    assert r["tokens"] == tok.encode(rendered, add_special_tokens=False)
-    reply = client.chat.completions.create(
-        model="smollm2", messages=messages, max_tokens=8, temperature=0, extra_body=options
-    )
-    want = _offline(offline, r["tokens"], max_tokens=8).text
-    assert reply.choices[0].message.content == want and "Paris" in want
-
-    template = "{% if shout %}LOUD {% endif %}{{ messages[0].content }}"
-    for body, status, words in [
-        ({"continue_final_message": True}, 400, "add_generation_prompt=false"),
-        ({"chat_template_kwargs": {"messages": []}}, 400, "cannot set ['messages']"),
-        ({"chat_template": template}, 400, "--trust_request_chat_template"),
-        ({"priority": 1}, 400, "priority"),
-    ]:
-        r = http.post("/v1/chat/completions", json={"messages": messages[:1]} | body)
-        assert r.status_code == status and words in r.json()["error"]["message"], r.text
-    with TestClient(build_app(engine, "smollm2", trust_request_chat_template=True)) as trusting:
-        body = {"messages": messages[:1], "chat_template": template}
-        plain = trusting.post("/tokenize", json=body).json()["tokens"]
-        loud = trusting.post("/tokenize", json=body | {"chat_template_kwargs": {"shout": True}})
-        assert tok.decode(plain) == QUESTION
-        assert tok.decode(loud.json()["tokens"]) == "LOUD " + QUESTION
-
-
 def test_prefix_caching_shows_in_usage_and_metrics():
     """A paged engine with prefix caching behind the server: a repeated prompt's usage
     reports the cached tokens, and /metrics counts them."""
@@ -590,7 +294,7 @@ def test_prefix_caching_shows_in_usage_and_metrics():
             assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
             assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 36  # 9 blocks
             assert again["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
-            metrics = _scrape(http)
+            metrics = scrape(http)
             assert metrics[("orca:prefix_cache_hits_total", ())] == 36
             assert metrics[("orca:prefix_cache_queries_total", ())] == 2 * 39
     finally:
