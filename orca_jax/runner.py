@@ -265,9 +265,8 @@ class ModelRunner:
         prompt_logprobs: bool = True,
     ) -> int:
         """Compile step and sampling (with and without penalties / bias, and structured-output
-        masks) for every bucket (or the
-        given ones), and prompt scoring per token bucket unless `prompt_logprobs` is False;
-        returns how many buckets."""
+        masks) for every bucket (or the given ones), and prompt scoring per token bucket
+        unless `prompt_logprobs` is False; returns how many buckets."""
         shapes = self.config.all_buckets() if buckets is None else buckets
         out, logits, hidden = None, {}, {}
         for t, r, p in shapes:

@@ -52,11 +52,6 @@ class RowSampling(NamedTuple):
     def penalized(self) -> bool:
         return bool(self.presence or self.frequency or self.repetition != 1.0)
 
-    @property
-    def processed(self) -> bool:
-        """True when this row's logits change before sampling (penalties or bias)."""
-        return self.penalized or bool(self.bias)
-
 
 _GREEDY = RowSampling(0.0, 0, 1.0, 0, 0)
 

@@ -81,7 +81,6 @@ class TokenGuide:
         self._guide = guide
         self.mask_words = mask_words
         self.eos_token_id = eos_token_id
-        self._ended = False  # the end-of-sequence token was taken (it ends the request)
 
     def allowed_mask(self) -> np.ndarray:
         """i32[ceil(V / 32)]: bit t % 32 of word t // 32 is set when token t may come next."""
@@ -95,17 +94,11 @@ class TokenGuide:
     def advance(self, token_id: int) -> None:
         """Move past a sampled token (ValueError if the automaton does not allow it)."""
         if token_id == self.eos_token_id and self._guide.is_finished():
-            self._ended = True  # the automaton has no state after the end
-            return
+            return  # the end: the automaton has no state after it (the request ends)
         try:
             self._guide.advance(token_id, return_tokens=False)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"token {token_id} leaves the structured output: {e}") from None
-
-    @property
-    def is_finished(self) -> bool:
-        """True once the output so far is complete (the end-of-sequence token may come)."""
-        return self._ended or self._guide.is_finished()
 
 
 def mask_to_tokens(mask: np.ndarray, vocab_size: int) -> Sequence[int]:

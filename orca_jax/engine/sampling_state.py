@@ -88,8 +88,8 @@ class SamplingState:
 
     def row(self, request: Request, sample: bool) -> tuple | RowSampling:
         """This step's row; the plain 5-tuple when only temperature, top-k, top-p and the
-        seed are set. `sample`:
-        whether the step samples for it (a non-final prefill chunk does not)."""
+        seed are set. `sample`: whether the step samples for it (a non-final prefill chunk
+        does not)."""
         p = self.params
         # The key folds in tokens generated so far: the same whatever the batch.
         row = (p.temperature, p.top_k, p.top_p, self.seed, request.num_output_tokens)

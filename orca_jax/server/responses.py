@@ -188,6 +188,13 @@ def _reply(out: RequestOutput, tools: ToolCalling | None) -> tuple[dict, str | N
     return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
 
 
+def _with_calls(delta: dict, message: dict) -> dict:
+    """A stream delta with the message's tool calls, if any, each numbered."""
+    if "tool_calls" in message:
+        delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+    return delta
+
+
 def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, tools=None) -> dict:
     choices = []
     for i, out in enumerate(outs):
@@ -231,20 +238,14 @@ def chat_chunk(
             delta = {"content": comp.text[sent : tools.parser.streamable(comp.text)]}
         else:
             message, finish_reason = _reply(out, tools)
-            delta = {"content": (message["content"] or "")[sent:]}
-            if "tool_calls" in message:
-                delta["tool_calls"] = [
-                    {"index": j, **c} for j, c in enumerate(message["tool_calls"])
-                ]
+            delta = _with_calls({"content": (message["content"] or "")[sent:]}, message)
     elif not out.finished:
         if not first:
             return None
         delta, logprobs = {}, None
     else:
         message, finish_reason = _reply(out, tools)
-        delta = {"content": message["content"]}
-        if "tool_calls" in message:
-            delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+        delta = _with_calls({"content": message["content"]}, message)
         logprobs = chat_logprobs(out, tokenizer, top_n, False)
     if first:
         delta = {"role": "assistant", **delta}
