@@ -5,8 +5,6 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from orca_jax.engine.outputs import CompletionOutput, RequestOutput
-from orca_jax.server import responses
 from orca_jax.server.protocol import ChatMessage
 from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser, get_parser
 from orca_jax.server.tools import NamedToolChoice, Tool, ToolCalling
@@ -146,52 +144,3 @@ def test_auto_calls_are_read_only_for_offered_tools():
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     other = '<tool_call>{"name": "stocks", "arguments": {}}</tool_call>'
     assert auto.parse_auto(other) == (other, None)  # not offered: text
-
-
-def _snapshots(pieces: list[str], finish_reason: str = "stop") -> list[RequestOutput]:
-    """What a stream hands a handler: one snapshot per token, each token one piece."""
-    outs, text = [], ""
-    for i, piece in enumerate(pieces):
-        text += piece
-        last = i == len(pieces) - 1
-        comp = CompletionOutput(
-            0,
-            text,
-            list(range(i + 1)),
-            finish_reason=finish_reason if last else None,
-            delta_text=piece,
-            delta_token_ids=[i],
-        )
-        outs.append(RequestOutput("r", None, [1, 2], [comp], finished=last))
-    return outs
-
-
-@pytest.mark.parametrize(
-    "text,calls",
-    [
-        (f"Let me check the weather. <tool_call>{CALL}</tool_call>", 1),
-        ("It is <tool-ish> sunny < in Paris.", 0),
-        ("<tool_call>{broken</tool_call>", 0),
-    ],
-)
-def test_auto_stream_matches_the_whole_reply(text, calls):
-    """Streamed content never shows the start of a call, and content + calls add up to
-    the non-streamed reply."""
-    auto = ToolCalling.of([WEATHER], "auto", True, HermesParser())
-    meta = dict(id="c", created=0, model="m", tokenizer=None, top_n=0, n=1, tools=auto)
-    pieces = [text[i : i + 3] for i in range(0, len(text), 3)]
-    chunks = [
-        responses.chat_chunk(0, out, i == 0, **meta) for i, out in enumerate(_snapshots(pieces))
-    ]
-    deltas = [c["choices"][0]["delta"] for c in chunks if c is not None]
-    streamed = "".join(d.get("content") or "" for d in deltas)
-    (reply,) = responses.chat(_snapshots(pieces)[-1:], **meta)["choices"]
-    assert streamed == (reply["message"]["content"] or "")
-    if calls:
-        assert "<tool" not in streamed and reply["finish_reason"] == "tool_calls"
-        tool_calls = deltas[-1]["tool_calls"]
-        assert [c["function"]["name"] for c in tool_calls] == ["weather"]
-        assert tool_calls[0]["function"] == reply["message"]["tool_calls"][0]["function"]
-    else:
-        assert streamed == text and "tool_calls" not in deltas[-1]
-        assert reply["finish_reason"] == "stop"

@@ -34,6 +34,7 @@ from orca_jax.server.protocol import (
     TokenizeRequest,
 )
 from orca_jax.server.tool_parsers import ToolParser
+from orca_jax.server.tool_stream import ToolCallStream
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -261,8 +262,10 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]):
 async def _sse(streams, chunk_fn, meta, options: StreamOptions):
     finals: dict[int, RequestOutput] = {}
     first = [True] * len(streams)
+    tools = meta.get("tools")  # chat: each choice's calls stream on their own
+    own = [{"tool_stream": ToolCallStream(tools)} if tools else {} for _ in streams]
     async for i, out in _merge(streams):
-        chunk = chunk_fn(i, out, first[i], **meta)
+        chunk = chunk_fn(i, out, first[i], **meta, **own[i])
         first[i] = False
         if chunk is not None:
             if options.continuous_usage_stats:

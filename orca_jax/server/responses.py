@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orca_jax.engine.outputs import RequestOutput
+from orca_jax.server.tool_stream import ToolCallStream
 from orca_jax.server.tools import ToolCalling
 from orca_jax.tokenizer import Tokenizer
 
@@ -188,13 +189,6 @@ def _reply(out: RequestOutput, tools: ToolCalling | None) -> tuple[dict, str | N
     return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
 
 
-def _with_calls(delta: dict, message: dict) -> dict:
-    """A stream delta with the message's tool calls, if any, each numbered."""
-    if "tool_calls" in message:
-        delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
-    return delta
-
-
 def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, tools=None) -> dict:
     choices = []
     for i, out in enumerate(outs):
@@ -219,37 +213,47 @@ def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, 
 
 
 def chat_chunk(
-    i: int, out: RequestOutput, first: bool, *, id, created, model, tokenizer, top_n, n, tools=None
+    i: int,
+    out: RequestOutput,
+    first: bool,
+    *,
+    id,
+    created,
+    model,
+    tokenizer,
+    top_n,
+    n,
+    tools=None,
+    tool_stream: ToolCallStream | None = None,
 ):
-    """A stream chunk. With forced tool calls the text is held back and the calls go out
-    whole in the last chunk (with the whole output's logprobs), once they can be read. With
-    "auto", text streams until it may be turning into a call (the parser's `streamable`);
-    what follows goes out in the last chunk, as calls or, if none, as text."""
+    """A stream chunk. With tools (`tool_stream`: this choice's), content streams until it
+    may be turning into a call, calls go out as they are written (id and name, then the
+    arguments piece by piece), and the last chunk sends what the whole reply holds beyond
+    what was streamed (`tool_stream.py`)."""
     comp = out.outputs[0]
     if not first and not comp.delta_token_ids and not out.finished:
         return None
-    finish_reason, logprobs = comp.finish_reason, chat_logprobs(out, tokenizer, top_n, True)
+    finish_reason = comp.finish_reason
     if tools is None:
         delta = {"content": comp.delta_text}
-    elif tools.parser is not None:
-        before = comp.text[: len(comp.text) - len(comp.delta_text)]
-        sent = tools.parser.streamable(before)
-        if not out.finished:
-            delta = {"content": comp.text[sent : tools.parser.streamable(comp.text)]}
-        else:
-            message, finish_reason = _reply(out, tools)
-            delta = _with_calls({"content": (message["content"] or "")[sent:]}, message)
-    elif not out.finished:
-        if not first:
-            return None
-        delta, logprobs = {}, None
     else:
-        message, finish_reason = _reply(out, tools)
-        delta = _with_calls({"content": message["content"]}, message)
-        logprobs = chat_logprobs(out, tokenizer, top_n, False)
+        if out.finished:
+            message, finish_reason = _reply(out, tools)
+            content, calls = tool_stream.finish(comp.text, message)
+            delta = {"content": content}
+        else:
+            content, calls = tool_stream.delta(comp.text)
+            delta = {"content": content} if content or tools.parser is not None else {}
+        if calls:
+            delta["tool_calls"] = calls
     if first:
         delta = {"role": "assistant", **delta}
-    choice = {"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    choice = {
+        "index": i,
+        "delta": delta,
+        "finish_reason": finish_reason,
+        "logprobs": chat_logprobs(out, tokenizer, top_n, True),
+    }
     return {
         "id": id,
         "object": "chat.completion.chunk",

@@ -12,8 +12,10 @@ Models write tool calls in their own syntax, so a server is told which (vLLM's
   optionally after `<|python_tag|>`.
 
 A parser says how much of a growing text is surely content (`streamable`: a stream sends
-that much as it comes and holds the rest back), and reads a finished text into its content
-and calls (`parse`). Text that does not hold well-formed calls is content: nothing is lost.
+that much as it comes and holds the rest back), where the call objects start in it
+(`objects`: a stream sends their names and arguments as they come, `tool_stream.py`), and
+reads a finished text into its content and calls (`parse`). Text that does not hold
+well-formed calls is content: nothing is lost.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Protocol
+
+from orca_jax.server.tool_stream import objects, skip_space
 
 Call = tuple[str, dict[str, Any]]  # (function name, arguments)
 
@@ -31,6 +35,9 @@ class ToolParser(Protocol):
     def streamable(self, text: str) -> int:
         """Length of the prefix of `text` (an unfinished output) that is content whatever
         comes next."""
+
+    def objects(self, text: str) -> list[int]:
+        """Where the call objects written so far in `text` start, in order."""
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         """(content, calls) of a finished output; no calls: all of it is content."""
@@ -66,6 +73,14 @@ class HermesParser:
         at = text.find(self.start)
         return at if at >= 0 else len(text) - _held_back(text, self.start)
 
+    def objects(self, text: str) -> list[int]:
+        starts, at = [], text.find(self.start)
+        while at >= 0:
+            i = skip_space(text, at + len(self.start))
+            starts += objects(text, i + 1) if text[i : i + 1] == "[" else objects(text, i)[:1]
+            at = text.find(self.start, i)
+        return starts
+
     def parse(self, text: str) -> tuple[str, list[Call]]:
         at = text.find(self.start)
         if at < 0:
@@ -93,6 +108,12 @@ class Llama3JsonParser:
         if not head or head.startswith("{") or self.tag.startswith(head[: len(self.tag)]):
             return 0  # may be a call: hold everything back until it is known
         return len(text)
+
+    def objects(self, text: str) -> list[int]:
+        i = skip_space(text, 0)
+        if text.startswith(self.tag, i):
+            i += len(self.tag)
+        return objects(text, i, sep=";")
 
     def parse(self, text: str) -> tuple[str, list[Call]]:
         rest = text.lstrip()

@@ -156,10 +156,18 @@ class ToolCalling:
         """ "auto": the content (the text before the calls) and the calls the model wrote,
         or (the whole text, None) when it called none of the offered tools."""
         content, calls = self.parser.parse(text)
-        offered = {t.function.name for t in self.tools}
-        if not calls or any(name not in offered for name, _ in calls):
+        if not calls or any(name not in self.names for name, _ in calls):
             return text, None
         return content, [_call(name, arguments) for name, arguments in calls]
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The offered functions' names."""
+        return frozenset(t.function.name for t in self.tools)
+
+    @staticmethod
+    def new_call_id() -> str:
+        return f"call_{uuid.uuid4().hex[:24]}"
 
     @property
     def finish_reason(self) -> str:
@@ -173,7 +181,7 @@ class ToolCalling:
 
 def _call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "id": ToolCalling.new_call_id(),
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(arguments)},
     }

@@ -172,9 +172,12 @@ def test_forced_tool_calls(served):
 
     streamed = list(client.chat.completions.create(**kw, tool_choice=named, stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
-    (last_call,) = streamed[-1].choices[0].delta.tool_calls
-    assert last_call.function.arguments == call.function.arguments
+    deltas = [d for c in streamed for d in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].function.name == "get_weather" and len(deltas) > 3  # as it is written
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(arguments) == args and {d.index for d in deltas} == {0}
     assert not any(c.choices[0].delta.content for c in streamed)
+    assert streamed[-1].choices[0].finish_reason == "stop"
 
     required = client.chat.completions.create(
         **kw, tool_choice="required", parallel_tool_calls=False
