@@ -47,6 +47,9 @@ class RowSampling(NamedTuple):
     bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit); repeats add up
     allowed: np.ndarray | None = None  # i32[M] bitmask of the tokens that may come next
     min_p: float = 0.0  # drop tokens below min_p x the top probability (0: off)
+    # Instead of `prompt` and `output`: (its row of the `history_table` given to `build`,
+    # how many of that row's tokens are prompt); the engine's way (`TokenHistory`).
+    history: tuple[int, int] | None = None
 
     @property
     def penalized(self) -> bool:
@@ -96,12 +99,15 @@ class SamplingMetadata:
         history_width: int = 0,
         bias_width: int = 0,
         mask_words: int = 0,
+        history_table: np.ndarray | None = None,
     ) -> SamplingMetadata:
         """From one row per request, padded greedy to R: `(temperature, top_k, top_p, seed,
         step)`, or a `RowSampling` with penalties or a bias (kept to those rows: this runs
         every iteration). When some row has either, the batch carries both a history of
         width W = `history_width` (at least a penalized row's prompt + output length) and a
-        bias of width B = `bias_width` (at least a row's bias entries). When some row has an
+        bias of width B = `bias_width` (at least a row's bias entries). Penalized rows give
+        their tokens as `prompt` and `output`, or as a row of `history_table`
+        (i32[slots, W], -1 padded, row 0 all -1), gathered in one go. When some row has an
         `allowed` mask, the batch carries masks of `mask_words` words. `min_p` costs no
         shape: every batch carries its column."""
         pad = [_GREEDY[:5]] * (num_reqs - len(rows))
@@ -111,39 +117,45 @@ class SamplingMetadata:
         repetition = np.ones(num_reqs, np.float32)
         num_prompt = np.zeros(num_reqs, np.int32)
         min_p = np.zeros(num_reqs, np.float32)
-        full = [
-            (i, r if isinstance(r, RowSampling) else RowSampling(*r))
-            for i, r in enumerate(rows)
-            if len(r) > 5
-        ]
-        if full:
-            min_p[[i for i, _ in full]] = [r.min_p for _, r in full]
-        penalized = [(i, r) for i, r in full if r.penalized]
-        biased = [(i, r) for i, r in full if r.bias]
-        masked = [(i, r.allowed) for i, r in full if r.allowed is not None]
+        slots = np.zeros(num_reqs, np.intp)  # rows of history_table; 0: all -1
+        at = [i for i, r in enumerate(rows) if len(r) > 5]  # the RowSampling rows
+        full = [rows[i] if isinstance(rows[i], RowSampling) else RowSampling(*rows[i]) for i in at]
+        cols = RowSampling(*zip(*full, strict=True)) if full else None  # a column per field
+        penalized, biased, masked = [], [], []
+        if full:  # the numeric columns in one assignment each
+            min_p[at], presence[at] = cols.min_p, cols.presence
+            frequency[at], repetition[at] = cols.frequency, cols.repetition
+            on = (presence[at] != 0) | (frequency[at] != 0) | (repetition[at] != 1)
+            penalized = [(at[j], full[j]) for j in np.flatnonzero(on).tolist()]
+            biased = [(at[j], full[j]) for j, b in enumerate(cols.bias) if b]
+            masked = [(at[j], m) for j, m in enumerate(cols.allowed) if m is not None]
         allowed = np.full((num_reqs, mask_words if masked else 0), -1, np.int32)
         for i, mask in masked:
             allowed[i] = mask  # raises unless it has mask_words words
-        tokens = max((len(r.prompt) + len(r.output) for _, r in penalized), default=0)
+        listed = [(i, r) for i, r in penalized if r.history is None]  # prompt and output
+        tokens = max((len(r.prompt) + len(r.output) for _, r in listed), default=0)
         if tokens > history_width:
             raise ValueError(f"a penalized row has {tokens} tokens; history_width={history_width}")
         entries = max((len(r.bias) for _, r in biased), default=0)
         if entries > bias_width:
             raise ValueError(f"a row has {entries} bias entries; bias_width={bias_width}")
         W, B = (history_width, bias_width) if penalized or biased else (0, 0)
-        history = np.full((num_reqs, W), -1, np.int32)
+        if penalized:
+            idx = [i for i, _ in penalized]
+            num_prompt[idx] = [r.history[1] if r.history else len(r.prompt) for _, r in penalized]
+            slots[idx] = [r.history[0] if r.history else 0 for _, r in penalized]
+        if slots.any():
+            if history_table is None or history_table.shape[1] != W:
+                raise ValueError(f"rows name a history table, which must be given with width {W}")
+            history = history_table[slots]  # one gather; row 0 pads
+        else:
+            history = np.full((num_reqs, W), -1, np.int32)
+        for i, r in listed:
+            n_prompt, n_output = len(r.prompt), len(r.output)
+            history[i, :n_prompt] = r.prompt
+            history[i, n_prompt : n_prompt + n_output] = r.output
         bias_ids = np.full((num_reqs, B), -1, np.int32)
         bias_values = np.zeros((num_reqs, B), np.float32)
-        if penalized:  # columns in one assignment each, then the token rows
-            at = [i for i, _ in penalized]
-            presence[at] = [r.presence for _, r in penalized]
-            frequency[at] = [r.frequency for _, r in penalized]
-            repetition[at] = [r.repetition for _, r in penalized]
-            num_prompt[at] = [len(r.prompt) for _, r in penalized]
-        for i, r in penalized:
-            n_prompt, n_output = len(r.prompt), len(r.output)
-            history[i, :n_prompt] = r.prompt  # numpy rows (the engine's) copy fast
-            history[i, n_prompt : n_prompt + n_output] = r.output
         for i, r in biased:
             bias_ids[i, : len(r.bias)], bias_values[i, : len(r.bias)] = zip(*r.bias, strict=True)
         return cls(

@@ -175,17 +175,22 @@ def test_bad_requests_are_rejected_and_others_still_served():
 
 
 def test_abort_frees_blocks_and_keeps_serving():
+    """An aborted request gives back its KV blocks and (penalized) its history row."""
     engine = make_engine("paged", warmup=False, num_kv_blocks=40)
-    a = engine.add_request([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
-    b = engine.add_request([4, 5, 6], SamplingParams(max_tokens=5, ignore_eos=True))
+    sp = SamplingParams(max_tokens=50, ignore_eos=True, repetition_penalty=1.2)
+    a = engine.add_request([1, 2, 3], sp)
+    b = engine.add_request([4, 5, 6], dataclasses.replace(sp, max_tokens=5))
     engine.step()
     engine.step()
+    assert engine._history.num_used == 2
     assert engine.abort(a) and not engine.abort("nope")
+    assert engine._history.num_used == 1
     finished = []
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == [b]
     assert engine.scheduler.kv_cache_manager.num_free_blocks == 39
+    assert engine._history.num_used == 0
 
 
 def test_unknown_model_is_a_clear_error():
@@ -284,6 +289,7 @@ def test_penalties_follow_the_raw_logprobs_and_the_batch_does_not_matter():
         )
         assert batched[3] == alone[0], policy
         assert (engine.num_preemptions > 0) == (policy == "paged")
+        assert engine._history.num_used == 0  # every history row went back
 
 
 @pytest.mark.parametrize("n_workers,num_kv_blocks", [(1, 200), (2, 200), (1, 30)])

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orca_jax.engine.token_history import TokenHistory
 from orca_jax.sampler import (
     RowSampling,
     SamplingMetadata,
@@ -111,6 +112,33 @@ def test_penalties_match_a_per_token_reference():
     np.testing.assert_array_equal(toks[:5], np.argmax(np.stack(want), -1))  # greedy too
     raw = jax.nn.log_softmax(logits)[np.arange(5), np.asarray(toks[:5])]
     np.testing.assert_allclose(lp[:5], raw, rtol=1e-6)  # logprobs stay the model's
+
+
+def test_history_rows_gather_the_same_history_as_token_lists():
+    """The engine's way: penalized rows name a row of a `TokenHistory` table, topped up as
+    tokens come; the batch's history equals the one built from prompt and output lists.
+    Rows go back on release (cleared) and the table grows when all are taken."""
+    rng = np.random.default_rng(5)
+    table = TokenHistory(width=16, slots=2)  # one usable row: the others come by growing
+    listed, named = [], []
+    for n_p, n_o in [(3, 4), (6, 0), (1, 9)]:
+        prompt, output = rng.integers(0, 50, n_p).tolist(), rng.integers(0, 50, n_o).tolist()
+        slot = table.acquire(prompt)
+        for k in range(n_o + 1):  # one token at a time, as the engine tops it up
+            table.extend(slot, output[:k], n_p + k)
+        listed.append(RowSampling(0.0, 0, 1.0, 0, n_o, 0.1, 0.2, 1.3, prompt, output))
+        named.append(RowSampling(0.0, 0, 1.0, 0, n_o, 0.1, 0.2, 1.3, history=(slot, n_p)))
+    assert table.num_used == 3 and len(table.table) == 4
+    plain = (0.0, 0, 1.0, 0, 0)
+    want = SamplingMetadata.build([listed[0], plain, *listed[1:]], 5, history_width=16)
+    got = SamplingMetadata.build([named[0], plain, *named[1:]], 5, 16, 0, 0, table.table)
+    for field in ("history", "num_prompt", "presence", "frequency", "repetition"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), field)
+    table.release(named[2].history[0])
+    assert (table.table[named[2].history[0]] == -1).all() and (table.table[0] == -1).all()
+    assert table.acquire([7]) == named[2].history[0] and table.num_used == 3
+    with pytest.raises(ValueError, match="history table"):
+        SamplingMetadata.build(named, 3, history_width=16)
 
 
 def test_batches_without_penalties_send_no_history():

@@ -26,6 +26,7 @@ from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.engine.sampling_state import SamplingState
+from orca_jax.engine.token_history import TokenHistory
 from orca_jax.runner import ModelRunner, StepOutputs
 from orca_jax.sampler import SamplingMetadata
 from orca_jax.scheduler import (
@@ -83,6 +84,7 @@ class Engine:
         self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
+        self._history = TokenHistory(runner_config.max_model_len)  # penalized requests' tokens
         # Requests that asked for prompt logprobs and have not delivered a token yet: the
         # per-iteration scan for prompt tokens to score runs only while there are some.
         self._unscored: set[str] = set()
@@ -217,8 +219,9 @@ class Engine:
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; True if it was live. Its blocks are freed."""
         self._unscored.discard(request_id)
-        if self._requests.pop(request_id, None) is None:
+        if (tracked := self._requests.pop(request_id, None)) is None:
             return False
+        tracked.sampling.release(self._history)
         self.scheduler.abort_request(request_id)
         return True
 
@@ -261,12 +264,17 @@ class Engine:
         rows = []
         for s in batch.scheduled:
             tracked = self._requests[s.req_id]
-            rows.append(tracked.sampling.row(tracked.request, s.sample))
+            rows.append(tracked.sampling.row(tracked.request, s.sample, self._history))
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         cfg = self.runner.config
         md = SamplingMetadata.build(
-            rows, packed.max_reqs, cfg.max_model_len, cfg.max_logit_bias, self.runner.mask_words
+            rows,
+            packed.max_reqs,
+            cfg.max_model_len,
+            cfg.max_logit_bias,
+            self.runner.mask_words,
+            self._history.table,
         )
         targets = self._prompt_targets(batch, packed.num_tokens)
         if self.broadcast is not None:  # other processes run this step on their devices too
@@ -355,7 +363,7 @@ class Engine:
                 continue
             outputs.append(self._advance(tracked, delta, now))
             if tracked.output.finished:
-                del self._requests[delta.req_id]
+                self._requests.pop(delta.req_id).sampling.release(self._history)
                 self._unscored.discard(delta.req_id)
         return outputs
 

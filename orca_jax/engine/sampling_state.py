@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from orca_jax.engine.token_history import TokenHistory
 from orca_jax.sampler import RowSampling
 from orca_jax.scheduler import Request, SamplingParams
 from orca_jax.tokenizer import Tokenizer
@@ -31,10 +32,7 @@ class SamplingState:
     # Set by the engine once the request is known to be servable:
     seed: int = 0  # of its random stream
     guide: TokenGuide | None = None  # its structured-output automaton
-    # Penalized requests: i32[prompt + max_tokens] prompt then output tokens, filled as they
-    # come (`_history`), so a step copies a row of numpy, not the whole context from lists.
-    _tokens: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    _filled: int = 0
+    slot: int = 0  # penalized requests: its row of the engine's `TokenHistory` (0: none yet)
 
     @classmethod
     def create(
@@ -86,53 +84,43 @@ class SamplingState:
             allowed = allowed.view(np.int32)
         return cls(params, stop_ids, allowed, bad_words)
 
-    def row(self, request: Request, sample: bool) -> tuple | RowSampling:
+    def row(self, request: Request, sample: bool, history: TokenHistory) -> tuple | RowSampling:
         """This step's row; the plain 5-tuple when only temperature, top-k, top-p and the
         seed are set. `sample`: whether the step samples for it (a non-final prefill chunk
-        does not)."""
-        p = self.params
+        does not). Penalized requests keep their tokens in a row of `history`."""
+        p, output = self.params, request.output_token_ids
         # The key folds in tokens generated so far: the same whatever the batch.
-        row = (p.temperature, p.top_k, p.top_p, self.seed, request.num_output_tokens)
-        extra = {"min_p": p.min_p} if p.min_p else {}
-        if p.has_penalties:
-            tokens, num_prompt = self._history(request), request.num_prompt_tokens
-            extra.update(
-                presence=p.presence_penalty,
-                frequency=p.frequency_penalty,
-                repetition=p.repetition_penalty,
-                prompt=tokens[:num_prompt],
-                output=tokens[num_prompt:],
-            )
+        row = (p.temperature, p.top_k, p.top_p, self.seed, len(output))
         bias = p.logit_bias
-        if request.num_output_tokens < p.min_tokens:
+        if len(output) < p.min_tokens:
             bias += tuple((t, -np.inf) for t in self.stop_ids)
         if self.bad_words:
-            bias += tuple((t, -np.inf) for t in _banned(self.bad_words, request.output_token_ids))
-        if bias:
-            extra["bias"] = bias
-        if sample and self.guide is not None:  # never with `allowed` (refused in create)
-            extra["allowed"] = self.guide.allowed_mask()
-        elif sample and self.allowed is not None:
-            extra["allowed"] = self.allowed
-        return RowSampling(*row, **extra) if extra else row
-
-    def _history(self, request: Request) -> np.ndarray:
-        """i32[prompt + output so far]: a view of the buffer, topped up with new tokens."""
-        num_prompt = request.num_prompt_tokens
-        if self._tokens is None:
-            self._tokens = np.empty(request.max_total_tokens, np.int32)
-            self._tokens[:num_prompt] = request.prompt_token_ids
-            self._filled = num_prompt
-        end = num_prompt + request.num_output_tokens
-        if end > self._filled:
-            self._tokens[self._filled : end] = request.output_token_ids[self._filled - num_prompt :]
-            self._filled = end
-        return self._tokens[:end]
+            bias += tuple((t, -np.inf) for t in _banned(self.bad_words, output))
+        allowed = None
+        if sample:  # a guide never comes with `allowed` (refused in create)
+            allowed = self.guide.allowed_mask() if self.guide is not None else self.allowed
+        tokens = None
+        if p.has_penalties:
+            if not self.slot:
+                self.slot = history.acquire(request.prompt_token_ids)
+            num_prompt = request.num_prompt_tokens
+            history.extend(self.slot, output, num_prompt + len(output))
+            tokens = (self.slot, num_prompt)
+        elif not (bias or allowed is not None or p.min_p):
+            return row
+        penalties = (p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+        return RowSampling(*row, *penalties, (), (), bias, allowed, p.min_p, tokens)
 
     def advance(self, token_id: int) -> None:
         """A token was sampled for this request."""
         if self.guide is not None:
             self.guide.advance(token_id)
+
+    def release(self, history: TokenHistory) -> None:
+        """The request has ended: its history row goes back."""
+        if self.slot:
+            history.release(self.slot)
+            self.slot = 0
 
 
 def _bad_word_ids(words: tuple[str, ...], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
