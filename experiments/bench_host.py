@@ -141,11 +141,11 @@ class _StubDevice:
         r, k = batch.max_reqs, num_top_logprobs
         tokens = self.rng.integers(100, self.vocab, r).astype(np.int32)
         top = np.zeros((r, k), np.int32), np.zeros((r, k), np.float32)
-        out = StepOutputs(tokens, np.zeros(r, np.float32), *top)
+        out = StepOutputs(tokens, np.zeros(r, np.float32), *top, np.ones(r, np.int32))
         if not self.step_s:
             return out
         self.busy_until = max(self.busy_until, time.perf_counter()) + self.step_s
-        return StepOutputs(*(_Pending(a, self.busy_until) for a in out[:4]))
+        return StepOutputs(*(_Pending(a, self.busy_until) for a in out[:5]))
 
 
 def _stub_engine(n: int, ctx: int, **config):

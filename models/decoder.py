@@ -172,13 +172,13 @@ def token_logprobs(
     targets: jax.Array,  # i32[T] token whose log-probability each row scores; < 0: none
     config: ModelConfig,
     num_top: int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Log-probabilities at every packed row, not just each request's last: what scoring a
     prompt needs (vLLM's `prompt_logprobs`). Row t's distribution predicts token t + 1.
 
     Returns (logprob of targets[t] f32[T] (0 where no target), the num_top most likely ids
-    i32[T, num_top], their logprobs f32[T, num_top]). Rows go through in chunks, so at most
-    `_LOGPROB_ROWS` x V logits exist at once.
+    i32[T, num_top], their logprobs f32[T, num_top], the target's rank i32[T] (1: the most
+    likely)). Rows go through in chunks, so at most `_LOGPROB_ROWS` x V logits exist at once.
     """
     T = x.shape[0]
     C = min(T, _LOGPROB_ROWS)
@@ -189,9 +189,10 @@ def token_logprobs(
     def chunk(args):
         x, t = args  # [C, D], [C]
         lp = jax.nn.log_softmax(logits_of(params, x, config), axis=-1)  # [C, V]
-        target_lp = jnp.take_along_axis(lp, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
+        target_lp = jnp.take_along_axis(lp, jnp.maximum(t, 0)[:, None], axis=-1)  # [C, 1]
+        rank = 1 + jnp.sum(lp > target_lp, axis=-1, dtype=jnp.int32)
         top_lp, top_ids = jax.lax.top_k(lp, num_top)
-        return jnp.where(t >= 0, target_lp, 0.0), top_ids.astype(jnp.int32), top_lp
+        return jnp.where(t >= 0, target_lp[:, 0], 0.0), top_ids.astype(jnp.int32), top_lp, rank
 
     n = (T + pad) // C
     out = jax.lax.map(chunk, (x.reshape(n, C, -1), targets.reshape(n, C)))

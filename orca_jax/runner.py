@@ -298,9 +298,10 @@ class StepOutputs(NamedTuple):
     token_logprobs: jax.Array  # f32[R] its log-probability (raw distribution)
     top_ids: jax.Array  # i32[R, n] the n most likely tokens
     top_logprobs: jax.Array  # f32[R, n] their log-probabilities
+    token_ranks: jax.Array  # i32[R] the sampled token's rank (1: the most likely)
     # Per packed token when prompt targets were given (`token_logprobs`): the target's
-    # logprob f32[T], top ids i32[T, n], top logprobs f32[T, n].
-    prompt: tuple[jax.Array, jax.Array, jax.Array] | None = None
+    # logprob f32[T], top ids i32[T, n], top logprobs f32[T, n], the target's rank i32[T].
+    prompt: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None
 
 
 def _random_stage(config: ModelConfig, seed: int, plan) -> Params:

@@ -234,12 +234,13 @@ def sample(
     logits: jax.Array,  # f32[R, V]
     md: SamplingMetadata,
     num_top_logprobs: int = 0,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Next token per request.
 
     Returns (tokens i32[R], logprob of each token f32[R], top token ids i32[R, n],
-    their logprobs f32[R, n]) with n = num_top_logprobs; log-probabilities are those of the
-    model's raw distribution (before penalties, temperature and cuts), as vLLM reports them.
+    their logprobs f32[R, n], each token's rank i32[R] (1: the most likely)) with
+    n = num_top_logprobs; log-probabilities and ranks are those of the model's raw
+    distribution (before penalties, temperature and cuts), as vLLM reports them.
     """
     raw = logits.astype(jnp.float32)
     logits = process_logits(raw, md)
@@ -258,4 +259,11 @@ def sample(
     logprobs = jax.nn.log_softmax(raw, axis=-1)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)
-    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
+    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp, rank_of(logprobs, tokens)
+
+
+def rank_of(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
+    """i32[R]: 1 + how many tokens of each row's [V] logprobs are more likely than its token
+    (ties share the better rank)."""
+    own = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)
+    return 1 + jnp.sum(logprobs > own, axis=-1, dtype=jnp.int32)

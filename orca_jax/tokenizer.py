@@ -123,6 +123,8 @@ class Tokenizer:
         if add_bos_token and bos_token_id is None:
             raise ValueError("add_bos_token=True needs a bos_token_id")
         self.add_bos_token = add_bos_token
+        self._texts: dict[int, str] = {}  # token_text's cache
+        self._bytes: list[bytes | None] | None = None  # token_bytes(), once token_utf8 asks
 
     @property
     def vocab_size(self) -> int:
@@ -174,6 +176,21 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; invalid or incomplete UTF-8 becomes U+FFFD."""
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text alone, special tokens included (what logprobs show), cached."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def token_utf8(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a character is its own bytes, where
+        `token_text` shows U+FFFD); a special token's text."""
+        if self._bytes is None:
+            self._bytes = self.token_bytes()
+        raw = self._bytes[token_id] if token_id < len(self._bytes) else None
+        return self.token_text(token_id).encode() if raw is None else raw
 
     def apply_chat_template(
         self,

@@ -60,7 +60,8 @@ def greedy_outputs(
 def _scores(out) -> list[float]:
     if out.prompt_logprobs is None:
         return []
-    return [e[t] for t, e in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True)]
+    pairs = zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True)
+    return [e[t].logprob for t, e in pairs]
 
 
 def assert_same_outputs(got, want, atol: float = 1e-5) -> None:

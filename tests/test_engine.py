@@ -123,8 +123,11 @@ def test_logprobs_hold_the_sampled_and_top_tokens():
     comp = done["0"].outputs[0]
     assert len(comp.logprobs) == len(comp.token_ids) == 6
     for tok, lps in zip(comp.token_ids, comp.logprobs, strict=True):
-        assert len(lps) == 3 and lps[tok] == max(lps.values())  # greedy: the sampled is top-1
-        assert all(v <= 0 for v in lps.values()) and sum(np.exp(list(lps.values()))) <= 1 + 1e-5
+        values = [e.logprob for e in lps.values()]
+        assert len(lps) == 3 and lps[tok].logprob == max(values)  # greedy: the sampled is top-1
+        assert next(iter(lps)) == tok and [e.rank for e in lps.values()] == [1, 2, 3]
+        assert all(v <= 0 for v in values) and sum(np.exp(values)) <= 1 + 1e-5
+        assert all(e.decoded_token is None for e in lps.values())  # no tokenizer
     assert done["1"].outputs[0].logprobs is None
     with pytest.raises(ValueError, match="max_logprobs"):
         engine.add_request([1], SamplingParams(logprobs=4))
@@ -270,7 +273,7 @@ def test_penalties_follow_the_raw_logprobs_and_the_batch_does_not_matter():
         out = next((o for o in engine.step() if o.finished), out)
     comp = out.outputs[0]
     for t, (tok, lps) in enumerate(zip(comp.token_ids, comp.logprobs, strict=True)):
-        raw = np.array([lps[v] for v in range(V)])
+        raw = np.array([lps[v].logprob for v in range(V)])
         before = comp.token_ids[:t]
         penalty = np.array([0.7 * before.count(v) + 0.4 * (v in before) for v in range(V)])
         assert tok == int(np.argmax(raw - penalty))

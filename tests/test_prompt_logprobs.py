@@ -65,12 +65,16 @@ def check_against_reference(out, reference) -> None:
     assert len(got) == len(prompt) and got[0] is None
     ref = reference(prompt)  # [len, V]
     for pos in range(1, len(prompt)):
-        entry, row = got[pos], ref[pos - 1]
-        assert entry[prompt[pos]] == pytest.approx(row[prompt[pos]], abs=ATOL), pos
+        entry, row, token = got[pos], ref[pos - 1], prompt[pos]
+        assert entry[token].logprob == pytest.approx(row[token], abs=ATOL), pos
+        # its rank among all V, as the reference orders them (near-ties either way)
+        above = row > row[token] + ATOL, row > row[token] - ATOL
+        assert 1 + above[0].sum() <= entry[token].rank <= 1 + above[1].sum(), pos
         top = np.argsort(-row)[:TOP]
-        assert set(entry) == {prompt[pos], *top.tolist()}, pos
-        for t in top:
-            assert entry[int(t)] == pytest.approx(row[t], abs=ATOL), pos
+        assert set(entry) == {token, *top.tolist()}, pos
+        for k, t in enumerate(top.tolist()):
+            assert entry[t].logprob == pytest.approx(row[t], abs=ATOL), pos
+            assert t == token or entry[t].rank == k + 1, pos
 
 
 @pytest.mark.parametrize(
@@ -154,7 +158,7 @@ def test_token_logprobs_of_a_bucket_not_a_multiple_of_the_chunk(gpt2):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, cfg.d_model)).astype(np.float32)
     targets = rng.integers(-1, cfg.vocab_size, 300).astype(np.int32)
-    lp, top_ids, top_lp = token_logprobs(params, x, targets, cfg, 2)
+    lp, top_ids, top_lp, rank = token_logprobs(params, x, targets, cfg, 2)
     want = np.asarray(jax.nn.log_softmax(logits_of(params, x, cfg), -1))
     rows = np.arange(300)
     np.testing.assert_allclose(
@@ -162,6 +166,8 @@ def test_token_logprobs_of_a_bucket_not_a_multiple_of_the_chunk(gpt2):
     )
     np.testing.assert_array_equal(top_ids, np.argsort(-want, -1)[:, :2])
     assert lp.shape == (300,) and top_lp.shape == (300, 2)
+    own = want[rows, np.maximum(targets, 0)]
+    np.testing.assert_array_equal(rank, 1 + (want > own[:, None]).sum(-1))
 
 
 def test_n_completions_score_the_prompt_once(gpt2):

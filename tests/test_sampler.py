@@ -23,12 +23,23 @@ def _logits(rows, vocab=64, seed=0):
 
 def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     logits = _logits(5)
-    toks, lp, top_ids, top_lp = sample(logits, SamplingMetadata.greedy(5), num_top_logprobs=3)
+    toks, lp, top_ids, top_lp, rank = sample(logits, SamplingMetadata.greedy(5), 3)
     np.testing.assert_array_equal(toks, np.argmax(logits, -1))
     want = jax.nn.log_softmax(logits)[np.arange(5), np.argmax(logits, -1)]
     np.testing.assert_allclose(lp, want, rtol=1e-6)
     np.testing.assert_array_equal(top_ids[:, 0], toks)
     assert top_lp.shape == (5, 3) and (np.diff(np.asarray(top_lp), axis=1) <= 0).all()
+    np.testing.assert_array_equal(rank, 1)
+
+
+def test_ranks_count_the_more_likely_tokens():
+    """A sampled token's rank is 1 + how many tokens the raw distribution puts above it."""
+    logits = _logits(400, vocab=16, seed=9)
+    md = SamplingMetadata.build([(2.0, 0, 1.0, s, 0) for s in range(400)], 400)
+    toks, _, _, _, rank = (np.asarray(a) for a in sample(logits, md))
+    raw = np.asarray(logits)
+    np.testing.assert_array_equal(rank, 1 + (raw > raw[np.arange(400), toks][:, None]).sum(-1))
+    assert len(set(rank.tolist())) > 3  # hot sampling: many ranks came up
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

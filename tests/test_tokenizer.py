@@ -459,3 +459,16 @@ def test_chat_template_flag_reads_a_file_or_the_template(tmp_path):
     assert read_template("{{ messages }}") == "{{ messages }}"
     with pytest.raises(ValueError, match="not a file"):
         read_template(str(tmp_path / "missing.jinja"))
+
+
+@needs_smollm2
+def test_one_token_text_and_bytes(smollm2):
+    """What logprobs show per token: its text alone (a piece of a character shows U+FFFD)
+    and its own bytes, which add up to the text's UTF-8."""
+    text = "Tokyo 東京 🙂 ok"
+    ids = smollm2.encode(text, add_special_tokens=False)
+    assert b"".join(smollm2.token_utf8(t) for t in ids) == text.encode()
+    texts = [smollm2.token_text(t) for t in ids]
+    assert texts == [smollm2.decode([t], skip_special_tokens=False) for t in ids]
+    assert any("\ufffd" in t for t in texts)  # the emoji spans tokens
+    assert smollm2.token_utf8(smollm2.eos_token_id) == smollm2.eos_token.encode()

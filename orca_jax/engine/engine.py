@@ -24,7 +24,7 @@ from models.layers import Params
 from orca_jax.batch_builder import BatchBuilder
 from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
-from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from orca_jax.engine.sampling_state import SamplingState
 from orca_jax.engine.token_history import TokenHistory
 from orca_jax.runner import ModelRunner, StepOutputs
@@ -54,8 +54,8 @@ class _Tracked:
     sampling: SamplingState  # what its row of each step's sampling metadata holds
     detok: IncrementalDetokenizer | None
     error: str | None = None  # why it must end now (its automaton refused a sampled token)
-    # {token id: logprob} per sampled token not yet delivered (the sampled one and the top-n).
-    pending_logprobs: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    # {token id: Logprob} per sampled token not yet delivered (the sampled one and the top-n).
+    pending_logprobs: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:
@@ -323,7 +323,7 @@ class Engine:
             # Python ints and floats once per batch (numpy scalars cost more per row).
             tokens = np.asarray(device_out.tokens).tolist()  # waits for the device
             token_lp = np.asarray(device_out.token_logprobs).tolist()
-            top = None  # the top-n ids and logprobs, fetched if some request wants them
+            top = None  # the top-n ids, logprobs and ranks, fetched if some request wants them
             if device_out.prompt is not None:
                 self._record_prompt_logprobs(batch, *(np.asarray(a) for a in device_out.prompt))
             for row, s in enumerate(batch.scheduled):
@@ -342,12 +342,14 @@ class Engine:
                 n = tracked.params.logprobs
                 if n is not None:
                     if top is None:
-                        top = np.asarray(device_out.top_ids), np.asarray(device_out.top_logprobs)
-                    entry = {token: token_lp[row]}  # the sampled token, then the top n
-                    entry.update(
-                        zip(top[0][row, :n].tolist(), top[1][row, :n].tolist(), strict=True)
+                        top = (
+                            np.asarray(device_out.top_ids),
+                            np.asarray(device_out.top_logprobs),
+                            np.asarray(device_out.token_ranks),
+                        )
+                    tracked.pending_logprobs.append(
+                        self._logprobs(token, token_lp[row], int(top[2][row]), top, row, n)
                     )
-                    tracked.pending_logprobs.append(entry)
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         # Ended before the next batch is scheduled (their automaton is past use); `_emit`
         # reports them aborted.
@@ -373,16 +375,30 @@ class Engine:
         target_lp: np.ndarray,  # f32[T]
         top_ids: np.ndarray,  # i32[T, max_logprobs]
         top_lp: np.ndarray,  # f32[T, max_logprobs]
+        target_rank: np.ndarray,  # i32[T]
     ) -> None:
-        """File each scored prompt token's {token id: logprob} (the token, then the top n)."""
+        """File each scored prompt token's {token id: Logprob} (the token, then the top n)."""
         for tracked, row0, first, end in self._scored_spans(batch):
             prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
             for pos in range(first, end):
                 row = row0 + pos - first
-                entry = {prompt[pos + 1]: float(target_lp[row])}
-                top = zip(top_ids[row, :n].tolist(), top_lp[row, :n].tolist(), strict=True)
-                entry.update(top)
+                rank = int(target_rank[row])
+                entry = self._logprobs(
+                    prompt[pos + 1], float(target_lp[row]), rank, (top_ids, top_lp), row, n
+                )
                 tracked.output.prompt_logprobs[pos + 1] = entry
+
+    def _logprobs(
+        self, token: int, logprob: float, rank: int, top: tuple, row: int, n: int
+    ) -> dict[int, Logprob]:
+        """{token id: Logprob}: `token` first, then the n most likely (`top`: ids and logprobs
+        [rows, max_logprobs], read at `row`), each with its text when there is a tokenizer."""
+        text = self.tokenizer.token_text if self.tokenizer is not None else lambda _: None
+        entry = {token: Logprob(logprob, rank, text(token))}
+        ids, lps = top[0][row, :n].tolist(), top[1][row, :n].tolist()
+        for k, (t, lp) in enumerate(zip(ids, lps, strict=True)):
+            entry.setdefault(t, Logprob(lp, k + 1, text(t)))
+        return entry
 
     def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
         """Apply a scheduler delta: detokenize, look for stop strings, update timestamps.

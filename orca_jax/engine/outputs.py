@@ -13,6 +13,15 @@ def _shallow_copy[T](obj: T) -> T:
     return new
 
 
+@dataclass(frozen=True, slots=True)
+class Logprob:
+    """One token's log-probability under the model's raw distribution, as vLLM reports it."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token
+    decoded_token: str | None = None  # its text alone (None without a tokenizer)
+
+
 @dataclass
 class CompletionOutput:
     """One completion of a request (orca-jax produces one per request)."""
@@ -26,9 +35,9 @@ class CompletionOutput:
     finish_reason: str | None = None
     # The stop string or stop token id that finished the request, if any.
     stop_reason: str | int | None = None
-    # Per generated token, when asked for (SamplingParams.logprobs = n): {token id: logprob}
-    # holding the sampled token and the n most likely ones (raw model distribution).
-    logprobs: list[dict[int, float]] | None = None
+    # Per generated token, when asked for (SamplingParams.logprobs = n): {token id: Logprob}
+    # holding the sampled token (first) and the n most likely ones.
+    logprobs: list[dict[int, Logprob]] | None = None
     # What this iteration added (for streaming).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
@@ -57,9 +66,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     # Per prompt token, when asked for (SamplingParams.prompt_logprobs = n): None for the
-    # first, then {token id: logprob} holding that prompt token and the n most likely ones
-    # given the tokens before it. Complete once the first generated token arrives.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # first, then {token id: Logprob} holding that prompt token (first) and the n most likely
+    # ones given the tokens before it. Complete once the first generated token arrives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     # Prompt tokens whose K/V came from the prefix cache (paged + enable_prefix_caching).
     num_cached_tokens: int = 0
     # Engine-clock timestamps (seconds): arrival, first token, last token.

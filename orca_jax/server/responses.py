@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orca_jax.engine.outputs import RequestOutput
+from orca_jax.engine.outputs import Logprob, RequestOutput
 from orca_jax.server.tool_stream import ToolCallStream
 from orca_jax.server.tools import ToolCalling
 from orca_jax.tokenizer import Tokenizer
@@ -42,14 +42,20 @@ def running_usage(out: RequestOutput) -> dict:
 
 
 def _token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
+    return f"token_id:{token_id}" if tokenizer is None else tokenizer.token_text(token_id)
+
+
+def _token_bytes(tokenizer: Tokenizer | None, token_id: int) -> list[int]:
+    """The bytes the token stands for: a piece of a character keeps its own bytes."""
     if tokenizer is None:
-        return f"token_id:{token_id}"
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+        return list(_token_text(tokenizer, token_id).encode())
+    return list(tokenizer.token_utf8(token_id))
 
 
-def _ranked(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
-    """The n most likely of one token's {id: logprob} (the sampled one is there too)."""
-    return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
+def _ranked(entry: dict[int, Logprob], n: int) -> list[tuple[int, float]]:
+    """(id, logprob) of the n most likely of one token's entry (the sampled one is there
+    too)."""
+    return sorted(((t, e.logprob) for t, e in entry.items()), key=lambda kv: -kv[1])[:n]
 
 
 def _new_logprobs(out: RequestOutput, new_only: bool):
@@ -79,7 +85,9 @@ def completion_logprobs(
         pos += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [None if e is None else e[t] for t, e in zip(ids, entries, strict=True)],
+        "token_logprobs": [
+            None if e is None else e[t].logprob for t, e in zip(ids, entries, strict=True)
+        ],
         "top_logprobs": [
             None if e is None else {_token_text(tokenizer, k): v for k, v in _ranked(e, num)}
             for e in entries
@@ -95,12 +103,12 @@ def chat_logprobs(out, tokenizer, num: int, new_only: bool) -> dict | None:
         return None
 
     def item(token_id: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        text, raw = _token_text(tokenizer, token_id), _token_bytes(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
 
     return {
         "content": [
-            {**item(t, e[t]), "top_logprobs": [item(k, v) for k, v in _ranked(e, num)]}
+            {**item(t, e[t].logprob), "top_logprobs": [item(k, v) for k, v in _ranked(e, num)]}
             for t, e in zip(ids, entries, strict=True)
         ]
     }

@@ -60,13 +60,17 @@ def test_completions_batch_stop_and_logprobs(served, llm, offline):
         extra_body={"ignore_eos": True},  # our extension, as vLLM's
     )
     assert [c.index for c in out.choices] == [0, 1]
+    tok = llm.get_tokenizer()
     for choice, prompt in zip(out.choices, ids, strict=True):
-        want = offline_output(offline, prompt, max_tokens=8, ignore_eos=True)
+        want = offline_output(offline, prompt, max_tokens=8, ignore_eos=True, logprobs=2)
         assert choice.text == want.text
         lp = choice.logprobs
         assert len(lp.token_logprobs) == len(want.token_ids) == 8
         for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
             assert len(top) == 2 and max(top.values()) == pytest.approx(chosen)  # greedy
+        for t, entry in zip(want.token_ids, want.logprobs, strict=True):  # vLLM's Logprob
+            assert entry[t].rank == 1 and list(entry.values())[1].rank == 2  # greedy
+            assert entry[t].decoded_token == tok.decode([t], skip_special_tokens=False)
     assert out.usage.completion_tokens == 16
 
     prompt = "The capital of France is"
@@ -336,7 +340,7 @@ def test_echo_with_logprobs_scores_the_prompt(served, llm, offline):
     assert len(lp.tokens) == len(ids) + 1 and "".join(lp.tokens[:-1]) == tok.decode(ids)
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:-1] == pytest.approx(
-        [e[t] for t, e in zip(ids[1:], want.prompt_logprobs[1:], strict=True)], abs=1e-5
+        [e[t].logprob for t, e in zip(ids[1:], want.prompt_logprobs[1:], strict=True)], abs=1e-5
     )
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))  # greedy
