@@ -1,14 +1,19 @@
-"""Structured outputs: a JSON schema, a regex or a list of choices, enforced token by token.
+"""Structured outputs: a JSON schema, a regex, a list of choices or a grammar, enforced
+token by token.
 
-The constraint becomes a regular expression (outlines-core turns JSON schemas into one), and
-the regex over the tokenizer's vocabulary becomes an index: a finite automaton whose states
-know which token ids may follow. Each request walks its own `Guide` over the shared index;
-before each of its sampling steps the engine writes the allowed ids as a bitmask (bit t of
-word t // 32), and the sampler sends every other token's logit to -inf. The end-of-sequence
-token is allowed once the text is complete, so a request ends when its output is.
+JSON schemas, regexes and choices become a regular expression (outlines-core turns JSON
+schemas into one), and the regex over the tokenizer's vocabulary becomes an index: a finite
+automaton whose states know which token ids may follow. Each request walks its own `Guide`
+over the shared index. A context-free grammar (GBNF, llama.cpp's EBNF, or Lark) is no
+regular language: llguidance's `LLMatcher` runs an Earley parser over a lexer instead, one
+per request, and computes the allowed tokens at each step. Either way, before each of its
+sampling steps the engine writes the allowed ids as a bitmask (bit t of word t // 32), and
+the sampler sends every other token's logit to -inf. The end-of-sequence token is allowed
+once the text is complete, so a request ends when its output is.
 
-outlines-core (Rust, no dependencies) does the regex and index work: correct handling of
-multi-byte tokens against a regex is subtle, and it is what vLLM and others build on.
+outlines-core and llguidance (Rust, no dependencies) do the automaton and parser work:
+correct handling of multi-byte tokens against a regex or grammar is subtle, and they are
+what vLLM and others build on (vLLM's "guidance" backend is llguidance).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import llguidance
 import numpy as np
 import outlines_core
 
@@ -26,7 +32,7 @@ _REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
 
 
 def to_regex(spec: StructuredOutputs) -> str:
-    """The regular expression a request's whole output must match."""
+    """The regular expression a request's whole output must match (not for grammars)."""
     if spec.regex is not None:
         return spec.regex
     if spec.choice is not None:
@@ -58,6 +64,9 @@ class GrammarCompiler:
         self.vocabulary = outlines_core.Vocabulary(tokenizer.eos_token_id, by_bytes)
         self.mask_words = -(-vocab_size // 32)
         self._index = functools.lru_cache(maxsize=max_cached)(self._build_index)
+        self._grammar = functools.lru_cache(maxsize=max_cached)(self._compile_grammar)
+        self._tokenizer, self._vocab_size = tokenizer, vocab_size
+        self._lark_tokenizer: llguidance.LLTokenizer | None = None  # at the first grammar
 
     def _build_index(self, regex: str) -> outlines_core.Index:
         try:
@@ -65,17 +74,40 @@ class GrammarCompiler:
         except Exception as e:  # noqa: BLE001 -- a regex it cannot parse or compile
             raise ValueError(f"cannot build an automaton for regex {regex!r}: {e}") from None
 
-    def index(self, spec: StructuredOutputs) -> outlines_core.Index:
-        """The automaton of a constraint, built at its first use (ValueError if it cannot be)."""
+    def _compile_grammar(self, text: str) -> str:
+        """llguidance's form of a GBNF or Lark grammar, checked against the vocabulary."""
+        if self._lark_tokenizer is None:
+            self._lark_tokenizer = llguidance.LLTokenizer(
+                self._tokenizer.backend_tokenizer.to_str(),
+                n_vocab=self._vocab_size,
+                eos_token=self.eos_token_id,
+            )
+        try:
+            grammar = llguidance.grammar_from("grammar", text)
+        except Exception as e:  # noqa: BLE001 -- its GBNF converter raises plain Exception
+            raise ValueError(f"grammar: {e}") from None
+        if error := llguidance.LLMatcher.validate_grammar(grammar, self._lark_tokenizer):
+            raise ValueError(f"grammar: {error}")
+        return grammar
+
+    def index(self, spec: StructuredOutputs) -> outlines_core.Index | str:
+        """The automaton of a constraint, built at its first use (ValueError if it cannot be);
+        for a grammar, its checked llguidance form."""
+        if spec.grammar is not None:
+            return self._grammar(spec.grammar)
         return self._index(to_regex(spec))
 
     def guide(self, spec: StructuredOutputs) -> TokenGuide:
-        """A fresh automaton walk for one request."""
+        """A fresh automaton walk (or grammar parse) for one request."""
+        if spec.grammar is not None:
+            grammar = self.index(spec)  # builds the tokenizer's llguidance view first
+            matcher = llguidance.LLMatcher(self._lark_tokenizer, grammar)
+            return GrammarGuide(matcher, self.mask_words, self.eos_token_id)
         return TokenGuide(outlines_core.Guide(self.index(spec)), self.mask_words, self.eos_token_id)
 
 
 class TokenGuide:
-    """One request's position in its automaton."""
+    """One request's position in its regex automaton."""
 
     def __init__(self, guide: outlines_core.Guide, mask_words: int, eos_token_id: int):
         self._guide = guide
@@ -99,6 +131,27 @@ class TokenGuide:
             self._guide.advance(token_id, return_tokens=False)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"token {token_id} leaves the structured output: {e}") from None
+
+
+class GrammarGuide(TokenGuide):
+    """One request's parse of its grammar (llguidance's matcher)."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, mask_words: int, eos_token_id: int):
+        self._matcher = matcher
+        self.mask_words = mask_words
+        self.eos_token_id = eos_token_id
+
+    def allowed_mask(self) -> np.ndarray:
+        mask = np.frombuffer(self._matcher.compute_bitmask(), np.int32)[: self.mask_words]
+        return mask.copy()  # its words past the model's vocabulary dropped
+
+    def allowed_tokens(self) -> list[int]:
+        return list(mask_to_tokens(self.allowed_mask(), self.mask_words * 32))
+
+    def advance(self, token_id: int) -> None:
+        if not self._matcher.consume_token(token_id):
+            error = self._matcher.get_error() or "not allowed here"
+            raise ValueError(f"token {token_id} leaves the grammar: {error}")
 
 
 def mask_to_tokens(mask: np.ndarray, vocab_size: int) -> Sequence[int]:

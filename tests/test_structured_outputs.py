@@ -8,6 +8,7 @@ compiles nothing for constrained batches.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import threading
@@ -237,3 +238,68 @@ def test_a_slow_automaton_builds_beside_the_engine_loop(tok):
     assert grammars._index.cache_info().hits == before + 1  # built once, reused
     with pytest.raises(ValueError, match="regex"):
         engine.prepare_structured(StructuredOutputs(regex="(a"))
+
+
+# Nested lists, two deep, at most three items each: context-free (brackets must balance), so
+# no regex can say it; bounded, so random weights cannot go on forever.
+NESTED = """
+root ::= "[" (item ("," item){0,2})? "]"
+item ::= digit | "[" (digit ("," digit){0,2})? "]"
+digit ::= [0-9]
+"""
+LARK = """
+start: "(" sum ")"
+sum: DIGIT (("+" | "*") DIGIT)~0..3
+DIGIT: /[0-9]/
+"""
+
+
+def _nested(text: str) -> bool:
+    """Whether `text` is what NESTED describes, judged by Python's own literal parser."""
+    value = ast.literal_eval(text)
+
+    def digits(v):
+        return isinstance(v, list) and len(v) <= 3 and all(x in range(10) for x in v)
+
+    return (
+        isinstance(value, list)
+        and len(value) <= 3
+        and all(x in range(10) or digits(x) for x in value)
+        and re.fullmatch(r"[\[\],0-9]+", text) is not None
+    )
+
+
+@pytest.mark.parametrize(
+    "policy,kw", [("orca", {}), ("paged", {"num_kv_blocks": 12, "block_size": 4, "n_workers": 2})]
+)
+def test_grammar_outputs_parse(tok, policy, kw):
+    """GBNF and Lark grammars (llguidance): greedy and sampled outputs are complete sentences
+    of their grammar, judged by Python's parser and `re`, beside regex and plain requests."""
+    prompt = tok.encode("List: ")
+    nested, lark = StructuredOutputs(grammar=NESTED), StructuredOutputs(grammar=LARK)
+    requests = [
+        (prompt, SamplingParams(max_tokens=40, structured_outputs=nested)),
+        *[
+            (prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=s, structured_outputs=g))
+            for s in range(3)
+            for g in (nested, lark)
+        ],
+        (prompt, SamplingParams(max_tokens=40, structured_outputs=SPECS[0])),
+        (prompt, SamplingParams(max_tokens=12, ignore_eos=True)),
+    ]
+    engine = _engine(tok, policy=policy, **kw)
+    outs = _serve(engine, requests)
+    for out, (_, sp) in zip(outs[:7], requests[:7], strict=True):
+        comp = out.outputs[0]
+        assert comp.finish_reason == "stop" and comp.token_ids[-1] == tok.eos_token_id
+        if sp.structured_outputs is nested:
+            assert _nested(comp.text), comp.text
+        else:
+            assert re.fullmatch(r"\([0-9]([+*][0-9]){0,3}\)", comp.text), comp.text
+    _check(outs[7], SPECS[0], tok)
+    assert len({o.outputs[0].text for o in outs[1:7:2]}) > 1  # sampling varied the lists
+    if policy == "paged":
+        assert engine.num_preemptions > 0
+    with pytest.raises(ValueError, match="grammar.*not found"):
+        bad = StructuredOutputs(grammar="root ::= x")
+        engine.add_request(prompt, SamplingParams(structured_outputs=bad))

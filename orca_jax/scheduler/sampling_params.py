@@ -18,6 +18,7 @@ class StructuredOutputs:
     regex: str | None = None  # the whole output matches it
     choice: tuple[str, ...] | None = None  # the output is one of these strings
     json_object: bool = False  # any JSON object
+    grammar: str | None = None  # a context-free grammar: GBNF (llama.cpp's EBNF) or Lark
 
     def __post_init__(self) -> None:
         if isinstance(self.json, dict):
@@ -26,6 +27,8 @@ class StructuredOutputs:
             raise ValueError(f"json must be a JSON schema (dict or str), got {self.json!r}")
         if self.regex is not None and not isinstance(self.regex, str):
             raise ValueError(f"regex must be a str, got {self.regex!r}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise ValueError(f"grammar must be a str, got {self.grammar!r}")
         if self.choice is not None:
             if isinstance(self.choice, str) or not all(
                 isinstance(c, str) and c for c in self.choice
@@ -34,9 +37,9 @@ class StructuredOutputs:
             object.__setattr__(self, "choice", tuple(self.choice))
             if not self.choice:
                 raise ValueError("choice must not be empty")
-        given = [self.json is not None, self.regex is not None, self.choice is not None]
-        if sum(given) + bool(self.json_object) != 1:
-            raise ValueError("set exactly one of json, regex, choice and json_object")
+        given = [self.json, self.regex, self.choice, self.grammar]
+        if sum(g is not None for g in given) + bool(self.json_object) != 1:
+            raise ValueError("set exactly one of json, regex, choice, grammar and json_object")
 
 
 @dataclass(frozen=True)

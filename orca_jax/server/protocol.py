@@ -77,7 +77,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None  # {token id (as text): bias in [-100, 100]}
     min_tokens: int = 0  # a vLLM extension
     response_format: ResponseFormat | None = None
-    structured_outputs: dict[str, Any] | None = None  # vLLM's: json / regex / choice / json_object
+    # vLLM's: json / regex / choice / grammar / json_object
+    structured_outputs: dict[str, Any] | None = None
     # vLLM's sampling extensions, as its server takes them.
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] = Field(default_factory=list)
