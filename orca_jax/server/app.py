@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -197,7 +198,9 @@ def build_app(
         streams = []
         try:
             for prompt in prompts:
-                for one in params.completions():  # completion j samples from seed + j
+                for j, one in enumerate(params.completions()):  # j samples from seed + j
+                    if j and not extra.get("echo"):  # the prompt is scored once, by j = 0
+                        one = dataclasses.replace(one, prompt_logprobs=None)
                     rid_j = f"{rid}-{len(streams)}"
                     streams.append(await engine.add(prompt, one, rid_j, req.priority))
         except ValueError as e:

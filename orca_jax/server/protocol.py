@@ -86,11 +86,14 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     priority: int = 0  # vLLM's: lower first, with --scheduling_order=priority
+    prompt_logprobs: int | None = Field(default=None, ge=0)  # vLLM's: score the prompt
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
         if self.model_extra:
             return f"unsupported fields: {sorted(self.model_extra)}"
+        if self.prompt_logprobs is not None and getattr(self, "stream", False):
+            return "prompt_logprobs are not available when stream=true (as in vLLM)"
         return None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -118,6 +121,7 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             n=self.n,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def _structured(self) -> StructuredOutputs | None:
@@ -158,7 +162,9 @@ class CompletionRequest(_Common):
         """Echo with logprobs scores the prompt too (what evaluation harnesses ask for)."""
         params = super().sampling_params(max_tokens, logprobs)
         if self.echo and logprobs is not None:
-            params = dataclasses.replace(params, prompt_logprobs=logprobs)
+            params = dataclasses.replace(
+                params, prompt_logprobs=max(logprobs, self.prompt_logprobs or 0)
+            )
         return params
 
     def prompts(self) -> list[str | list[int]]:

@@ -114,6 +114,22 @@ def chat_logprobs(out, tokenizer, num: int, new_only: bool) -> dict | None:
     }
 
 
+def prompt_logprobs(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first), {token id: logprob,
+    rank and text} of that token and the most likely ones."""
+    if out.prompt_logprobs is None:
+        return None
+    return [
+        None
+        if entry is None
+        else {
+            str(t): {"logprob": e.logprob, "rank": e.rank, "decoded_token": e.decoded_token}
+            for t, e in entry.items()
+        }
+        for entry in out.prompt_logprobs
+    ]
+
+
 def _prompt_text(out: RequestOutput, tokenizer: Tokenizer | None) -> str:
     """The prompt as text, for `echo` (token-id prompts decoded; "" without a tokenizer)."""
     if out.prompt is not None:
@@ -138,6 +154,7 @@ def completion(
                 "stop_reason": comp.stop_reason,
                 "logprobs": completion_logprobs(out, tokenizer, top_n, False, with_prompt=echo),
                 "token_ids": list(comp.token_ids),  # an extension, as vLLM's return_token_ids
+                "prompt_logprobs": prompt_logprobs(outs[i - i % n]),  # scored by its first
             }
         )
     return {
@@ -217,6 +234,7 @@ def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, 
         "model": model,
         "choices": choices,
         "usage": _usage(outs, n),
+        "prompt_logprobs": prompt_logprobs(outs[0]),  # vLLM's place for it in a chat
     }
 
 

@@ -356,3 +356,36 @@ def test_echo_with_logprobs_scores_the_prompt(served, llm, offline):
     assert first.tokens == lp.tokens and first.token_logprobs[1:] == pytest.approx(
         lp.token_logprobs[1:], abs=1e-5
     )
+
+
+def test_prompt_logprobs_in_vllm_shape(served, llm, offline):
+    """vLLM's `prompt_logprobs`: per prompt token (None first) its id's logprob, rank and
+    text with the top ones; n completions share the scores of the first; a
+    chat reports them beside its choices; a stream cannot have them (as in vLLM)."""
+    http, _, _ = served
+    tok = llm.get_tokenizer()
+    ids = tok.encode("The capital of France is Paris")
+    body = dict(prompt=ids, max_tokens=2, temperature=0.8, seed=3, n=2, prompt_logprobs=2)
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.json()
+    a, b = (c["prompt_logprobs"] for c in r.json()["choices"])
+    assert a == b and len(a) == len(ids) and a[0] is None
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=2)
+    want = offline.generate([ids], scored, use_tqdm=False)[0]
+    for t, got, entry in zip(ids[1:], a[1:], want.prompt_logprobs[1:], strict=True):
+        assert got[str(t)]["logprob"] == pytest.approx(entry[t].logprob, abs=1e-5)
+        assert got[str(t)]["decoded_token"] == tok.decode([t])
+        assert sorted(e["rank"] for e in got.values())[:2] == [1, 2] and len(got) <= 3
+    no_scores = http.post("/v1/completions", json=body | {"prompt_logprobs": None})
+    assert no_scores.json()["choices"][0]["prompt_logprobs"] is None
+
+    chat = http.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1}
+        | {"prompt_logprobs": 0},
+    ).json()
+    rendered = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": QUESTION}])
+    assert len(chat["prompt_logprobs"]) == len(tok.encode(rendered, add_special_tokens=False))
+    assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])  # the token alone
+    r = http.post("/v1/completions", json=body | {"stream": True})
+    assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
