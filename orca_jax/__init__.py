@@ -18,6 +18,8 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree (PYTHO
 
 _EXPORTS = {
     "LLM": "orca_jax.llm",
+    "BeamSearchParams": "orca_jax.beam_search",
+    "Logprob": "orca_jax.engine.outputs",
     "Engine": "orca_jax.engine.engine",
     "EngineConfig": "orca_jax.engine.config",
     "CompletionOutput": "orca_jax.engine.outputs",
@@ -28,6 +30,8 @@ _EXPORTS = {
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
+    "Logprob",
     "CompletionOutput",
     "Engine",
     "EngineConfig",
@@ -37,9 +41,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from orca_jax.beam_search import BeamSearchParams
     from orca_jax.engine.config import EngineConfig
     from orca_jax.engine.engine import Engine
-    from orca_jax.engine.outputs import CompletionOutput, RequestOutput
+    from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
     from orca_jax.llm import LLM
     from orca_jax.scheduler import SamplingParams, StructuredOutputs
 

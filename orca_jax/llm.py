@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from models import ModelConfig
 from models.layers import Params
+from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.engine import Engine
 from orca_jax.engine.outputs import RequestOutput
@@ -113,6 +114,41 @@ class LLM:
                         done[out.request_id] = out
                         bar.update(1)
         return [_merge([done[i] for i in group]) for group in ids]
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (`orca_jax.beam_search`): the `beam_width` best beams of each
+        prompt (text or token ids), best first. Needs `max_logprobs >= 2 * beam_width`."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        tok = self.get_tokenizer()
+        if any(isinstance(p, str) for p in prompts) and tok is None:
+            raise ValueError("text prompts need a tokenizer: send token ids")
+        ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        limit = self.engine.runner.config.max_model_len
+        for i, p in enumerate(ids):
+            if len(p) + params.max_tokens > limit:
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_tokens={params.max_tokens} exceed "
+                    f"max_model_len={limit}"
+                )
+        if 2 * params.beam_width > self.engine.config.max_logprobs:
+            raise ValueError(
+                f"beam_width={params.beam_width} needs the engine's max_logprobs >= "
+                f"{2 * params.beam_width}, it has {self.engine.config.max_logprobs}"
+            )
+
+        def generate(batch, step):
+            return self.generate(batch, step, use_tqdm=use_tqdm)
+
+        return beam_search(generate, tok, ids, params)
 
     def chat(
         self,
