@@ -51,6 +51,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Engine mode: sampling tem
 _REPETITION = flags.DEFINE_float(
     "repetition_penalty", 1.0, "Engine mode: a penalty on every request."
 )
+_LOGPROBS = flags.DEFINE_integer("logprobs", None, "Engine mode: top logprobs per token.")
 
 _MAX_LEN = 1024
 
@@ -63,6 +64,7 @@ def _config(n: int, ctx: int, **kw) -> EngineConfig:
         num_kv_blocks=n * (_MAX_LEN // 16) + 1,
         max_model_len=_MAX_LEN,
         max_num_batched_tokens=n * ctx,  # whole prompts in one iteration, for every policy
+        max_logprobs=_LOGPROBS.value or 0,
         **kw,
     )
 
@@ -140,7 +142,10 @@ class _StubDevice:
 
         r, k = batch.max_reqs, num_top_logprobs
         tokens = self.rng.integers(100, self.vocab, r).astype(np.int32)
-        top = np.zeros((r, k), np.int32), np.zeros((r, k), np.float32)
+        top = (
+            self.rng.integers(100, self.vocab, (r, k)).astype(np.int32),
+            np.zeros((r, k), np.float32),
+        )
         out = StepOutputs(tokens, np.zeros(r, np.float32), *top, np.ones(r, np.int32))
         if not self.step_s:
             return out
@@ -171,6 +176,7 @@ def _params(max_tokens: int, text: bool) -> SamplingParams:
         ignore_eos=True,
         temperature=_TEMPERATURE.value,
         repetition_penalty=_REPETITION.value,
+        logprobs=_LOGPROBS.value,
         stop=("\n\nUser:",) if text else (),
     )
 
@@ -180,6 +186,7 @@ def _case(n: int, ctx: int, text: bool) -> str:
         f"policy {_POLICY.value}, {n} decoding requests, context {ctx}, "
         f"{'detokenized, one stop string' if text else 'token ids only'}"
         f"{', repetition penalty' if _REPETITION.value != 1.0 else ''}"
+        f"{f', {_LOGPROBS.value} logprobs' if _LOGPROBS.value is not None else ''}"
     )
 
 

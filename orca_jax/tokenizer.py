@@ -123,7 +123,7 @@ class Tokenizer:
         if add_bos_token and bos_token_id is None:
             raise ValueError("add_bos_token=True needs a bos_token_id")
         self.add_bos_token = add_bos_token
-        self._texts: dict[int, str] = {}  # token_text's cache
+        self._texts: list[str] | None = None  # token_text's table, built at its first call
         self._bytes: list[bytes | None] | None = None  # token_bytes(), once token_utf8 asks
 
     @property
@@ -178,11 +178,17 @@ class Tokenizer:
         return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_text(self, token_id: int) -> str:
-        """One token's text alone, special tokens included (what logprobs show), cached."""
-        text = self._texts.get(token_id)
-        if text is None:
-            text = self._texts[token_id] = self.decode([token_id], skip_special_tokens=False)
-        return text
+        """One token's text alone, special tokens included (what logprobs show)."""
+        texts = self.token_texts()
+        return texts[token_id] if token_id < len(texts) else ""  # past the vocabulary
+
+    def token_texts(self) -> list[str]:
+        """`token_text` of every id: the first call decodes the whole vocabulary in one
+        batch (tens of ms), later ones return the same list."""
+        if self._texts is None:
+            ids = [[i] for i in range(self.vocab_size)]
+            self._texts = self.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
+        return self._texts
 
     def token_utf8(self, token_id: int) -> bytes:
         """The bytes one token stands for (a piece of a character is its own bytes, where

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -54,8 +55,9 @@ class _Tracked:
     sampling: SamplingState  # what its row of each step's sampling metadata holds
     detok: IncrementalDetokenizer | None
     error: str | None = None  # why it must end now (its automaton refused a sampled token)
-    # {token id: Logprob} per sampled token not yet delivered (the sampled one and the top-n).
-    pending_logprobs: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
+    # Per sampled token not yet delivered: (token, its logprob, its rank, the top-n ids,
+    # their logprobs), made into {token id: Logprob} when delivered (`_advance`).
+    pending_logprobs: list[tuple] = dataclasses.field(default_factory=list)
 
     @property
     def params(self) -> SamplingParams:
@@ -85,6 +87,7 @@ class Engine:
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
         self._history = TokenHistory(runner_config.max_model_len)  # penalized requests' tokens
+        self._token_texts: list[str] | None = None  # per model token id (logprobs' texts)
         # Requests that asked for prompt logprobs and have not delivered a token yet: the
         # per-iteration scan for prompt tokens to score runs only while there are some.
         self._unscored: set[str] = set()
@@ -341,14 +344,14 @@ class Engine:
                     refused.append(s.req_id)
                 n = tracked.params.logprobs
                 if n is not None:
-                    if top is None:
-                        top = (
-                            np.asarray(device_out.top_ids),
-                            np.asarray(device_out.top_logprobs),
-                            np.asarray(device_out.token_ranks),
-                        )
+                    if top is None:  # Python values once per batch
+                        top = [
+                            np.asarray(a).tolist()
+                            for a in (device_out.top_ids, device_out.top_logprobs)
+                        ]
+                        ranks = np.asarray(device_out.token_ranks).tolist()
                     tracked.pending_logprobs.append(
-                        self._logprobs(token, token_lp[row], int(top[2][row]), top, row, n)
+                        (token, token_lp[row], ranks[row], top[0][row][:n], top[1][row][:n])
                     )
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         # Ended before the next batch is scheduled (their automaton is past use); `_emit`
@@ -382,23 +385,30 @@ class Engine:
             prompt, n = tracked.request.prompt_token_ids, tracked.params.prompt_logprobs
             for pos in range(first, end):
                 row = row0 + pos - first
-                rank = int(target_rank[row])
-                entry = self._logprobs(
-                    prompt[pos + 1], float(target_lp[row]), rank, (top_ids, top_lp), row, n
+                tracked.output.prompt_logprobs[pos + 1] = self._logprobs(
+                    prompt[pos + 1],
+                    float(target_lp[row]),
+                    int(target_rank[row]),
+                    top_ids[row, :n].tolist(),
+                    top_lp[row, :n].tolist(),
                 )
-                tracked.output.prompt_logprobs[pos + 1] = entry
 
     def _logprobs(
-        self, token: int, logprob: float, rank: int, top: tuple, row: int, n: int
+        self, token: int, logprob: float, rank: int, ids: list[int], lps: list[float]
     ) -> dict[int, Logprob]:
-        """{token id: Logprob}: `token` first, then the n most likely (`top`: ids and logprobs
-        [rows, max_logprobs], read at `row`), each with its text when there is a tokenizer."""
-        text = self.tokenizer.token_text if self.tokenizer is not None else lambda _: None
-        entry = {token: Logprob(logprob, rank, text(token))}
-        ids, lps = top[0][row, :n].tolist(), top[1][row, :n].tolist()
-        for k, (t, lp) in enumerate(zip(ids, lps, strict=True)):
-            entry.setdefault(t, Logprob(lp, k + 1, text(t)))
-        return entry
+        """{token id: Logprob}: `token` first, then the most likely (`ids`, their `lps`),
+        each with its text when there is a tokenizer. Thousands per step when many requests
+        ask for logprobs: the entries are built by `map` over C callables."""
+        if self._token_texts is None and self.tokenizer is not None:
+            vocab = self.model_config.vocab_size  # ids past the tokenizer's have no text
+            texts = self.tokenizer.token_texts()
+            self._token_texts = texts[:vocab] + [""] * (vocab - len(texts))
+        texts = self._token_texts
+        names = map(texts.__getitem__, ids) if texts else itertools.repeat(None)
+        entry = {token: _new_logprob((logprob, rank, texts[token] if texts else None))}
+        top = map(_new_logprob, zip(lps, _RANKS, names, strict=False))  # _RANKS: unbounded
+        entry.update(zip(ids, top, strict=True))
+        return entry  # `token` first, even when it is among the top
 
     def _advance(self, tracked: _Tracked, delta, now: float) -> RequestOutput:
         """Apply a scheduler delta: detokenize, look for stop strings, update timestamps.
@@ -416,7 +426,7 @@ class Engine:
         comp.token_ids.extend(new_ids)
         if comp.logprobs is not None:
             num_new = len(new_ids)
-            comp.logprobs.extend(tracked.pending_logprobs[:num_new])
+            comp.logprobs.extend(self._logprobs(*p) for p in tracked.pending_logprobs[:num_new])
             del tracked.pending_logprobs[:num_new]
         finished, reason = delta.finished, delta.finish_reason
         text = ""
@@ -482,3 +492,7 @@ def _find_stop(
         if i >= 0 and (best is None or len(text) - keep + i < best[0]):
             best = (len(text) - keep + i, stop)
     return best
+
+
+_new_logprob = functools.partial(tuple.__new__, Logprob)  # Logprob((lp, rank, text)), in C
+_RANKS = range(1, 1 << 20)  # of the top tokens, in order

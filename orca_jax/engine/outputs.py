@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 def _shallow_copy[T](obj: T) -> T:
@@ -13,9 +14,9 @@ def _shallow_copy[T](obj: T) -> T:
     return new
 
 
-@dataclass(frozen=True, slots=True)
-class Logprob:
-    """One token's log-probability under the model's raw distribution, as vLLM reports it."""
+class Logprob(NamedTuple):
+    """One token's log-probability under the model's raw distribution, as vLLM reports it
+    (a named tuple: thousands are made per step when many requests ask for logprobs)."""
 
     logprob: float
     rank: int | None = None  # 1: the most likely token
