@@ -37,6 +37,15 @@ class BeamSearchParams:
                 f"beam_width and max_tokens must be >= 1, got {self.beam_width}, {self.max_tokens}"
             )
 
+    def check(self, max_logprobs: int) -> None:
+        """ValueError unless an engine with `max_logprobs` can run this search (each step
+        asks for the 2 x beam_width most likely next tokens)."""
+        if 2 * self.beam_width > max_logprobs:
+            raise ValueError(
+                f"beam_width={self.beam_width} needs the engine's max_logprobs >= "
+                f"{2 * self.beam_width}, it has {max_logprobs}"
+            )
+
 
 @dataclasses.dataclass
 class BeamSearchSequence:
@@ -61,34 +70,38 @@ def score(beam: BeamSearchSequence, eos_token_id: int | None, length_penalty: fl
     return beam.cum_logprob / length**length_penalty
 
 
-Generate = Callable[[list[list[int]], SamplingParams], list[RequestOutput]]
+class BeamSearch:
+    """One beam search over several prompts, driven a step at a time: `pending()` gives the
+    token lists to extend next (empty once done), `advance()` takes the engine's one-token
+    outputs for them (`step_params`), `results()` the best beams. A synchronous driver is
+    `beam_search`; the server drives it on its asynchronous engine."""
 
+    def __init__(self, prompts: Sequence[list[int]], params: BeamSearchParams, eos: int | None):
+        self.params = params
+        self.eos = None if params.ignore_eos else eos
+        self.step_params = SamplingParams(
+            max_tokens=1,
+            logprobs=2 * params.beam_width,
+            temperature=params.temperature,
+            ignore_eos=True,
+        )
+        self.prompts = [list(p) for p in prompts]
+        self._live = [[BeamSearchSequence(list(p), [])] for p in prompts]  # per prompt
+        self._done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self._steps = 0
 
-def beam_search(
-    generate: Generate,
-    tokenizer: Tokenizer | None,
-    prompts: Sequence[list[int]],
-    params: BeamSearchParams,
-) -> list[BeamSearchOutput]:
-    """Beam search for each prompt (token ids); `generate` runs a batch of one-token
-    requests to the end (`LLM.generate`)."""
-    eos = tokenizer.eos_token_id if tokenizer is not None and not params.ignore_eos else None
-    width = params.beam_width
-    step = SamplingParams(
-        max_tokens=1, logprobs=2 * width, temperature=params.temperature, ignore_eos=True
-    )
-    live = [[BeamSearchSequence(list(p), [])] for p in prompts]  # per prompt
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+    def _key(self, beam: BeamSearchSequence) -> float:
+        return score(beam, self.eos, self.params.length_penalty)
 
-    def key(beam: BeamSearchSequence) -> float:
-        return score(beam, eos, params.length_penalty)
+    def pending(self) -> list[list[int]]:
+        if self._steps == self.params.max_tokens:
+            return []
+        return [b.tokens for group in self._live for b in group]
 
-    for _ in range(params.max_tokens):
-        beams = [b for group in live for b in group]
-        if not beams:
-            break
-        outs = iter(generate([b.tokens for b in beams], step))
-        for i, group in enumerate(live):
+    def advance(self, outs: Sequence[RequestOutput]) -> None:
+        """The outputs of `pending()`'s requests, in its order."""
+        outs = iter(outs)
+        for i, group in enumerate(self._live):
             candidates = []
             for beam in group:
                 entry = next(outs).outputs[0].logprobs[0]
@@ -98,19 +111,39 @@ def beam_search(
                         beam.logprobs + [entry],
                         beam.cum_logprob + lp.logprob,
                     )
-                    if token == eos:
+                    if token == self.eos:
                         grown.finish_reason = "stop"
-                        done[i].append(grown)
+                        self._done[i].append(grown)
                     else:
                         candidates.append(grown)
-            live[i] = sorted(candidates, key=key, reverse=True)[:width]
-    outputs = []
-    for prompt, finished, group in zip(prompts, done, live, strict=True):
-        best = sorted(finished + group, key=key, reverse=True)[:width]
-        for beam in best:
-            beam.finish_reason = beam.finish_reason or "length"
-            if tokenizer is not None:
-                end = len(beam.tokens) - (beam.finish_reason == "stop")
-                beam.text = tokenizer.decode(beam.tokens[len(prompt) : end])
-        outputs.append(BeamSearchOutput(best))
-    return outputs
+            self._live[i] = sorted(candidates, key=self._key, reverse=True)[
+                : self.params.beam_width
+            ]
+        self._steps += 1
+
+    def results(self, tokenizer: Tokenizer | None) -> list[BeamSearchOutput]:
+        outputs = []
+        for prompt, finished, group in zip(self.prompts, self._done, self._live, strict=True):
+            best = sorted(finished + group, key=self._key, reverse=True)[: self.params.beam_width]
+            for beam in best:
+                beam.finish_reason = beam.finish_reason or "length"
+                if tokenizer is not None:
+                    end = len(beam.tokens) - (beam.finish_reason == "stop")
+                    beam.text = tokenizer.decode(beam.tokens[len(prompt) : end])
+            outputs.append(BeamSearchOutput(best))
+        return outputs
+
+
+def beam_search(
+    generate: Callable[[list[list[int]], SamplingParams], list[RequestOutput]],
+    tokenizer: Tokenizer | None,
+    prompts: Sequence[list[int]],
+    params: BeamSearchParams,
+) -> list[BeamSearchOutput]:
+    """Beam search for each prompt (token ids); `generate` runs a batch of one-token
+    requests to the end (`LLM.generate`)."""
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    search = BeamSearch(prompts, params, eos)
+    while beams := search.pending():
+        search.advance(generate(beams, search.step_params))
+    return search.results(tokenizer)

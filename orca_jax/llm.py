@@ -139,11 +139,7 @@ class LLM:
                     f"prompt {i}: {len(p)} tokens + max_tokens={params.max_tokens} exceed "
                     f"max_model_len={limit}"
                 )
-        if 2 * params.beam_width > self.engine.config.max_logprobs:
-            raise ValueError(
-                f"beam_width={params.beam_width} needs the engine's max_logprobs >= "
-                f"{2 * params.beam_width}, it has {self.engine.config.max_logprobs}"
-            )
+        params.check(self.engine.config.max_logprobs)
 
         def generate(batch, step):
             return self.generate(batch, step, use_tqdm=use_tqdm)

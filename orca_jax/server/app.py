@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import orca_jax
-from orca_jax.engine.outputs import RequestOutput
+from orca_jax.beam_search import BeamSearch
+from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.server import responses
 from orca_jax.server.async_engine import AsyncEngine
 from orca_jax.server.metrics import ServerMetrics
@@ -193,6 +194,8 @@ def build_app(
 
         Choice i * n + j is completion j of prompt i, as OpenAI numbers them.
         """
+        if req.use_beam_search:
+            return await _beams(prompts, params, req, prefix, final_fn, **extra)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = []
@@ -223,6 +226,45 @@ def build_app(
             )
         finals = await asyncio.gather(*(_last(s) for s in streams))
         return JSONResponse(final_fn(finals, **meta))
+
+    async def _beams(prompts, params, req, prefix, final_fn, **extra):
+        """vLLM's `use_beam_search`: the n best beams of each prompt as its n choices, run
+        step by step on the engine (`BeamSearch`: one request per live beam per step)."""
+        try:
+            beam_params = req.beam_search_params(params)
+            beam_params.check(engine.engine.config.max_logprobs)
+            ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        except ValueError as e:
+            return error(400, str(e))
+        rid = f"{prefix}-{uuid.uuid4().hex}"
+        search = BeamSearch(ids, beam_params, tokenizer.eos_token_id if tokenizer else None)
+        step = 0
+        while beams := search.pending():
+            streams = []
+            try:
+                for i, tokens in enumerate(beams):
+                    streams.append(
+                        await engine.add(tokens, search.step_params, f"{rid}-{step}-{i}")
+                    )
+            except ValueError as e:
+                for i in range(len(streams)):
+                    engine.abort(f"{rid}-{step}-{i}")
+                return error(400, str(e))
+            search.advance(await asyncio.gather(*(_last(s) for s in streams)))
+            step += 1
+        outs = [
+            RequestOutput(
+                rid,
+                prompt if isinstance(prompt, str) else None,
+                tokens,
+                [CompletionOutput(0, b.text or "", b.tokens[len(tokens) :], b.finish_reason)],
+                finished=True,
+            )
+            for prompt, tokens, result in zip(prompts, ids, search.results(tokenizer), strict=True)
+            for b in result.sequences
+        ]
+        meta = dict(id=rid, created=int(time.time()), model=model_name, tokenizer=tokenizer)
+        return JSONResponse(final_fn(outs, **meta, top_n=0, n=params.n, **extra))
 
     return app
 

@@ -16,11 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from orca_jax.beam_search import BeamSearchParams
 from orca_jax.scheduler import SamplingParams, StructuredOutputs
 from orca_jax.server.tool_parsers import ToolParser
 from orca_jax.server.tools import Tool, ToolCalling, ToolChoice
 
 MAX_N = 64  # most completions one request may ask per prompt
+_BEAM_SEARCH_OPTIONS = {"n", "max_tokens", "ignore_eos", "temperature", "seed"}
+_DEFAULTS = SamplingParams()
 
 
 class JsonSchemaFormat(BaseModel):
@@ -87,6 +90,9 @@ class _Common(BaseModel):
     truncate_prompt_tokens: int | None = None
     priority: int = 0  # vLLM's: lower first, with --scheduling_order=priority
     prompt_logprobs: int | None = Field(default=None, ge=0)  # vLLM's: score the prompt
+    # vLLM's beam search: the n best beams of width n (not streamed)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def unsupported(self) -> str | None:
         """Why this request cannot be served as asked, or None."""
@@ -94,7 +100,31 @@ class _Common(BaseModel):
             return f"unsupported fields: {sorted(self.model_extra)}"
         if self.prompt_logprobs is not None and getattr(self, "stream", False):
             return "prompt_logprobs are not available when stream=true (as in vLLM)"
+        if self.use_beam_search and getattr(self, "stream", False):
+            return "use_beam_search returns the finished beams: stream=true is not available"
         return None
+
+    def beam_search_params(self, params: SamplingParams) -> BeamSearchParams:
+        """`use_beam_search`: n beams of `params` (what `sampling_params` built); ValueError
+        for a sampling option a beam search would not honour."""
+        unused = [
+            f.name
+            for f in dataclasses.fields(SamplingParams)
+            if f.name not in _BEAM_SEARCH_OPTIONS
+            and getattr(params, f.name) != getattr(_DEFAULTS, f.name)
+        ]
+        if unused:
+            raise ValueError(
+                f"use_beam_search takes only {sorted(_BEAM_SEARCH_OPTIONS)}; this request "
+                f"also sets {unused}"
+            )
+        return BeamSearchParams(
+            beam_width=params.n,
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            temperature=params.temperature,
+            length_penalty=self.length_penalty,
+        )
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])

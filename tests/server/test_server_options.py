@@ -8,6 +8,7 @@ import openai
 from fastapi.testclient import TestClient
 from server_utils import QUESTION, offline_output
 
+from orca_jax import BeamSearchParams
 from orca_jax.server import build_app
 from orca_jax.server.tool_parsers import HermesParser
 
@@ -270,3 +271,32 @@ def test_chat_rendering_options(served, llm, offline):
         loud = trusting.post("/tokenize", json=body | {"chat_template_kwargs": {"shout": True}})
         assert tok.decode(plain) == QUESTION
         assert tok.decode(loud.json()["tokens"]) == "LOUD " + QUESTION
+
+
+def test_beam_search(served, offline):
+    """vLLM's `use_beam_search`: the n best beams are the n choices, as the offline
+    `LLM.beam_search` finds them; a chat's too; options it would not honour are refused."""
+    http, _, _ = served
+    prompt = "The capital of France is"
+    body = dict(prompt=prompt, n=2, max_tokens=6, temperature=0, use_beam_search=True)
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.json()
+    [want] = offline.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=6))
+    choices = r.json()["choices"]
+    assert [c["text"] for c in choices] == [b.text for b in want.sequences]
+    assert [c["finish_reason"] for c in choices] == [b.finish_reason for b in want.sequences]
+    assert want.sequences[0].text.startswith(" Paris")
+
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = {"messages": messages, "n": 2, "max_tokens": 12, "temperature": 0}
+    r = http.post("/v1/chat/completions", json=chat | {"use_beam_search": True})
+    replies = [c["message"]["content"] for c in r.json()["choices"]]
+    assert len(replies) == 2 and "Paris" in replies[0] and replies[0] != replies[1]
+
+    for extra, words in (
+        ({"logprobs": 1}, "also sets ['logprobs']"),
+        ({"stream": True}, "stream"),
+        ({"n": 3}, "max_logprobs >= 6"),  # each step asks for 2 x width alternatives
+    ):
+        r = http.post("/v1/completions", json=body | extra)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
