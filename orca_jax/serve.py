@@ -36,6 +36,13 @@ _TOOL_PARSER = flags.DEFINE_enum(
     "The model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen, "
     "SmolLM3...) or llama3_json (a JSON object per call: Llama 3.x).",
 )
+_REASONING = flags.DEFINE_enum(
+    "reasoning_parser",
+    None,
+    ["deepseek_r1", "qwen3"],
+    "Return a reasoning model's <think>...</think> as reasoning_content: deepseek_r1 (the "
+    "template opens the thinking: DeepSeek-R1 and its Llama/Qwen distillations) or qwen3.",
+)
 _TRUST_TEMPLATES = flags.DEFINE_bool(
     "trust_request_chat_template",
     False,
@@ -47,7 +54,7 @@ def main(argv: list[str]) -> None:
     del argv
     import uvicorn
 
-    from orca_jax.server import AsyncEngine, build_app
+    from orca_jax.server import AsyncEngine, build_app, reasoning
     from orca_jax.server.tool_parsers import get_parser
 
     logging.set_verbosity(logging.INFO)
@@ -64,6 +71,7 @@ def main(argv: list[str]) -> None:
             _SERVED_NAME.value or engine_flags.model_name(),
             trust_request_chat_template=_TRUST_TEMPLATES.value,
             tool_parser=get_parser(_TOOL_PARSER.value) if _AUTO_TOOLS.value else None,
+            reasoning_parser=reasoning.get_parser(_REASONING.value) if _REASONING.value else None,
         )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:

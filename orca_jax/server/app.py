@@ -35,6 +35,7 @@ from orca_jax.server.protocol import (
     StreamOptions,
     TokenizeRequest,
 )
+from orca_jax.server.reasoning import ReasoningParser, ReasoningStream
 from orca_jax.server.tool_parsers import ToolParser
 from orca_jax.server.tool_stream import ToolCallStream
 
@@ -50,13 +51,15 @@ def build_app(
     *,
     trust_request_chat_template: bool = False,
     tool_parser: ToolParser | None = None,
+    reasoning_parser: ReasoningParser | None = None,
 ) -> FastAPI:
     """The server's routes over `engine` (already running), serving `model_name`.
 
     `trust_request_chat_template`: take a request's own `chat_template` (a Jinja template
     runs sandboxed, yet can still spend the server's time); refused by default, as vLLM
     does. `tool_parser`: reads the model's own tool calls, for `tool_choice: "auto"`
-    (`tool_parsers.py`); without it "auto" is refused."""
+    (`tool_parsers.py`); without it "auto" is refused. `reasoning_parser`: a reasoning
+    model's thinking goes to `reasoning_content` (`reasoning.py`)."""
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
@@ -160,6 +163,7 @@ def build_app(
             responses.chat_chunk,
             responses.chat,
             tools=req.tool_calling(),
+            reasoning=reasoning_parser,
         )
 
     @app.post("/tokenize")
@@ -307,8 +311,12 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]):
 async def _sse(streams, chunk_fn, meta, options: StreamOptions):
     finals: dict[int, RequestOutput] = {}
     first = [True] * len(streams)
-    tools = meta.get("tools")  # chat: each choice's calls stream on their own
-    own = [{"tool_stream": ToolCallStream(tools)} if tools else {} for _ in streams]
+    tools, reasoning = meta.get("tools"), meta.get("reasoning")  # chat: per choice
+    own = [
+        ({"tool_stream": ToolCallStream(tools)} if tools else {})
+        | ({"reasoning_stream": ReasoningStream(reasoning)} if reasoning else {})
+        for _ in streams
+    ]
     async for i, out in _merge(streams):
         chunk = chunk_fn(i, out, first[i], **meta, **own[i])
         first[i] = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orca_jax.engine.outputs import Logprob, RequestOutput
+from orca_jax.server.reasoning import ReasoningParser, ReasoningStream
 from orca_jax.server.tool_stream import ToolCallStream
 from orca_jax.server.tools import ToolCalling
 from orca_jax.tokenizer import Tokenizer
@@ -198,26 +199,43 @@ def completion_chunk(
     }
 
 
-def _reply(out: RequestOutput, tools: ToolCalling | None) -> tuple[dict, str | None]:
-    """The assistant's message and finish reason: tool calls when the request forced them
-    and the output completed them, or (tool_choice "auto") when the model wrote some; its
-    text otherwise."""
+def _reply(
+    out: RequestOutput, tools: ToolCalling | None, reasoning: ReasoningParser | None = None
+) -> tuple[dict, str | None]:
+    """The assistant's message and finish reason: its thinking apart (`reasoning`), then tool
+    calls when the request forced them and the output completed them, or (tool_choice
+    "auto") when the model wrote some; its text otherwise."""
     comp = out.outputs[0]
+    thought, text = reasoning.split(comp.text) if reasoning is not None else (None, comp.text)
+    message: dict = {"role": "assistant", "content": text}
+    if thought is not None:
+        message["reasoning_content"] = thought
     if tools is not None and tools.parser is not None:
-        content, calls = tools.parse_auto(comp.text)
+        content, calls = tools.parse_auto(text)
         if calls is None:
-            return {"role": "assistant", "content": comp.text}, comp.finish_reason
-        return {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"
-    calls = tools.parse(comp.text) if tools is not None and comp.finish_reason == "stop" else None
+            return message, comp.finish_reason
+        return message | {"content": content or None, "tool_calls": calls}, "tool_calls"
+    calls = tools.parse(text) if tools is not None and comp.finish_reason == "stop" else None
     if calls is None:
-        return {"role": "assistant", "content": comp.text}, comp.finish_reason
-    return {"role": "assistant", "content": None, "tool_calls": calls}, tools.finish_reason
+        return message, comp.finish_reason
+    return message | {"content": None, "tool_calls": calls}, tools.finish_reason
 
 
-def chat(outs: list[RequestOutput], *, id, created, model, tokenizer, top_n, n, tools=None) -> dict:
+def chat(
+    outs: list[RequestOutput],
+    *,
+    id,
+    created,
+    model,
+    tokenizer,
+    top_n,
+    n,
+    tools=None,
+    reasoning: ReasoningParser | None = None,
+) -> dict:
     choices = []
     for i, out in enumerate(outs):
-        message, finish_reason = _reply(out, tools)
+        message, finish_reason = _reply(out, tools, reasoning)
         choices.append(
             {
                 "index": i,
@@ -250,26 +268,40 @@ def chat_chunk(
     top_n,
     n,
     tools=None,
+    reasoning: ReasoningParser | None = None,
     tool_stream: ToolCallStream | None = None,
+    reasoning_stream: ReasoningStream | None = None,
 ):
-    """A stream chunk. With tools (`tool_stream`: this choice's), content streams until it
-    may be turning into a call, calls go out as they are written (id and name, then the
-    arguments piece by piece), and the last chunk sends what the whole reply holds beyond
-    what was streamed (`tool_stream.py`)."""
+    """A stream chunk. With a reasoning parser (`reasoning_stream`: this choice's) the
+    thinking streams as `reasoning_content` and the answer as `content`. With tools
+    (`tool_stream`: this choice's), the answer streams until it may be turning into a call,
+    calls go out as they are written (id and name, then the arguments piece by piece), and
+    the last chunk sends what the whole reply holds beyond what was streamed
+    (`tool_stream.py`)."""
     comp = out.outputs[0]
     if not first and not comp.delta_token_ids and not out.finished:
         return None
-    finish_reason = comp.finish_reason
-    if tools is None:
-        delta = {"content": comp.delta_text}
+    finish_reason, delta = comp.finish_reason, {}
+    text = comp.text
+    if reasoning_stream is not None:
+        thought, text = reasoning_stream.delta(comp.text, out.finished)
+        if thought:
+            delta["reasoning_content"] = thought
+    if tools is None and reasoning_stream is None:
+        delta["content"] = comp.delta_text
+    elif tools is None:
+        new, reasoning_stream.content = text[reasoning_stream.content :], len(text)
+        if new or not delta:
+            delta["content"] = new
     else:
         if out.finished:
-            message, finish_reason = _reply(out, tools)
-            content, calls = tool_stream.finish(comp.text, message)
-            delta = {"content": content}
+            message, finish_reason = _reply(out, tools, reasoning)
+            content, calls = tool_stream.finish(text, message)
+            delta["content"] = content
         else:
-            content, calls = tool_stream.delta(comp.text)
-            delta = {"content": content} if content or tools.parser is not None else {}
+            content, calls = tool_stream.delta(text)
+            if content or tools.parser is not None:
+                delta["content"] = content
         if calls:
             delta["tool_calls"] = calls
     if first:
@@ -301,6 +333,7 @@ def usage_chunk(
     n,
     echo=False,
     tools=None,
+    reasoning=None,
 ) -> dict:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, usage."""
     kind = "chat.completion.chunk" if chunk_fn is chat_chunk else "text_completion"

@@ -56,7 +56,7 @@ def _call(value: Any) -> Call | None:
     return (value["name"], arguments) if isinstance(arguments, dict) else None
 
 
-def _held_back(text: str, marker: str) -> int:
+def held_back(text: str, marker: str) -> int:
     """Characters at the end of `text` that could be the start of `marker`."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:k]):
@@ -71,7 +71,7 @@ class HermesParser:
 
     def streamable(self, text: str) -> int:
         at = text.find(self.start)
-        return at if at >= 0 else len(text) - _held_back(text, self.start)
+        return at if at >= 0 else len(text) - held_back(text, self.start)
 
     def objects(self, text: str) -> list[int]:
         starts, at = [], text.find(self.start)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from server_utils import QUESTION, offline_output
 
 from orca_jax import BeamSearchParams
-from orca_jax.server import build_app
+from orca_jax.server import build_app, reasoning
 from orca_jax.server.tool_parsers import HermesParser
 
 
@@ -300,3 +300,25 @@ def test_beam_search(served, offline):
     ):
         r = http.post("/v1/completions", json=body | extra)
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
+
+
+def test_reasoning_parser(served):
+    """--reasoning_parser: deepseek_r1 reads an output with no </think> as all thinking
+    (its template opens the block), qwen3 as all answer; streamed the same."""
+    _, client, engine = served
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": QUESTION}], max_tokens=10)
+    plain = client.chat.completions.create(**kw, temperature=0).choices[0].message.content
+    for name, thought, answer in (("deepseek_r1", plain, ""), ("qwen3", None, plain)):
+        app = build_app(engine, "smollm2", reasoning_parser=reasoning.get_parser(name))
+        with TestClient(app) as http:
+            body = kw | {"temperature": 0}
+            message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+            assert message.get("reasoning_content") == thought and message["content"] == answer
+            lines = http.post("/v1/chat/completions", json=body | {"stream": True}).text
+            deltas = [
+                json.loads(x[6:])["choices"][0]["delta"]
+                for x in lines.splitlines()
+                if x.startswith("data: {")
+            ]
+            assert "".join(d.get("reasoning_content") or "" for d in deltas) == (thought or "")
+            assert "".join(d.get("content") or "" for d in deltas) == answer
