@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import orca_jax
 from orca_jax.beam_search import BeamSearch
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
-from orca_jax.server import responses
+from orca_jax.server import responses, responses_api
 from orca_jax.server.async_engine import AsyncEngine
 from orca_jax.server.metrics import ServerMetrics
 from orca_jax.server.protocol import (
@@ -36,6 +36,7 @@ from orca_jax.server.protocol import (
     TokenizeRequest,
 )
 from orca_jax.server.reasoning import ReasoningParser, ReasoningStream
+from orca_jax.server.responses_api import ResponsesRequest
 from orca_jax.server.tool_parsers import ToolParser
 from orca_jax.server.tool_stream import ToolCallStream
 
@@ -142,6 +143,22 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
+        return await _chat(req, "chatcmpl", responses.chat_chunk, responses.chat)
+
+    @app.post("/v1/responses")
+    async def create_response(req: ResponsesRequest):
+        if (why := req.unsupported()) is not None:
+            return error(400, why)
+        try:
+            chat_req = req.to_chat()
+        except ValueError as e:  # pydantic's ValidationError too
+            return error(400, str(e))
+        return await _chat(
+            chat_req, "resp", responses_api.events, responses_api.response, request=req
+        )
+
+    async def _chat(req: ChatCompletionRequest, prefix, chunk_fn, final_fn, **extra):
+        """A chat request (or a Responses one, as a chat) rendered, checked and served."""
         req.use_tool_parser(tool_parser)
         if (bad := check(req)) is not None:
             return bad
@@ -159,11 +176,12 @@ def build_app(
             [prompt],
             params,
             req,
-            "chatcmpl",
-            responses.chat_chunk,
-            responses.chat,
+            prefix,
+            chunk_fn,
+            final_fn,
             tools=req.tool_calling(),
             reasoning=reasoning_parser,
+            **extra,
         )
 
     @app.post("/tokenize")
@@ -317,9 +335,15 @@ async def _sse(streams, chunk_fn, meta, options: StreamOptions):
         | ({"reasoning_stream": ReasoningStream(reasoning)} if reasoning else {})
         for _ in streams
     ]
+    numbered = 0  # Responses events carry their place in the stream
     async for i, out in _merge(streams):
         chunk = chunk_fn(i, out, first[i], **meta, **own[i])
         first[i] = False
+        if isinstance(chunk, list):  # Responses events
+            for event in chunk:
+                event["sequence_number"], numbered = numbered, numbered + 1
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+            continue
         if chunk is not None:
             if options.continuous_usage_stats:
                 chunk["usage"] = responses.running_usage(out)

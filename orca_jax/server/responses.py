@@ -199,7 +199,7 @@ def completion_chunk(
     }
 
 
-def _reply(
+def assistant_reply(
     out: RequestOutput, tools: ToolCalling | None, reasoning: ReasoningParser | None = None
 ) -> tuple[dict, str | None]:
     """The assistant's message and finish reason: its thinking apart (`reasoning`), then tool
@@ -235,7 +235,7 @@ def chat(
 ) -> dict:
     choices = []
     for i, out in enumerate(outs):
-        message, finish_reason = _reply(out, tools, reasoning)
+        message, finish_reason = assistant_reply(out, tools, reasoning)
         choices.append(
             {
                 "index": i,
@@ -295,7 +295,7 @@ def chat_chunk(
             delta["content"] = new
     else:
         if out.finished:
-            message, finish_reason = _reply(out, tools, reasoning)
+            message, finish_reason = assistant_reply(out, tools, reasoning)
             content, calls = tool_stream.finish(text, message)
             delta["content"] = content
         else:

@@ -1,0 +1,257 @@
+"""OpenAI's Responses API (`POST /v1/responses`) on top of the chat route.
+
+A request becomes a chat request (`to_chat`): `instructions` lead as a system message,
+`input` (text, or items: messages, earlier `function_call`s and their
+`function_call_output`s) follows as the conversation, `text.format` becomes the
+`response_format`, flat function tools become chat tools. The chat's reply becomes the
+response's `output` items: a `message` with `output_text`, `function_call`s, and (with a
+reasoning parser) a `reasoning` item first. Streamed as Responses events: the text as
+`response.output_text.delta`s when the reply is plain text; with tools or a reasoning
+parser the items go out whole once the reply is known. Nothing is stored: `store`,
+`previous_response_id` and the other options we do not implement are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from orca_jax.engine.outputs import RequestOutput
+from orca_jax.server.protocol import ChatCompletionRequest
+from orca_jax.server.responses import assistant_reply
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields: refused by `unsupported`
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stream: bool = False
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_schema" | ...}}
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    truncation: Literal["disabled"] | None = None
+
+    def unsupported(self) -> str | None:
+        """Why this request cannot be served as asked (previous_response_id, include,
+        reasoning, background... are not implemented), or None."""
+        if self.model_extra:
+            return f"unsupported fields: {sorted(self.model_extra)}"
+        if self.store:
+            return "store=true is not supported: this server keeps no responses"
+        return None
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The same request as a chat completion (ValueError for input it cannot take)."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else []
+        for item in [] if isinstance(self.input, str) else self.input:
+            messages.append(_message(item))
+        messages += items
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stream": self.stream,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
+        if self.text and (fmt := self.text.get("format")):
+            body["response_format"] = _response_format(fmt)
+        if self.tools:
+            body["tools"] = [_chat_tool(t) for t in self.tools]
+        if self.tool_choice is not None:
+            body["tool_choice"] = _chat_tool_choice(self.tool_choice)
+        return ChatCompletionRequest.model_validate(body)
+
+
+def _message(item: dict[str, Any]) -> dict[str, Any]:
+    """One input item as a chat message."""
+    kind = item.get("type", "message")
+    if kind == "message":
+        content = item.get("content")
+        if isinstance(content, list):  # input_text / output_text parts
+            if any(p.get("type") not in ("input_text", "output_text") for p in content):
+                raise ValueError("only text content parts are supported")
+            content = "".join(p.get("text", "") for p in content)
+        return {"role": item.get("role", "user"), "content": content}
+    if kind == "function_call":
+        call = {"name": item.get("name"), "arguments": item.get("arguments", "{}")}
+        tool_call = {"id": item.get("call_id"), "type": "function", "function": call}
+        return {"role": "assistant", "content": None, "tool_calls": [tool_call]}
+    if kind == "function_call_output":
+        return {"role": "tool", "tool_call_id": item.get("call_id"), "content": item.get("output")}
+    raise ValueError(f"input items of type {kind!r} are not supported")
+
+
+def _response_format(fmt: dict[str, Any]) -> dict[str, Any]:
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "description", "schema", "strict") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    return {"type": fmt.get("type")}
+
+
+def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise ValueError(f"only function tools are supported, got {tool.get('type')!r}")
+    keys = ("name", "description", "parameters", "strict")
+    return {"type": "function", "function": {k: tool[k] for k in keys if k in tool}}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+# ---- the reply as a response ----------------------------------------------------------------
+
+
+def _output(out: RequestOutput, rid: str, tools, reasoning) -> tuple[list[dict], str]:
+    """The response's output items and its status ("completed", or "incomplete" when cut
+    by max_output_tokens)."""
+    message, finish_reason = assistant_reply(out, tools, reasoning)
+    items: list[dict[str, Any]] = []
+    if message.get("reasoning_content"):
+        text = {"type": "reasoning_text", "text": message["reasoning_content"]}
+        items.append({"type": "reasoning", "id": f"rs_{rid}", "summary": [], "content": [text]})
+    if message.get("content") or not message.get("tool_calls"):
+        items.append(_message_item(rid, message["content"] or ""))
+    for call in message.get("tool_calls", []):
+        items.append(
+            {
+                "type": "function_call",
+                "id": f"fc_{call['id']}",
+                "call_id": call["id"],
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"],
+                "status": "completed",
+            }
+        )
+    return items, "incomplete" if finish_reason == "length" else "completed"
+
+
+def _message_item(rid: str, text: str, status: str = "completed") -> dict[str, Any]:
+    part = {"type": "output_text", "text": text, "annotations": []}
+    return {
+        "type": "message",
+        "id": f"msg_{rid}",
+        "status": status,
+        "role": "assistant",
+        "content": [part] if text or status == "completed" else [],
+    }
+
+
+def response(
+    outs: list[RequestOutput],
+    *,
+    id,
+    created,
+    model,
+    request: ResponsesRequest,
+    tools=None,
+    reasoning=None,
+    status: str | None = None,
+    **_,
+) -> dict:
+    """The response object: finished (`outs[0]`), or in progress (`status`, no output)."""
+    out = outs[0]
+    items, done = _output(out, id, tools, reasoning) if status is None else ([], status)
+    prompt, generated = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    cached = out.num_cached_tokens
+    return {
+        "id": id,
+        "object": "response",
+        "created_at": created,
+        "status": done,
+        "model": model,
+        "output": items,
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "tools": request.tools or [],
+        "tool_choice": request.tool_choice or "auto",
+        "parallel_tool_calls": request.parallel_tool_calls,
+        "text": request.text or {"format": {"type": "text"}},
+        "metadata": request.metadata or {},
+        "store": False,
+        "incomplete_details": {"reason": "max_output_tokens"} if done == "incomplete" else None,
+        "error": None,
+        "usage": None
+        if status is not None
+        else {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": generated,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + generated,
+        },
+    }
+
+
+def events(i: int, out: RequestOutput, first: bool, *, id, request, tools=None, **meta) -> list:
+    """The Responses stream events of one snapshot of the (single) reply."""
+    del i
+    reasoning = meta.pop("reasoning", None)
+    plain = tools is None and reasoning is None  # its text streams as deltas
+    comp, item_id, found = out.outputs[0], f"msg_{id}", []
+
+    def event(kind: str, **fields) -> None:
+        found.append({"type": kind, **fields})
+
+    if first:
+        started = response([out], id=id, request=request, status="in_progress", **meta)
+        event("response.created", response=started)
+        event("response.in_progress", response=started)
+        if plain:
+            event(
+                "response.output_item.added",
+                output_index=0,
+                item=_message_item(id, "", "in_progress"),
+            )
+            part = {"type": "output_text", "text": "", "annotations": []}
+            event(
+                "response.content_part.added",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+    if plain and comp.delta_text:
+        event(
+            "response.output_text.delta",
+            item_id=item_id,
+            output_index=0,
+            content_index=0,
+            delta=comp.delta_text,
+        )
+    if out.finished:
+        final = response([out], id=id, request=request, tools=tools, reasoning=reasoning, **meta)
+        for k, item in enumerate(final["output"]):
+            if not plain:
+                event("response.output_item.added", output_index=k, item=item)
+            if item["type"] == "message":
+                text = item["content"][0]["text"]
+                where = dict(item_id=item["id"], output_index=k, content_index=0)
+                event("response.output_text.done", **where, text=text)
+                event("response.content_part.done", **where, part=item["content"][0])
+            elif item["type"] == "function_call":
+                where = dict(item_id=item["id"], output_index=k)
+                event("response.function_call_arguments.done", **where, arguments=item["arguments"])
+            event("response.output_item.done", output_index=k, item=item)
+        event(
+            "response.completed" if final["status"] == "completed" else "response.incomplete",
+            response=final,
+        )
+    return found  # the stream numbers them (`sequence_number`)
