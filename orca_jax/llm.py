@@ -13,13 +13,13 @@ from models import ModelConfig
 from models.layers import Params
 from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from orca_jax.engine.config import EngineConfig
-from orca_jax.engine.engine import Engine
+from orca_jax.engine.engine import Engine, unpack_prompt
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.model_loader import load_model
 from orca_jax.scheduler import SamplingParams
 from orca_jax.tokenizer import Tokenizer
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict  # text, token ids, or vLLM's {"prompt_token_ids": ...}
 Message = dict[str, Any]  # {"role": ..., "content": ...}
 
 
@@ -82,10 +82,7 @@ class LLM:
         `scheduling_order="priority"`). A prompt that cannot be served raises ValueError
         before anything runs.
         """
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
+        prompts = _as_list(prompts)
         params = sampling_params or SamplingParams()
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else params
         if len(params_list) != len(prompts):
@@ -124,10 +121,7 @@ class LLM:
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search (`orca_jax.beam_search`): the `beam_width` best beams of each
         prompt (text or token ids), best first. Needs `max_logprobs >= 2 * beam_width`."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]
+        prompts = [unpack_prompt(p) if isinstance(p, dict) else p for p in _as_list(prompts)]
         tok = self.get_tokenizer()
         if any(isinstance(p, str) for p in prompts) and tok is None:
             raise ValueError("text prompts need a tokenizer: send token ids")
@@ -183,6 +177,14 @@ class LLM:
         for out, text in zip(outs, texts, strict=True):
             out.prompt = text
         return outs
+
+
+def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text, token ids, a prompt dict) or a list of them, as a list."""
+    one = isinstance(prompts, str | dict) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    )
+    return [prompts] if one else list(prompts)
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:

@@ -196,6 +196,27 @@ def test_abort_frees_blocks_and_keeps_serving():
     assert engine._history.num_used == 0
 
 
+def test_vllm_prompt_dicts():
+    """vLLM's {"prompt_token_ids": ids} (and {"prompt": text}) serve as the ids themselves;
+    anything else in the dict is refused, engine unchanged."""
+    llm = LLM(params=PARAMS, config=CFG, warmup=False, num_kv_blocks=40, **SMALL)
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    ids = [[3, 1, 4], [1, 5, 9, 2]]
+    plain = llm.generate(ids, sp, use_tqdm=False)
+    dicts = llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
+    assert [o.token_ids for o in dicts] == [o.token_ids for o in plain]
+    (one,) = llm.generate({"prompt_token_ids": ids[0]}, sp, use_tqdm=False)
+    assert one.token_ids == plain[0].token_ids
+    for bad, words in (
+        ({"prompt_token_ids": [1], "multi_modal_data": {}}, "unsupported prompt fields"),
+        ({}, "either"),
+        ({"prompt": "hi"}, "tokenizer"),  # this engine has none
+    ):
+        with pytest.raises(ValueError, match=words):
+            llm.generate(bad, sp, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_unknown_model_is_a_clear_error():
     from orca_jax import LLM
 

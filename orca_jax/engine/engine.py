@@ -105,14 +105,15 @@ class Engine:
 
     def add_request(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | dict,
         sampling_params: SamplingParams | None = None,
         *,
         request_id: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its id.
+        """Queue a prompt (text or token ids, or vLLM's `{"prompt": text}` /
+        `{"prompt_token_ids": ids}`); returns its id.
 
         Raises ValueError, with the engine unchanged, for input that can never be served
         (empty or too long prompt, out-of-vocabulary ids, a request larger than the cache...).
@@ -123,6 +124,8 @@ class Engine:
                 f"n={params.n}: the engine serves one completion per request; add one request "
                 "per `params.completions()` (as LLM.generate and the server do)"
             )
+        if isinstance(prompt, dict):
+            prompt = unpack_prompt(prompt)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids instead")
@@ -492,6 +495,15 @@ def _find_stop(
         if i >= 0 and (best is None or len(text) - keep + i < best[0]):
             best = (len(text) - keep + i, stop)
     return best
+
+
+def unpack_prompt(prompt: dict) -> str | Sequence[int]:
+    """vLLM's TextPrompt / TokensPrompt dicts: the text or the token ids."""
+    if unknown := sorted(set(prompt) - {"prompt", "prompt_token_ids"}):
+        raise ValueError(f"unsupported prompt fields {unknown} (text and token ids only)")
+    if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+        raise ValueError('a prompt dict has either "prompt" (text) or "prompt_token_ids"')
+    return prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
 
 
 _new_logprob = functools.partial(tuple.__new__, Logprob)  # Logprob((lp, rank, text)), in C
