@@ -25,6 +25,7 @@ _CONTEXT = flags.DEFINE_integer("context", 256, "Cached tokens per decoding requ
 _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
 _ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.")
+_QUANT = flags.DEFINE_enum("quantization", None, ["int8"], "Weight-only int8 layer kernels.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
     "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
@@ -81,7 +82,8 @@ def main(argv):
         emit(floor_rows(page))
     emit(
         [
-            f"device: {jax.devices()[0].device_kind}, dtype {_DTYPE.value}, attention "
+            f"device: {jax.devices()[0].device_kind}, dtype {_DTYPE.value}"
+            f"{', int8 weights' if _QUANT.value else ''}, attention "
             f"{_ATTN.value}, page {page}, decode context {_CONTEXT.value}",
             "",
             "| model | case | T | ms/step | tokens/s |",
@@ -89,7 +91,9 @@ def main(argv):
         ]
     )
     for name in _MODELS.value:
-        cfg = get_config(name, dtype=_DTYPE.value, attention_impl=_ATTN.value)
+        cfg = get_config(
+            name, dtype=_DTYPE.value, attention_impl=_ATTN.value, quantization=_QUANT.value
+        )
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
             context = min(_CONTEXT.value, cfg.max_seq_len - 1)
@@ -109,7 +113,9 @@ def main(argv):
 def floor_rows(page: int) -> list[str]:
     """R decoding requests of context C: step time vs its memory-bandwidth floor."""
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
-    cfg = get_config(name, dtype=_DTYPE.value, attention_impl=_ATTN.value)
+    cfg = get_config(
+        name, dtype=_DTYPE.value, attention_impl=_ATTN.value, quantization=_QUANT.value
+    )
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(reqs, ctx, page)
     cache = init_kv_cache(cfg, num_pages, page)
@@ -120,7 +126,8 @@ def floor_rows(page: int) -> list[str]:
     bw = copy_bandwidth()
     floor = (weight_bytes + kv_bytes) / bw
     return [
-        f"{name} {_DTYPE.value} {_ATTN.value} decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
+        f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} {_ATTN.value} "
+        f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",
         f"  each step waited for: {sec * 1e3:.3f} ms/step = {sec / floor:.2f}x floor; "

@@ -14,6 +14,7 @@
 #      if time is left
 #   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
 #      (calibration.json), if time is left
+#   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
@@ -66,6 +67,9 @@ stage engine 150 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16
   --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
 stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
   --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
+stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
+  --quantization=int8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
+  --floor_first --out "$OUT/step_int8.md" ${STEP_FLAGS:-}
 
 {
   echo "--- attention (ours vs shipped vs reference)"
@@ -84,6 +88,8 @@ stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtyp
   cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
   echo "--- simulator calibration (gpt2 bf16)"
   grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
+  echo "--- whole step, int8 weights (pallas)"
+  cat "$OUT/step_int8.md" 2>/dev/null || tail -5 "$OUT/step_int8.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
 (cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)

@@ -14,6 +14,7 @@ Activation = Literal["gelu", "swiglu"]
 PositionEmbedding = Literal["learned", "rope"]
 # "auto": per backend, whichever measured faster there (models/attention.py, AUTO_ATTENTION).
 AttentionImpl = Literal["auto", "reference", "pallas"]
+Quantization = Literal["int8"] | None  # weight-only, per output channel (models/quantize.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +40,11 @@ class ModelConfig:
     # Dtype of parameters, activations and the KV cache; softmax and norms accumulate in f32.
     dtype: str = "float32"
     attention_impl: AttentionImpl = "auto"
+    quantization: Quantization = None
 
     def __post_init__(self) -> None:
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or int8; got {self.quantization!r}")
         if self.attention_impl not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_impl must be auto, reference or pallas; got {self.attention_impl!r}"

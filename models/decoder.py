@@ -19,6 +19,7 @@ from models.batch import RaggedBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import Params, dense, mlp, norm, rope
+from models.quantize import quantize_params
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -67,6 +68,8 @@ def param_shapes(config: ModelConfig) -> Params:
         params["embed"]["positions"] = s(config.max_seq_len, D)
     if not config.tie_embeddings:
         params["lm_head"] = {"kernel": s(D, V)}
+    if config.quantization:
+        return jax.eval_shape(functools.partial(quantize_params, config=config), params)
     return params
 
 
@@ -84,6 +87,8 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
 
     Values depend only on (config, seed): traced under `jax.jit` with sharded outputs they
     come out the same (to rounding: jit fuses the scaling), each device drawing its slice."""
+    if config.quantization is not None:  # drawn in float, then quantized
+        return quantize_params(init_params(config.replace(quantization=None), seed), config)
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     keys = jax.random.split(jax.random.key(seed), len(leaves))

@@ -26,8 +26,13 @@ def norm(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 def dense(p: Params, x: jax.Array, spec: str) -> jax.Array:
-    """einsum with the kernel (and bias if present), e.g. spec "TD,DNH->TNH"."""
-    y = jnp.einsum(spec, x, p["kernel"])
+    """einsum with the kernel (and bias if present), e.g. spec "TD,DNH->TNH". An int8
+    kernel (models/quantize.py) is widened to x's dtype and its output scaled per channel."""
+    if "kernel_scale" in p:
+        y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+        y = y * p["kernel_scale"].astype(x.dtype)  # [.., out channels] scales broadcast
+    else:
+        y = jnp.einsum(spec, x, p["kernel"])
     return y + p["bias"] if "bias" in p else y
 
 

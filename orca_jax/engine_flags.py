@@ -29,6 +29,9 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "C
 _ATTENTION = flags.DEFINE_enum(
     "attention_impl", None, ["auto", "reference", "pallas"], "Attention (auto: per backend)."
 )
+_QUANTIZATION = flags.DEFINE_enum(
+    "quantization", None, ["int8"], "Weight-only int8 layer kernels (per output channel)."
+)
 _POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
@@ -76,6 +79,7 @@ def build_llm(**overrides) -> LLM:
         seed=SEED.value,
         dtype=_DTYPE.value,
         attention_impl=_ATTENTION.value,
+        quantization=_QUANTIZATION.value,
         policy=_POLICY.value,
         max_batch_size=_MAX_BATCH.value,
         block_size=_BLOCK_SIZE.value,

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from models import ModelConfig
 from models.layers import Params
+from models.quantize import quantize_params
 from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.engine import Engine, unpack_prompt
@@ -45,12 +46,16 @@ class LLM:
         seed: int = 0,
         dtype: str | None = None,
         attention_impl: str | None = None,
+        quantization: str | None = None,
         **engine_args,
     ):
         if params is not None:
             if config is None:
                 raise ValueError("params= needs config= (a models.ModelConfig) beside it")
             tok = tokenizer if not isinstance(tokenizer, str) else _load_tokenizer(tokenizer)
+            if quantization is not None:
+                config = config.replace(quantization=quantization)
+            params = quantize_params(params, config)  # float params of a quantized config
         else:
             loaded = load_model(
                 model,
@@ -59,6 +64,7 @@ class LLM:
                 seed=seed,
                 dtype=dtype,
                 attention_impl=attention_impl,
+                quantization=quantization,
             )
             config, params = loaded.config, loaded.params
             tok = tokenizer if isinstance(tokenizer, Tokenizer) else loaded.tokenizer

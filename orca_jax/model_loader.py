@@ -28,6 +28,7 @@ def load_model(
     seed: int = 0,
     dtype: str | None = None,
     attention_impl: str | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a model by preset name, or from a model path (vLLM's `--model=DIR`).
 
@@ -43,11 +44,21 @@ def load_model(
         GPT-2's `vocab.json` + `merges.txt`); by default the weights' own tokenizer.
       dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
       attention_impl: "auto" (the faster one on this backend), "reference" or "pallas".
+      quantization: "int8" for weight-only int8 layer kernels (`models/quantize.py`).
     """
     from models.loaders.gguf_llama import default_model_path, load_gguf
+    from models.quantize import quantize_params
     from orca_jax.tokenizer import Tokenizer
 
-    overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("dtype", dtype),
+            ("attention_impl", attention_impl),
+            ("quantization", quantization),
+        )
+        if v
+    }
     config = model_config(model, **overrides)
     tok = None
     if is_model_path(model):
@@ -76,6 +87,9 @@ def load_model(
         # On the host: the runner places them (whole on one device, or each device its
         # slices), so a model larger than one device still loads.
         params = jax.tree.map(lambda a: np.asarray(a).astype(jnp.dtype(config.dtype)), params)
+        if config.quantization is not None:  # on the host CPU, whatever the backend
+            with jax.default_device(jax.devices("cpu")[0]):
+                params = jax.tree.map(np.asarray, quantize_params(params, config))
     if tokenizer is not None:
         tok = (
             Tokenizer.from_gguf(tokenizer)

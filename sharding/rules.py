@@ -7,7 +7,9 @@ Stacked layer weights carry a leading L axis, never split. Over the `model` axis
   all-reduce per layer;
 - the token embedding and LM head split the vocabulary when it divides evenly (GPT-2's 50257
   does not: those stay replicated);
-- norms, biases of row-parallel layers, learned positions: replicated.
+- norms, biases of row-parallel layers, learned positions: replicated;
+- int8 kernels' per-output-channel scales split as their layer's outputs (q, k, v, up,
+  gate) or are replicated (o, down: their outputs are whole on every device).
 The KV cache `[L, K, P, S, H]` splits on K, matching k/v, so each device owns the pages of
 its own KV heads.
 """
@@ -26,10 +28,10 @@ M = MODEL_AXIS
 # (regex over the "/"-joined parameter path, spec); first match wins, no match: replicated.
 PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/(q|k|v)/kernel$", P(None, None, M, None)),  # [L, D, N|K, H]
-    (r"^layers/(q|k|v)/bias$", P(None, M, None)),  # [L, N|K, H]
+    (r"^layers/(q|k|v)/(bias|kernel_scale)$", P(None, M, None)),  # [L, N|K, H]
     (r"^layers/o/kernel$", P(None, M, None, None)),  # [L, N, H, D]
     (r"^layers/mlp/(up|gate)/kernel$", P(None, None, M)),  # [L, D, F]
-    (r"^layers/mlp/(up|gate)/bias$", P(None, M)),  # [L, F]
+    (r"^layers/mlp/(up|gate)/(bias|kernel_scale)$", P(None, M)),  # [L, F]
     (r"^layers/mlp/down/kernel$", P(None, M, None)),  # [L, F, D]
     (r"^embed/tokens$", P(M, None)),  # [V, D]  (vocab, when it divides)
     (r"^lm_head/kernel$", P(None, M)),  # [D, V]  (vocab, when it divides)
