@@ -53,10 +53,10 @@ class ResponsesRequest(BaseModel):
     def to_chat(self) -> ChatCompletionRequest:
         """The same request as a chat completion (ValueError for input it cannot take)."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else []
-        for item in [] if isinstance(self.input, str) else self.input:
-            messages.append(_message(item))
-        messages += items
+        if isinstance(self.input, str):
+            messages.append({"role": "user", "content": self.input})
+        else:
+            messages += [_message(item) for item in self.input]
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
