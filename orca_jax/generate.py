@@ -3,6 +3,7 @@
   python -m orca_jax.generate --model=smollm2-135m \
       --prompt="What is the capital of France?" --chat --max_tokens=32
   python -m orca_jax.generate --prompts_file=prompts.txt --policy=paged --max_batch_size=32
+  python -m orca_jax.generate --prompt="The capital of France is" --beam_width=4
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 
 from orca_jax import distributed, engine_flags
+from orca_jax.beam_search import BeamSearchParams
 from orca_jax.llm import LLM
 from orca_jax.scheduler import SamplingParams
 
@@ -24,12 +26,17 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k cut (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus cut (1: off).")
 _MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p x the top one's probability.")
+_BEAM = flags.DEFINE_integer(
+    "beam_width", None, "Beam search of this width (vLLM's LLM.beam_search): the best beams."
+)
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "Beam scores: cum / len^this.")
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    llm = engine_flags.build_llm(warmup=False)  # a one-shot run compiles only what it meets
+    beam = {"max_logprobs": 2 * _BEAM.value} if _BEAM.value else {}  # 2w candidates a step
+    llm = engine_flags.build_llm(warmup=False, **beam)  # compiles only what it meets
     if not distributed.is_leader():
         distributed.follow(llm.engine)  # run the leader's steps until it stops
         return
@@ -62,6 +69,12 @@ def _generate(llm: LLM) -> None:
         min_p=_MIN_P.value,
         seed=engine_flags.SEED.value if _TEMPERATURE.value > 0 else None,
     )
+    if _CHAT.value and not _PROMPT_IDS.value and _BEAM.value:  # rendered, then searched
+        rendered = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        prompts = [tok.encode(t, add_special_tokens=False) for t in rendered]
+    if _BEAM.value:
+        _beam_search(llm, prompts)
+        return
     if _CHAT.value and not _PROMPT_IDS.value:  # each prompt as one user turn
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
@@ -69,6 +82,19 @@ def _generate(llm: LLM) -> None:
     for out in outputs:
         text = out.outputs[0].text if tok is not None else " ".join(map(str, out.token_ids))
         print(text if len(outputs) == 1 else f"[{out.request_id}] {text!r}")
+
+
+def _beam_search(llm: LLM, prompts: list) -> None:
+    params = BeamSearchParams(
+        beam_width=_BEAM.value,
+        max_tokens=_MAX_TOKENS.value,
+        temperature=_TEMPERATURE.value,
+        length_penalty=_LENGTH_PENALTY.value,
+    )
+    for i, result in enumerate(llm.beam_search(prompts, params)):
+        for beam in result.sequences:
+            text = beam.text if beam.text is not None else " ".join(map(str, beam.tokens))
+            print(f"[{i}] {beam.cum_logprob:8.3f} {text!r}")
 
 
 if __name__ == "__main__":

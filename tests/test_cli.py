@@ -1,0 +1,30 @@
+"""The command line as a user runs it: the README's main job, and beam search."""
+
+import os
+import subprocess
+import sys
+
+
+def _run(*flags: str) -> list[str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-m", "orca_jax.generate", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()
+
+
+def test_main_job_answers():
+    lines = _run("--model=smollm2-135m", "--prompt=What is the capital of France?", "--chat")
+    assert "Paris" in lines[-1], lines
+
+
+def test_beam_search_prints_the_best_beams_first():
+    lines = _run("--prompt=The capital of France is", "--beam_width=3", "--max_tokens=6")
+    scores = [float(line.split()[1]) for line in lines]
+    assert len(lines) == 3 and scores == sorted(scores, reverse=True), lines
+    assert "Paris" in lines[0], lines
