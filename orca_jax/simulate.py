@@ -81,6 +81,11 @@ class CostModel:
         """Bytes per weight and per cached K/V value (the model's dtype)."""
         return _DTYPE_BYTES[self.model.dtype]
 
+    @property
+    def layer_weight_bytes(self) -> float:
+        """Bytes per layer weight: 1 with int8 kernels (their scales are negligible)."""
+        return 1 if self.model.quantization == "int8" else self.bytes_per_param
+
     def layer_params(self) -> int:
         m = self.model
         attn = m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
@@ -92,7 +97,9 @@ class CostModel:
 
     def kv_capacity_tokens(self, reserve_fraction: float = 0.1) -> int:
         """Tokens of K/V that fit beside the weights (all layers), keeping some memory back."""
-        weights = self.model.num_params() * self.bytes_per_param / (self.tp * self.pp)
+        layers = self.model.n_layers * self.layer_params()
+        weights = (self.model.num_params() - layers) * self.bytes_per_param
+        weights = (weights + layers * self.layer_weight_bytes) / (self.tp * self.pp)
         free = self.hw.memory_bytes * (1 - reserve_fraction) - weights
         per_token = self.kv_bytes_per_token_layer() * self.model.n_layers / (self.tp * self.pp)
         if free <= 0:
@@ -110,7 +117,8 @@ class CostModel:
         pairs = sum(n * (ctx - (n - 1) / 2) for n, ctx in batch)  # causal (query, key) pairs
         context = sum(ctx for _, ctx in batch)
         read = (
-            self.layer_params() * self.bytes_per_param + context * self.kv_bytes_per_token_layer()
+            self.layer_params() * self.layer_weight_bytes
+            + context * self.kv_bytes_per_token_layer()
         ) / self.tp
         flops = (2 * tokens * self.layer_params() + 4 * pairs * m.n_heads * m.head_dim) / self.tp
         layer = max(read / bandwidth, flops / (hw.flops_per_s * self.flops_efficiency))

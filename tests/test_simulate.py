@@ -61,6 +61,18 @@ def test_memory_planning():
         CostModel(get_config("gpt3-175b", dtype="bfloat16"), A100_40GB).kv_capacity_tokens()
 
 
+def test_int8_weights_halve_the_weight_bytes():
+    """Weight-only int8: a one-token decode (weights dominate) takes about half as long, and
+    the freed memory holds more K/V."""
+    cfg = get_config("gpt3-13b", dtype="bfloat16")
+    bf16, int8 = CostModel(cfg, A100_40GB), CostModel(cfg.replace(quantization="int8"), A100_40GB)
+    ratio = int8.stage_time([(1, 512)], last=False) / bf16.stage_time([(1, 512)], last=False)
+    assert 0.5 < ratio < 0.53  # the K/V read stays in bf16
+    layers = cfg.n_layers * bf16.layer_params()  # bytes freed: one per layer weight
+    gained = (int8.kv_capacity_tokens() - bf16.kv_capacity_tokens()) * cfg.kv_bytes_per_token()
+    assert gained == pytest.approx(layers, rel=0.01)
+
+
 def test_iteration_level_scheduling_beats_request_level_under_load():
     """The paper's claim, in simulation: at a rate the request-level baseline cannot keep
     up with, Orca's median normalized latency is far lower."""
