@@ -69,6 +69,21 @@ _MAX_LEN = flags.DEFINE_integer(
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
 
+flags.DEFINE_alias("max_num_seqs", "max_batch_size")  # vLLM's name
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with vLLM's dashed spellings taken too (`--max-num-seqs=8` is
+    `--max_num_seqs=8`): what `app.run(main, flags_parser=parse_flags)` uses."""
+    normalized = [argv[0]]
+    for arg in argv[1:]:
+        if arg.startswith("--") and not arg.startswith("---"):
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        normalized.append(arg)
+    return flags.FLAGS(normalized)
+
+
 def build_llm(**overrides) -> LLM:
     """Join a multi-process run if asked (--coordinator_address), then build the `LLM`."""
     if _COORDINATOR.value:

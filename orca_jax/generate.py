@@ -98,4 +98,4 @@ def _beam_search(llm: LLM, prompts: list) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=engine_flags.parse_flags)

@@ -5,11 +5,14 @@
       -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
 
 Routes: /v1/completions, /v1/chat/completions (both stream with "stream": true),
-/v1/models, /health, /metrics (Prometheus), /tokenize, /detokenize. Engine and model flags
+/v1/responses, /v1/models, /health, /version, /metrics (Prometheus), /tokenize,
+/detokenize. Engine and model flags
 as in `orca_jax.generate` (see --help).
 """
 
 from __future__ import annotations
+
+import os
 
 from absl import app, flags, logging
 
@@ -43,6 +46,11 @@ _REASONING = flags.DEFINE_enum(
     "Return a reasoning model's <think>...</think> as reasoning_content: deepseek_r1 (the "
     "template opens the thinking: DeepSeek-R1 and its Llama/Qwen distillations) or qwen3.",
 )
+_API_KEY = flags.DEFINE_string(
+    "api_key",
+    os.environ.get("ORCA_API_KEY"),
+    "Serve /v1 only to requests with 'Authorization: Bearer KEY' (default: $ORCA_API_KEY).",
+)
 _TRUST_TEMPLATES = flags.DEFINE_bool(
     "trust_request_chat_template",
     False,
@@ -72,6 +80,7 @@ def main(argv: list[str]) -> None:
             trust_request_chat_template=_TRUST_TEMPLATES.value,
             tool_parser=get_parser(_TOOL_PARSER.value) if _AUTO_TOOLS.value else None,
             reasoning_parser=reasoning.get_parser(_REASONING.value) if _REASONING.value else None,
+            api_key=_API_KEY.value,
         )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:
@@ -80,4 +89,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=engine_flags.parse_flags)

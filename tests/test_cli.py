@@ -24,7 +24,8 @@ def test_main_job_answers():
 
 
 def test_beam_search_prints_the_best_beams_first():
-    lines = _run("--prompt=The capital of France is", "--beam_width=3", "--max_tokens=6")
+    # vLLM's dashed spellings are taken too
+    lines = _run("--prompt=The capital of France is", "--beam-width=3", "--max-tokens=6")
     scores = [float(line.split()[1]) for line in lines]
     assert len(lines) == 3 and scores == sorted(scores, reverse=True), lines
     assert "Paris" in lines[0], lines

@@ -53,6 +53,7 @@ def build_app(
     trust_request_chat_template: bool = False,
     tool_parser: ToolParser | None = None,
     reasoning_parser: ReasoningParser | None = None,
+    api_key: str | None = None,
 ) -> FastAPI:
     """The server's routes over `engine` (already running), serving `model_name`.
 
@@ -60,12 +61,23 @@ def build_app(
     runs sandboxed, yet can still spend the server's time); refused by default, as vLLM
     does. `tool_parser`: reads the model's own tool calls, for `tool_choice: "auto"`
     (`tool_parsers.py`); without it "auto" is refused. `reasoning_parser`: a reasoning
-    model's thinking goes to `reasoning_content` (`reasoning.py`)."""
+    model's thinking goes to `reasoning_content` (`reasoning.py`). `api_key`: the `/v1`
+    routes answer only requests bearing it (`Authorization: Bearer KEY`), as vLLM's
+    `--api-key`."""
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
     metrics = ServerMetrics(engine.engine, model_name)
     engine.observers.append(metrics.observe)
+
+    if api_key is not None:
+
+        @app.middleware("http")
+        async def _authorized(request: Request, call_next):
+            bearer = request.headers.get("authorization", "")
+            if request.url.path.startswith("/v1") and bearer != f"Bearer {api_key}":
+                return error(401, "a valid API key is needed (Authorization: Bearer KEY)")
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

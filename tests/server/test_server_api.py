@@ -5,6 +5,7 @@ error shapes."""
 
 import asyncio
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from server_utils import QUESTION, offline_output, scrape
@@ -389,3 +390,16 @@ def test_prompt_logprobs_in_vllm_shape(served, llm, offline):
     assert all(len(e) == 1 for e in chat["prompt_logprobs"][1:])  # the token alone
     r = http.post("/v1/completions", json=body | {"stream": True})
     assert r.status_code == 400 and "stream" in r.json()["error"]["message"]
+
+
+def test_api_key(served):
+    """With an API key, /v1 answers only requests bearing it; /health stays open."""
+    _, _, engine = served
+    with TestClient(build_app(engine, "smollm2", api_key="sesame")) as http:
+        assert http.get("/v1/models").status_code == 401
+        wrong = http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
+        ok = http.get("/v1/models", headers={"Authorization": "Bearer sesame"})
+        assert ok.status_code == 200 and http.get("/health").status_code == 200
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="sesame", http_client=http)
+        assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=2).choices
