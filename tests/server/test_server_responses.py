@@ -62,7 +62,7 @@ def test_structured_text_and_tool_calls(served):
     )
     assert isinstance(json.loads(resp.output_text)["city"], str)
 
-    called = client.responses.create(
+    forced = dict(
         model="smollm2",
         input="What is the weather in Paris?",
         max_output_tokens=40,
@@ -70,16 +70,10 @@ def test_structured_text_and_tool_calls(served):
         tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"},
     )
+    called = client.responses.create(**forced)
     (call,) = [item for item in called.output if item.type == "function_call"]
     assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
-    with client.responses.stream(  # the client's own stream reader, which checks the events
-        model="smollm2",
-        input="What is the weather in Paris?",
-        max_output_tokens=40,
-        temperature=0,
-        tools=[WEATHER],
-        tool_choice={"type": "function", "name": "get_weather"},
-    ) as stream:
+    with client.responses.stream(**forced) as stream:  # the client's own, strict reader
         kinds = [e.type for e in stream]
         (streamed,) = stream.get_final_response().output
     assert "response.function_call_arguments.done" in kinds
