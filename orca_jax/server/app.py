@@ -192,7 +192,9 @@ def build_app(
             chunk_fn,
             final_fn,
             tools=req.tool_calling(),
-            reasoning=reasoning_parser,
+            # A constrained output (a schema, forced tool calls) is all answer: the model
+            # had no room to think.
+            reasoning=reasoning_parser if params.structured_outputs is None else None,
             **extra,
         )
 

@@ -11,7 +11,9 @@ conventions, as vLLM names them:
 - `qwen3` (Qwen3, and models that open the block themselves): thinking only when the output
   starts with `<think>`; otherwise it is all answer.
 
-An output that ends inside the thinking (max_tokens) has all of it as reasoning. `split`
+An output that ends inside the thinking (max_tokens) has all of it as reasoning. A
+constrained output (a JSON schema, forced tool calls) is all answer: the server does not
+split it. `split`
 reads a growing text: what is surely thinking and surely answer so far, holding back an
 end that may be the start of a marker.
 """

@@ -322,3 +322,9 @@ def test_reasoning_parser(served):
             ]
             assert "".join(d.get("reasoning_content") or "" for d in deltas) == (thought or "")
             assert "".join(d.get("content") or "" for d in deltas) == answer
+            # a constrained output is all answer, whatever the parser: here a forced call
+            forced = {"type": "function", "function": {"name": "get_weather"}}
+            body |= {"tools": [WEATHER], "tool_choice": forced, "max_tokens": 40}
+            message = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+            assert message["tool_calls"][0]["function"]["name"] == "get_weather", message
+            assert "reasoning_content" not in message
