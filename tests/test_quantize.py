@@ -64,9 +64,10 @@ def test_layer_weights_take_half_of_bf16():
     assert 0.5 < ratio < 0.51  # int8 kernels, plus one f32 scale per output channel
 
 
-def test_tensor_parallel_gives_one_devices_tokens():
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_spread_over_devices_gives_one_devices_tokens(parallel):
     cfg = get_config("tiny-llama", quantization="int8")
-    engine_matches_one_device(cfg, seed=4, parallel_kw=dict(tensor_parallel_size=2))
+    engine_matches_one_device(cfg, seed=4, parallel_kw=parallel)
 
 
 def test_smollm2_int8_still_answers():
