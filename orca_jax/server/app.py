@@ -238,7 +238,10 @@ def build_app(
         try:
             for prompt in prompts:
                 for j, one in enumerate(params.completions()):  # j samples from seed + j
-                    if j and not extra.get("echo"):  # the prompt is scored once, by j = 0
+                    # The prompt is scored once, by j = 0, and shared; but a stream echoes
+                    # every completion's scored prompt in its first chunk, when j = 0 may
+                    # not have it yet: there each completion scores it.
+                    if j and not (extra.get("echo") and req.stream):
                         one = dataclasses.replace(one, prompt_logprobs=None)
                     rid_j = f"{rid}-{len(streams)}"
                     streams.append(await engine.add(prompt, one, rid_j, req.priority))

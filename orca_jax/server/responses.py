@@ -68,17 +68,25 @@ def _new_logprobs(out: RequestOutput, new_only: bool):
 
 
 def completion_logprobs(
-    out, tokenizer, num: int, new_only: bool, offset: int = 0, with_prompt: bool = False
+    out,
+    tokenizer,
+    num: int,
+    new_only: bool,
+    offset: int = 0,
+    with_prompt: bool = False,
+    scored: RequestOutput | None = None,
 ) -> dict | None:
     """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset.
 
     `with_prompt` (echo): the prompt's tokens lead, the first with None for its logprob and
-    alternatives, as OpenAI scores an echoed prompt."""
+    alternatives, as OpenAI scores an echoed prompt; their scores are `scored`'s (the
+    completion of the same prompt that scored it), by default `out`'s."""
     ids, entries = _new_logprobs(out, new_only)
     if ids is None:
         return None
-    if with_prompt and out.prompt_logprobs is not None:
-        ids, entries = out.prompt_token_ids + ids, out.prompt_logprobs + entries
+    prompt_scores = (scored or out).prompt_logprobs
+    if with_prompt and prompt_scores is not None:
+        ids, entries = out.prompt_token_ids + ids, prompt_scores + entries
     tokens = [_token_text(tokenizer, t) for t in ids]
     offsets, pos = [], offset
     for t in tokens:
@@ -153,7 +161,9 @@ def completion(
                 "text": text,
                 "finish_reason": comp.finish_reason,
                 "stop_reason": comp.stop_reason,
-                "logprobs": completion_logprobs(out, tokenizer, top_n, False, with_prompt=echo),
+                "logprobs": completion_logprobs(
+                    out, tokenizer, top_n, False, with_prompt=echo, scored=outs[i - i % n]
+                ),
                 "token_ids": list(comp.token_ids),  # an extension, as vLLM's return_token_ids
                 "prompt_logprobs": prompt_logprobs(outs[i - i % n]),  # scored by its first
             }

@@ -347,6 +347,10 @@ def test_echo_with_logprobs_scores_the_prompt(served, llm, offline):
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))  # greedy
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
 
+    two = client.completions.create(prompt="The capital of France is Paris", **kw, n=2).choices
+    a, b = (c.logprobs.token_logprobs[:-1] for c in two)  # the prompt, scored once, shared
+    assert a == b and a[1:] == pytest.approx(lp.token_logprobs[1:-1], abs=1e-5)
+
     london = scored("The capital of France is London")
     assert lp.token_logprobs[-2] > london.token_logprobs[-2] + 2.0  # " Paris" vs " London"
 
