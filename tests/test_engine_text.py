@@ -59,6 +59,22 @@ def test_streamed_deltas_add_up_to_the_final_output(tiny_with_vocab, tok):
     assert out.finished and out.outputs[0].finish_reason == "length"
 
 
+def test_detokenize_false_gives_the_same_tokens_and_no_text(tiny_with_vocab, tok):
+    """vLLM's detokenize=False: token ids only (no text work), the same tokens."""
+    sp = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    outs = {}
+    for detokenize in (True, False):
+        engine = _engine(tiny_with_vocab, tok)
+        engine.add_request("Once upon a time", dataclasses.replace(sp, detokenize=detokenize))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs[detokenize] = out
+    assert outs[False].token_ids == outs[True].token_ids and outs[True].outputs[0].text
+    assert outs[False].outputs[0].text == "" and outs[False].prompt == "Once upon a time"
+    with pytest.raises(ValueError, match="detokenize=True"):
+        SamplingParams(stop=["."], detokenize=False)
+
+
 def test_stop_string_truncates_and_finishes(tiny_with_vocab, tok):
     sp = SamplingParams(max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)
     engine = _engine(tiny_with_vocab, tok)

@@ -179,7 +179,7 @@ class Engine:
             IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens
             )
-            if self.tokenizer is not None
+            if self.tokenizer is not None and params.detokenize
             else None
         )
         output = RequestOutput(

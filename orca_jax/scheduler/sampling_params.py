@@ -103,6 +103,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Leave special tokens (<|im_end|>...) out of the text; the token ids keep them.
     skip_special_tokens: bool = True
+    # Build the output text (vLLM's `detokenize`); False: token ids only, no text work.
+    detokenize: bool = True
     # Keep only the last k tokens of the prompt (None: all; a longer prompt is an error).
     truncate_prompt_tokens: int | None = None
     # Completions of the prompt. `LLM.generate` and the server fan out into n requests of one
@@ -171,6 +173,8 @@ class SamplingParams:
                     "structured outputs end with the end-of-sequence token: ignore_eos and "
                     "min_tokens cannot be set with them"
                 )
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are found in the text: they need detokenize=True")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         for name in ("presence_penalty", "frequency_penalty"):
