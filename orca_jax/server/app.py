@@ -166,7 +166,12 @@ def build_app(
         except ValueError as e:  # pydantic's ValidationError too
             return error(400, str(e))
         return await _chat(
-            chat_req, "resp", responses_api.events, responses_api.response, request=req
+            chat_req,
+            "resp",
+            responses_api.events,
+            responses_api.response,
+            request=req,
+            items=responses_api.ItemStream(),  # what its stream has opened
         )
 
     async def _chat(req: ChatCompletionRequest, prefix, chunk_fn, final_fn, **extra):

@@ -5,21 +5,23 @@ A request becomes a chat request (`to_chat`): `instructions` lead as a system me
 `function_call_output`s) follows as the conversation, `text.format` becomes the
 `response_format`, flat function tools become chat tools. The chat's reply becomes the
 response's `output` items: a `message` with `output_text`, `function_call`s, and (with a
-reasoning parser) a `reasoning` item first. Streamed as Responses events: the text as
-`response.output_text.delta`s when the reply is plain text; with tools or a reasoning
-parser the items go out whole once the reply is known. Nothing is stored: `store`,
+reasoning parser) a `reasoning` item first. Streamed as Responses events, from the chat
+stream's deltas: the thinking as `response.reasoning_text.delta`s, the text as
+`response.output_text.delta`s, each call as its item (id and name) then
+`response.function_call_arguments.delta`s, as they are written. Nothing is stored: `store`,
 `previous_response_id` and the other options we do not implement are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.server.protocol import ChatCompletionRequest
-from orca_jax.server.responses import assistant_reply
+from orca_jax.server.responses import assistant_reply, chat_chunk
 
 
 class ResponsesRequest(BaseModel):
@@ -128,17 +130,20 @@ def _output(out: RequestOutput, rid: str, tools, reasoning) -> tuple[list[dict],
     if message.get("content") or not message.get("tool_calls"):
         items.append(_message_item(rid, message["content"] or ""))
     for call in message.get("tool_calls", []):
-        items.append(
-            {
-                "type": "function_call",
-                "id": f"fc_{call['id']}",
-                "call_id": call["id"],
-                "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"],
-                "status": "completed",
-            }
-        )
+        function = call["function"]
+        items.append(_call_item(call["id"], function["name"], function["arguments"]))
     return items, "incomplete" if finish_reason == "length" else "completed"
+
+
+def _call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
+    return {
+        "type": "function_call",
+        "id": f"fc_{call_id}",
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
 
 
 def _message_item(rid: str, text: str, status: str = "completed") -> dict[str, Any]:
@@ -200,58 +205,139 @@ def response(
     }
 
 
-def events(i: int, out: RequestOutput, first: bool, *, id, request, tools=None, **meta) -> list:
-    """The Responses stream events of one snapshot of the (single) reply."""
-    del i
-    reasoning = meta.pop("reasoning", None)
-    plain = tools is None and reasoning is None  # its text streams as deltas
-    comp, item_id, found = out.outputs[0], f"msg_{id}", []
+@dataclasses.dataclass
+class ItemStream:
+    """What a streamed response has opened so far: an output index per item, in the order
+    they appear ("reasoning", "message", then "call0", "call1"...), as the final response
+    lists them."""
+
+    opened: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def events(
+    i: int, out: RequestOutput, first: bool, *, id, request, items: ItemStream, **meta
+) -> list:
+    """The Responses stream events of one snapshot of the (single) reply: the chat stream's
+    delta (`chat_chunk`: thinking, answer text, tool calls as they are written) turned into
+    item events, then, once finished, each item's done events and the response."""
+    found: list[dict[str, Any]] = []
 
     def event(kind: str, **fields) -> None:
         found.append({"type": kind, **fields})
+
+    def opened(key: str, item: dict[str, Any], part: dict | None = None) -> int:
+        """The output index of item `key`, announced at its first use."""
+        if key not in items.opened:
+            k = items.opened[key] = len(items.opened)
+            event("response.output_item.added", output_index=k, item=item)
+            if part is not None:
+                event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=k,
+                    content_index=0,
+                    part=part,
+                )
+        return items.opened[key]
 
     if first:
         started = response([out], id=id, request=request, status="in_progress", **meta)
         event("response.created", response=started)
         event("response.in_progress", response=started)
-        if plain:
-            event(
-                "response.output_item.added",
-                output_index=0,
-                item=_message_item(id, "", "in_progress"),
-            )
-            part = {"type": "output_text", "text": "", "annotations": []}
-            event(
-                "response.content_part.added",
-                item_id=item_id,
-                output_index=0,
-                content_index=0,
-                part=part,
-            )
-    if plain and comp.delta_text:
+    chunk = chat_chunk(i, out, first, id=id, **meta)
+    delta = chunk["choices"][0]["delta"] if chunk is not None else {}
+    if thought := delta.get("reasoning_content"):
+        item = {"type": "reasoning", "id": f"rs_{id}", "summary": [], "content": []}
+        part = {"type": "reasoning_text", "text": ""}
+        k = opened("reasoning", item, part)
+        event(
+            "response.reasoning_text.delta",
+            item_id=item["id"],
+            output_index=k,
+            content_index=0,
+            delta=thought,
+        )
+    if text := delta.get("content"):
+        item = _message_item(id, "", "in_progress")
+        k = opened("message", item, {"type": "output_text", "text": "", "annotations": []})
         event(
             "response.output_text.delta",
-            item_id=item_id,
-            output_index=0,
+            item_id=item["id"],
+            output_index=k,
             content_index=0,
-            delta=comp.delta_text,
+            delta=text,
         )
+    for call in delta.get("tool_calls", []):
+        key = f"call{call['index']}"
+        if "id" in call:  # its first delta: id and name
+            item = _call_item(call["id"], call["function"]["name"], "", "in_progress")
+            opened(key, item)
+        if arguments := call["function"].get("arguments"):
+            event(
+                "response.function_call_arguments.delta",
+                item_id=f"fc_{_call_id(key, meta)}",
+                output_index=items.opened[key],
+                delta=arguments,
+            )
     if out.finished:
-        final = response([out], id=id, request=request, tools=tools, reasoning=reasoning, **meta)
-        for k, item in enumerate(final["output"]):
-            if not plain:
-                event("response.output_item.added", output_index=k, item=item)
-            if item["type"] == "message":
-                text = item["content"][0]["text"]
-                where = dict(item_id=item["id"], output_index=k, content_index=0)
-                event("response.output_text.done", **where, text=text)
-                event("response.content_part.done", **where, part=item["content"][0])
-            elif item["type"] == "function_call":
-                where = dict(item_id=item["id"], output_index=k)
-                event("response.function_call_arguments.done", **where, arguments=item["arguments"])
-            event("response.output_item.done", output_index=k, item=item)
-        event(
-            "response.completed" if final["status"] == "completed" else "response.incomplete",
-            response=final,
-        )
+        found += _finished(out, id, request, items, meta)
     return found  # the stream numbers them (`sequence_number`)
+
+
+def _call_id(key: str, meta: dict) -> str:
+    """The id a streamed call went out with (`ToolCallStream`'s)."""
+    return meta["tool_stream"].calls[int(key[4:])].id
+
+
+def _finished(out, id, request, items: ItemStream, meta: dict) -> list[dict[str, Any]]:
+    """Each item's done events (items not streamed are announced first), then the
+    response; streamed calls keep the ids they went out with."""
+    final = response([out], id=id, request=request, **meta)
+    found: list[dict[str, Any]] = []
+    calls = 0
+    for k, item in enumerate(final["output"]):
+        key = item["type"] if item["type"] != "function_call" else f"call{calls}"
+        if item["type"] == "function_call":
+            if key in items.opened:  # as streamed
+                call_id = _call_id(key, meta)
+                item.update(call_id=call_id, id=f"fc_{call_id}")
+            calls += 1
+        if key not in items.opened:
+            items.opened[key] = k
+            found.append({"type": "response.output_item.added", "output_index": k, "item": item})
+        where = {"item_id": item["id"], "output_index": k}
+        if item["type"] == "message":
+            part = item["content"][0]
+            found.append(
+                {
+                    "type": "response.output_text.done",
+                    **where,
+                    "content_index": 0,
+                    "text": part["text"],
+                }
+            )
+            found.append(
+                {"type": "response.content_part.done", **where, "content_index": 0, "part": part}
+            )
+        elif item["type"] == "reasoning":
+            part = item["content"][0]
+            found.append(
+                {
+                    "type": "response.reasoning_text.done",
+                    **where,
+                    "content_index": 0,
+                    "text": part["text"],
+                }
+            )
+        else:
+            found.append(
+                {
+                    "type": "response.function_call_arguments.done",
+                    **where,
+                    "arguments": item["arguments"],
+                }
+            )
+        found.append({"type": "response.output_item.done", "output_index": k, "item": item})
+    kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+    found.append({"type": kind, "response": final})
+    return found

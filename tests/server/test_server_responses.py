@@ -3,8 +3,12 @@ chat route's, shaped as a response; streamed as Responses events."""
 
 import json
 
+import openai
 import pytest
+from fastapi.testclient import TestClient
 from server_utils import QUESTION
+
+from orca_jax.server import build_app, reasoning
 
 WEATHER = {
     "type": "function",
@@ -77,6 +81,7 @@ def test_structured_text_and_tool_calls(served):
         kinds = [e.type for e in stream]
         (streamed,) = stream.get_final_response().output
     assert "response.function_call_arguments.done" in kinds
+    assert kinds.count("response.function_call_arguments.delta") > 1  # as they are written
     assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
     # the call and its result go back as input items: the conversation goes on
     follow = [
@@ -106,3 +111,27 @@ def test_unsupported_options_are_refused(served, extra, words):
     http, _, _ = served
     r = http.post("/v1/responses", json={"model": "smollm2", "input": QUESTION} | extra)
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.json()
+
+
+def test_streamed_thinking_and_calls_as_items(served):
+    """With a reasoning parser the thinking streams as a reasoning item; the client's own
+    strict reader rebuilds the same response as the one not streamed."""
+    _, client, engine = served
+    app = build_app(engine, "smollm2", reasoning_parser=reasoning.get_parser("deepseek_r1"))
+    with TestClient(app) as http:
+        thinking = openai.OpenAI(base_url="http://testserver/v1", api_key="-", http_client=http)
+        kw = dict(model="smollm2", input=QUESTION, max_output_tokens=10, temperature=0)
+        whole = thinking.responses.create(**kw)
+        with thinking.responses.stream(**kw) as stream:
+            kinds = [e.type for e in stream]
+            streamed = stream.get_final_response()
+    assert (
+        [o.type for o in whole.output]
+        == [o.type for o in streamed.output]
+        == [
+            "reasoning",
+            "message",
+        ]
+    )
+    assert streamed.output[0].content[0].text == whole.output[0].content[0].text != ""
+    assert kinds.count("response.reasoning_text.delta") > 1
