@@ -222,66 +222,47 @@ def events(
     item events, then, once finished, each item's done events and the response."""
     found: list[dict[str, Any]] = []
 
-    def event(kind: str, **fields) -> None:
-        found.append({"type": kind, **fields})
-
     def opened(key: str, item: dict[str, Any], part: dict | None = None) -> int:
         """The output index of item `key`, announced at its first use."""
         if key not in items.opened:
             k = items.opened[key] = len(items.opened)
-            event("response.output_item.added", output_index=k, item=item)
+            found.append(_event("output_item.added", output_index=k, item=item))
             if part is not None:
-                event(
-                    "response.content_part.added",
-                    item_id=item["id"],
-                    output_index=k,
-                    content_index=0,
-                    part=part,
-                )
+                found.append(_event("content_part.added", **_at(item, k), part=part))
         return items.opened[key]
 
     if first:
         started = response([out], id=id, request=request, status="in_progress", **meta)
-        event("response.created", response=started)
-        event("response.in_progress", response=started)
+        found += [_event("created", response=started), _event("in_progress", response=started)]
     chunk = chat_chunk(i, out, first, id=id, **meta)
     delta = chunk["choices"][0]["delta"] if chunk is not None else {}
     if thought := delta.get("reasoning_content"):
         item = {"type": "reasoning", "id": f"rs_{id}", "summary": [], "content": []}
-        part = {"type": "reasoning_text", "text": ""}
-        k = opened("reasoning", item, part)
-        event(
-            "response.reasoning_text.delta",
-            item_id=item["id"],
-            output_index=k,
-            content_index=0,
-            delta=thought,
-        )
+        k = opened("reasoning", item, {"type": "reasoning_text", "text": ""})
+        found.append(_event("reasoning_text.delta", **_at(item, k), delta=thought))
     if text := delta.get("content"):
         item = _message_item(id, "", "in_progress")
         k = opened("message", item, {"type": "output_text", "text": "", "annotations": []})
-        event(
-            "response.output_text.delta",
-            item_id=item["id"],
-            output_index=k,
-            content_index=0,
-            delta=text,
-        )
+        found.append(_event("output_text.delta", **_at(item, k), delta=text))
     for call in delta.get("tool_calls", []):
         key = f"call{call['index']}"
         if "id" in call:  # its first delta: id and name
-            item = _call_item(call["id"], call["function"]["name"], "", "in_progress")
-            opened(key, item)
+            opened(key, _call_item(call["id"], call["function"]["name"], "", "in_progress"))
         if arguments := call["function"].get("arguments"):
-            event(
-                "response.function_call_arguments.delta",
-                item_id=f"fc_{_call_id(key, meta)}",
-                output_index=items.opened[key],
-                delta=arguments,
-            )
+            where = dict(item_id=f"fc_{_call_id(key, meta)}", output_index=items.opened[key])
+            found.append(_event("function_call_arguments.delta", **where, delta=arguments))
     if out.finished:
         found += _finished(out, id, request, items, meta)
     return found  # the stream numbers them (`sequence_number`)
+
+
+def _event(kind: str, **fields) -> dict[str, Any]:
+    return {"type": f"response.{kind}", **fields}
+
+
+def _at(item: dict[str, Any], k: int) -> dict[str, Any]:
+    """Where a content part's event points: its item, the item's index, the part's."""
+    return {"item_id": item["id"], "output_index": k, "content_index": 0}
 
 
 def _call_id(key: str, meta: dict) -> str:
@@ -296,48 +277,29 @@ def _finished(out, id, request, items: ItemStream, meta: dict) -> list[dict[str,
     found: list[dict[str, Any]] = []
     calls = 0
     for k, item in enumerate(final["output"]):
-        key = item["type"] if item["type"] != "function_call" else f"call{calls}"
-        if item["type"] == "function_call":
+        key = item["type"]
+        if key == "function_call":
+            key, calls = f"call{calls}", calls + 1
             if key in items.opened:  # as streamed
                 call_id = _call_id(key, meta)
                 item.update(call_id=call_id, id=f"fc_{call_id}")
-            calls += 1
         if key not in items.opened:
             items.opened[key] = k
-            found.append({"type": "response.output_item.added", "output_index": k, "item": item})
-        where = {"item_id": item["id"], "output_index": k}
+            found.append(_event("output_item.added", output_index=k, item=item))
         if item["type"] == "message":
             part = item["content"][0]
-            found.append(
-                {
-                    "type": "response.output_text.done",
-                    **where,
-                    "content_index": 0,
-                    "text": part["text"],
-                }
-            )
-            found.append(
-                {"type": "response.content_part.done", **where, "content_index": 0, "part": part}
-            )
+            found.append(_event("output_text.done", **_at(item, k), text=part["text"]))
+            found.append(_event("content_part.done", **_at(item, k), part=part))
         elif item["type"] == "reasoning":
-            part = item["content"][0]
-            found.append(
-                {
-                    "type": "response.reasoning_text.done",
-                    **where,
-                    "content_index": 0,
-                    "text": part["text"],
-                }
-            )
+            text = item["content"][0]["text"]
+            found.append(_event("reasoning_text.done", **_at(item, k), text=text))
         else:
+            where = dict(item_id=item["id"], output_index=k)
             found.append(
-                {
-                    "type": "response.function_call_arguments.done",
-                    **where,
-                    "arguments": item["arguments"],
-                }
+                _event("function_call_arguments.done", **where, arguments=item["arguments"])
             )
-        found.append({"type": "response.output_item.done", "output_index": k, "item": item})
-    kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-    found.append({"type": kind, "response": final})
+        found.append(_event("output_item.done", output_index=k, item=item))
+    found.append(
+        _event("completed" if final["status"] == "completed" else "incomplete", response=final)
+    )
     return found
