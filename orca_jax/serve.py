@@ -35,9 +35,10 @@ _AUTO_TOOLS = flags.DEFINE_bool(
 _TOOL_PARSER = flags.DEFINE_enum(
     "tool_call_parser",
     None,
-    ["hermes", "llama3_json"],
+    ["hermes", "llama3_json", "pythonic"],
     "The model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: Hermes, Qwen, "
-    "SmolLM3...) or llama3_json (a JSON object per call: Llama 3.x).",
+    "SmolLM3...), llama3_json (a JSON object per call: Llama 3.x) or pythonic "
+    "([f(a=1)]: Llama 3.2 / 4).",
 )
 _REASONING = flags.DEFINE_enum(
     "reasoning_parser",

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.server import responses
-from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser
+from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser, PythonicParser
 from orca_jax.server.tool_stream import ToolCallStream, value_end
 from orca_jax.server.tools import NamedToolChoice, ToolCalling
 from tests.test_tools import CALL, TIME, WEATHER
@@ -17,6 +17,7 @@ from tests.test_tools import CALL, TIME, WEATHER
 NAMED = NamedToolChoice.model_validate({"type": "function", "function": {"name": "weather"}})
 HERMES = ToolCalling.of([WEATHER, TIME], "auto", True, HermesParser())
 LLAMA3 = ToolCalling.of([WEATHER, TIME], "auto", True, Llama3JsonParser())
+PYTHONIC = ToolCalling.of([WEATHER, TIME], "auto", True, PythonicParser())
 REQUIRED = ToolCalling.of([WEATHER, TIME], "required", True)
 REQUIRED_ONE = ToolCalling.of([WEATHER, TIME], "required", False)
 FORCED = ToolCalling.of([WEATHER, TIME], NAMED, True)
@@ -41,6 +42,8 @@ CASES = [
     (HERMES, '<tool_call>{"name": "time", "arguments": "{\\"x\\": 1}"}</tool_call>'),
     (LLAMA3, f'<|python_tag|>{{"name": "weather", "parameters": {ODD}}}; {CALL}'),
     (LLAMA3, "The weather is fine."),
+    (PYTHONIC, '[weather(city="Pa]ris"), time()]'),  # sent whole at the end
+    (PYTHONIC, "Not a call [at all]."),
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from orca_jax.server.protocol import ChatMessage
-from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser, get_parser
+from orca_jax.server.tool_parsers import HermesParser, Llama3JsonParser, PythonicParser, get_parser
 from orca_jax.server.tools import NamedToolChoice, Tool, ToolCalling
 
 WEATHER = Tool.model_validate(
@@ -144,3 +144,34 @@ def test_auto_calls_are_read_only_for_offered_tools():
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     other = '<tool_call>{"name": "stocks", "arguments": {}}</tool_call>'
     assert auto.parse_auto(other) == (other, None)  # not offered: text
+
+
+@pytest.mark.parametrize(
+    "text,calls",
+    [
+        ('[weather(city="Paris")]', [("weather", {"city": "Paris"})]),
+        (
+            '[weather(city="Paris", days=[1, 2], opts={"metric": true}), time()]',
+            [
+                ("weather", {"city": "Paris", "days": [1, 2], "opts": {"metric": True}}),
+                ("time", {}),
+            ],
+        ),
+        (
+            "<|python_start|>[time(zone=None, offset=-2)]<|python_end|>",
+            [("time", {"zone": None, "offset": -2})],
+        ),
+        ("[weather('Paris')]", []),  # positional arguments: not a call of this format
+        ("[weather(city=get_city())]", []),  # not a literal
+        ("[]", []),
+        ("The weather is fine.", []),
+        ("[1, 2", []),
+    ],
+)
+def test_pythonic_parser(text, calls):
+    content, got = PythonicParser().parse(text)
+    assert got == calls
+    assert content == ("" if calls else text)
+    parser = PythonicParser()
+    assert parser.streamable("[wea") == 0 and parser.streamable("<|python") == 0
+    assert parser.streamable("Sure") == 4

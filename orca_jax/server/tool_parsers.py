@@ -1,7 +1,7 @@
 """Reading a model's own tool calls out of its free text (`tool_choice: "auto"`).
 
 Models write tool calls in their own syntax, so a server is told which (vLLM's
-`--tool-call-parser`). Two families cover most open models:
+`--tool-call-parser`). Three families cover most open models:
 
 - `hermes` (Hermes, Qwen, SmolLM3 and others): calls sit in
   `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (or a JSON list of such
@@ -10,6 +10,8 @@ Models write tool calls in their own syntax, so a server is told which (vLLM's
 - `llama3_json` (Llama 3.x): the whole output is the call(s), a JSON object
   `{"name": ..., "parameters": {...}}` (or `"arguments"`), several separated by `;`,
   optionally after `<|python_tag|>`.
+- `pythonic` (Llama 3.2 / 4 and others): the whole output is a Python list of calls,
+  `[get_weather(city="Paris")]`, read with Python's own `ast`.
 
 A parser says how much of a growing text is surely content (`streamable`: a stream sends
 that much as it comes and holds the rest back), where the call objects start in it
@@ -20,6 +22,7 @@ well-formed calls is content: nothing is lost.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from typing import Any, Protocol
@@ -139,7 +142,66 @@ class Llama3JsonParser:
         return "", calls
 
 
-PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (HermesParser, Llama3JsonParser)}
+class PythonicParser:
+    """Llama 3.2 / 4 style: the whole output is a Python list of calls with keyword
+    arguments, `[get_weather(city="Paris"), get_time()]` (Llama 4 may wrap it in
+    `<|python_start|>...<|python_end|>`). Its arguments are not JSON, so a stream sends the
+    calls whole at the end (`objects` finds none)."""
+
+    name = "pythonic"
+    start, end = "<|python_start|>", "<|python_end|>"
+
+    def streamable(self, text: str) -> int:
+        head = text.lstrip()
+        if not head or head.startswith("[") or self.start.startswith(head[: len(self.start)]):
+            return 0  # may be a call: hold everything back until it is known
+        return len(text)
+
+    def objects(self, text: str) -> list[int]:
+        return []
+
+    def parse(self, text: str) -> tuple[str, list[Call]]:
+        rest = text.strip()
+        if rest.startswith(self.start):
+            rest = rest[len(self.start) :].removesuffix(self.end).strip()
+        if not rest.startswith("["):
+            return text, []
+        try:
+            tree = ast.parse(rest, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            calls = [_python_call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, RecursionError):
+            return text, []
+        return "", calls
+
+
+def _python_call(node: ast.expr) -> Call:
+    """`name(key=literal, ...)` as a call (ValueError for anything else)."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        raise ValueError("not a call with keyword arguments")
+    if any(k.arg is None for k in node.keywords):  # **kwargs
+        raise ValueError("not a call with keyword arguments")
+    return node.func.id, {k.arg: _literal(k.value) for k in node.keywords}
+
+
+_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+def _literal(node: ast.expr) -> Any:
+    """A Python (or JSON-spelled: true, false, null) literal's value."""
+    if isinstance(node, ast.Name) and node.id in _NAMES:
+        return _NAMES[node.id]
+    if isinstance(node, ast.List | ast.Tuple):
+        return [_literal(x) for x in node.elts]
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+    return ast.literal_eval(node)  # numbers, strings, -1 ... (ValueError otherwise)
+
+
+PARSERS: dict[str, type[ToolParser]] = {
+    p.name: p for p in (HermesParser, Llama3JsonParser, PythonicParser)
+}
 
 
 def get_parser(name: str) -> ToolParser:
