@@ -46,6 +46,15 @@ class ToolParser(Protocol):
         """(content, calls) of a finished output; no calls: all of it is content."""
 
 
+def _unless_a_call(text: str, opener: str, tag: str) -> int:
+    """`streamable` of formats whose whole output is the calls: nothing while the text may
+    still turn out to start with `opener` or `tag`, all of it once it cannot."""
+    head = text.lstrip()
+    if not head or head.startswith(opener) or tag.startswith(head[: len(tag)]):
+        return 0
+    return len(text)
+
+
 def _call(value: Any) -> Call | None:
     """A call from a decoded JSON value, or None if it is not shaped like one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
@@ -107,10 +116,7 @@ class Llama3JsonParser:
     tag = "<|python_tag|>"
 
     def streamable(self, text: str) -> int:
-        head = text.lstrip()
-        if not head or head.startswith("{") or self.tag.startswith(head[: len(self.tag)]):
-            return 0  # may be a call: hold everything back until it is known
-        return len(text)
+        return _unless_a_call(text, "{", self.tag)
 
     def objects(self, text: str) -> list[int]:
         i = skip_space(text, 0)
@@ -152,10 +158,7 @@ class PythonicParser:
     start, end = "<|python_start|>", "<|python_end|>"
 
     def streamable(self, text: str) -> int:
-        head = text.lstrip()
-        if not head or head.startswith("[") or self.start.startswith(head[: len(self.start)]):
-            return 0  # may be a call: hold everything back until it is known
-        return len(text)
+        return _unless_a_call(text, "[", self.start)
 
     def objects(self, text: str) -> list[int]:
         return []
