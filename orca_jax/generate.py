@@ -70,8 +70,7 @@ def _generate(llm: LLM) -> None:
         seed=engine_flags.SEED.value if _TEMPERATURE.value > 0 else None,
     )
     if _CHAT.value and not _PROMPT_IDS.value and _BEAM.value:  # rendered, then searched
-        rendered = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-        prompts = [tok.encode(t, add_special_tokens=False) for t in rendered]
+        _, prompts = llm.render_chat([[{"role": "user", "content": p}] for p in prompts])
     if _BEAM.value:
         _beam_search(llm, prompts)
         return

@@ -146,6 +146,19 @@ class LLM:
 
         return beam_search(generate, tok, ids, params)
 
+    def render_chat(
+        self, messages: Sequence[Message] | Sequence[Sequence[Message]], **options
+    ) -> tuple[list[str], list[list[int]]]:
+        """One conversation, or a list of them, as the chat template renders them (with
+        `options`: `chat_template`, `add_generation_prompt`, ...): the texts, and their token
+        ids as the template wrote them (no extra special tokens)."""
+        tok = self.get_tokenizer()
+        if tok is None or (tok.chat_template is None and options.get("chat_template") is None):
+            raise ValueError("this model has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        texts = [tok.apply_chat_template(list(c), **options) for c in conversations]
+        return texts, [tok.encode(t, add_special_tokens=False) for t in texts]
+
     def chat(
         self,
         messages: Sequence[Message] | Sequence[Sequence[Message]],
@@ -166,10 +179,6 @@ class LLM:
         As in vLLM: `continue_final_message` (with `add_generation_prompt=False`) leaves
         the last message open for the model to go on; `chat_template_kwargs` and `tools`
         are passed to the template."""
-        tok = self.get_tokenizer()
-        if tok is None or (tok.chat_template is None and chat_template is None):
-            raise ValueError("this model has no chat template")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         options = dict(
             chat_template_kwargs or {},
             chat_template=chat_template,
@@ -177,8 +186,7 @@ class LLM:
             continue_final_message=continue_final_message,
             tools=tools,
         )
-        texts = [tok.apply_chat_template(list(c), **options) for c in conversations]
-        prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
+        texts, prompts = self.render_chat(messages, **options)
         outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         for out, text in zip(outs, texts, strict=True):
             out.prompt = text

@@ -124,7 +124,7 @@ class Tokenizer:
             raise ValueError("add_bos_token=True needs a bos_token_id")
         self.add_bos_token = add_bos_token
         self._texts: list[str] | None = None  # token_text's table, built at its first call
-        self._bytes: list[bytes | None] | None = None  # token_bytes(), once token_utf8 asks
+        self._bytes: list[bytes | None] | None = None  # token_bytes(), built at its first call
 
     @property
     def vocab_size(self) -> int:
@@ -156,7 +156,9 @@ class Tokenizer:
         What a token automaton (structured outputs) walks. Byte-level vocabularies map each
         character back to its byte; SentencePiece-style ones (Llama's tokenizer.json) read
         `\u2581` as a space and `<0xNN>` byte tokens as their byte. (Decoding a token alone
-        would not do: their decoders strip a leading space.)"""
+        would not do: their decoders strip a leading space.) Built once, then the same list."""
+        if self._bytes is not None:
+            return self._bytes
         backend = self.backend_tokenizer
         special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         byte_level = isinstance(backend.decoder, decoders.ByteLevel)
@@ -171,6 +173,7 @@ class Tokenizer:
                 out[i] = bytes([int(token[3:5], 16)])
             else:
                 out[i] = token.replace("\u2581", " ").encode()
+        self._bytes = out
         return out
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -193,9 +196,8 @@ class Tokenizer:
     def token_utf8(self, token_id: int) -> bytes:
         """The bytes one token stands for (a piece of a character is its own bytes, where
         `token_text` shows U+FFFD); a special token's text."""
-        if self._bytes is None:
-            self._bytes = self.token_bytes()
-        raw = self._bytes[token_id] if token_id < len(self._bytes) else None
+        table = self.token_bytes()
+        raw = table[token_id] if token_id < len(table) else None
         return self.token_text(token_id).encode() if raw is None else raw
 
     def apply_chat_template(

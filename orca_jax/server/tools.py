@@ -16,6 +16,7 @@ the server must be started with a parser for it (`tool_parsers.py`; vLLM's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import uuid
 from typing import Any, Literal
@@ -160,9 +161,9 @@ class ToolCalling:
             return text, None
         return content, [_call(name, arguments) for name, arguments in calls]
 
-    @property
+    @functools.cached_property
     def names(self) -> frozenset[str]:
-        """The offered functions' names."""
+        """The offered functions' names (built once: streams ask at every chunk)."""
         return frozenset(t.function.name for t in self.tools)
 
     @staticmethod
