@@ -32,7 +32,8 @@ class RaggedBatch:
     block_tables: jax.Array
     # i32[T] flat cache slot (page * page_size + offset) where each token's K/V is written.
     slot_mapping: jax.Array
-    # i32[R] packed row whose logits give each request's next token (its last scheduled token).
+    # i32[R] packed rows whose logits are returned, request after request: each request's
+    # last scheduled token, or (speculative decoding) its last 1 + drafts tokens; 0-padded.
     logits_indices: jax.Array
     # i32[] number of real requests; rows >= num_reqs are padding.
     num_reqs: jax.Array
@@ -116,12 +117,20 @@ def pack_arrays(
     page_size: int,
     num_tokens: int,
     num_reqs: int,
+    num_logits: np.ndarray | None = None,
 ) -> RaggedBatch:
-    """The vectorised core of `pack_batch`: pad per-request arrays to the (T, R) bucket."""
+    """The vectorised core of `pack_batch`: pad per-request arrays to the (T, R) bucket.
+
+    `num_logits` i32[n]: how many of each request's last tokens give logits (default one
+    each; more to verify drafts). R bounds their sum as well as the requests."""
     n = len(q_lens)
     total = len(token_ids)
-    if total > num_tokens or n > num_reqs:
-        raise ValueError(f"{total} tokens / {n} requests exceed bucket ({num_tokens}, {num_reqs})")
+    rows = n if num_logits is None else int(num_logits.sum())
+    if total > num_tokens or max(n, rows) > num_reqs:
+        raise ValueError(
+            f"{total} tokens / {n} requests / {rows} logits rows exceed bucket "
+            f"({num_tokens}, {num_reqs})"
+        )
     kv_lens = starts + q_lens
     bad = (q_lens < 1) | (-(-kv_lens // page_size) > num_blocks)
     if bad.any():
@@ -130,8 +139,18 @@ def pack_arrays(
             f"request {r}: {q_lens[r]} new tokens, context {kv_lens[r]}, {num_blocks[r]} pages "
             f"(needs >= 1 token and pages for its whole context)"
         )
+    if num_logits is not None and ((num_logits < 1) | (num_logits > q_lens)).any():
+        r = int(np.argmax((num_logits < 1) | (num_logits > q_lens)))
+        raise ValueError(f"request {r}: {num_logits[r]} logits rows for {q_lens[r]} tokens")
     cu = np.zeros(n + 1, np.int32)
     np.cumsum(q_lens, out=cu[1:])
+    if num_logits is None:
+        logits_indices = cu[1:] - 1
+    else:  # request r's rows: cu[r + 1] - num_logits[r], ..., cu[r + 1] - 1
+        first = np.cumsum(num_logits) - num_logits  # each request's first row of the output
+        logits_indices = np.arange(rows, dtype=np.int32) + np.repeat(
+            cu[1:] - num_logits - first, num_logits
+        )
     req_of_token = np.repeat(np.arange(n, dtype=np.int32), q_lens)
     pos = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1] - starts, q_lens)
 
@@ -155,6 +174,6 @@ def pack_arrays(
             block_tables[req_of_token, pos // page_size] * page_size + pos % page_size,
             num_tokens,
         ),
-        logits_indices=padded(cu[1:] - 1, num_reqs),
+        logits_indices=padded(logits_indices, num_reqs),
         num_reqs=np.int32(n),
     )

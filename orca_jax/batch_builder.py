@@ -66,7 +66,13 @@ class BatchBuilder:
         rows = np.fromiter((self._row(s.req_id, s.block_ids) for s in sched), np.int32, n)
         q_lens = np.fromiter((len(s.token_ids) for s in sched), np.int32, n)
         num_blocks = self._num_blocks[rows]
-        num_tokens, num_reqs, max_pages = cfg.bucket(int(q_lens.sum()), n, int(num_blocks.max()))
+        num_logits = None  # one logits row per request, unless some verifies drafts
+        if out.num_draft_tokens:
+            num_logits = np.fromiter((1 + s.num_draft_tokens for s in sched), np.int32, n)
+        num_rows = n + out.num_draft_tokens
+        num_tokens, num_reqs, max_pages = cfg.bucket(
+            int(q_lens.sum()), num_rows, int(num_blocks.max())
+        )
         return pack_arrays(
             np.fromiter(
                 itertools.chain.from_iterable(s.token_ids for s in sched),
@@ -80,4 +86,5 @@ class BatchBuilder:
             page_size=cfg.page_size,
             num_tokens=num_tokens,
             num_reqs=num_reqs,
+            num_logits=num_logits,
         )

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 from absl import flags
 
 from orca_jax import distributed
+from orca_jax.engine.speculative import SpeculativeConfig
 from orca_jax.llm import LLM
 from orca_jax.model_loader import model_config
 
@@ -69,19 +72,33 @@ _MAX_LEN = flags.DEFINE_integer(
 _MAX_TOKENS_STEP = flags.DEFINE_integer("max_num_batched_tokens", 512, "Tokens per iteration.")
 
 
+_SPECULATIVE = flags.DEFINE_string(
+    "speculative_config",
+    None,
+    'Speculative decoding as vLLM takes it, JSON: \'{"method": "ngram", '
+    '"num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 1}\'.',
+)
+
+
 flags.DEFINE_alias("max_num_seqs", "max_batch_size")  # vLLM's name
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with vLLM's dashed spellings taken too (`--max-num-seqs=8` is
-    `--max_num_seqs=8`): what `app.run(main, flags_parser=parse_flags)` uses."""
+    `--max_num_seqs=8`): what `app.run(main, flags_parser=parse_flags)` uses. A bad flag
+    ends the program with absl's one-line message (exit 1)."""
     normalized = [argv[0]]
     for arg in argv[1:]:
         if arg.startswith("--") and not arg.startswith("---"):
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
         normalized.append(arg)
-    return flags.FLAGS(normalized)
+    try:
+        return flags.FLAGS(normalized)
+    except flags.Error as e:  # as absl's own parser reports it: a line, no traceback
+        sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+        sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
 
 
 def build_llm(**overrides) -> LLM:
@@ -108,6 +125,7 @@ def build_llm(**overrides) -> LLM:
         pipeline_parallel_size=_PP.value,
         max_model_len=_MAX_LEN.value or min(2048, model_config(_MODEL.value).max_seq_len),
         max_num_batched_tokens=_MAX_TOKENS_STEP.value,
+        speculative_config=speculative_config(),
     )
     llm = LLM(_MODEL.value, **(kwargs | overrides))
     if _CHAT_TEMPLATE.value is not None:
@@ -116,6 +134,35 @@ def build_llm(**overrides) -> LLM:
             raise ValueError("--chat_template: this model has no tokenizer")
         tok.chat_template = read_template(_CHAT_TEMPLATE.value)
     return llm
+
+
+def speculative_config() -> dict | None:
+    """--speculative_config read as JSON (None when not given)."""
+    return _read_speculative(_SPECULATIVE.value)
+
+
+def _read_speculative(value: str | None) -> dict | None:
+    if not value:
+        return None
+    try:
+        spec = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--speculative_config is not JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--speculative_config must be a JSON object, got {value}")
+    SpeculativeConfig.from_dict(spec)  # its own checks
+    return spec
+
+
+def _check_speculative(value: str | None) -> bool:
+    try:
+        _read_speculative(value)
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
+flags.register_validator(_SPECULATIVE, _check_speculative)
 
 
 def read_template(value: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,6 +16,7 @@ from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.engine import Engine, unpack_prompt
 from orca_jax.engine.outputs import RequestOutput
+from orca_jax.engine.speculative import SpeculativeConfig
 from orca_jax.model_loader import load_model
 from orca_jax.scheduler import SamplingParams
 from orca_jax.tokenizer import Tokenizer
@@ -47,8 +48,13 @@ class LLM:
         dtype: str | None = None,
         attention_impl: str | None = None,
         quantization: str | None = None,
+        speculative_config: Mapping[str, Any] | SpeculativeConfig | None = None,
         **engine_args,
     ):
+        """`engine_args`: `EngineConfig` fields. `speculative_config`: vLLM's dict, e.g.
+        `{"method": "ngram", "num_speculative_tokens": 3}` (see `engine/speculative.py`)."""
+        if isinstance(speculative_config, Mapping):
+            speculative_config = SpeculativeConfig.from_dict(speculative_config)
         if params is not None:
             if config is None:
                 raise ValueError("params= needs config= (a models.ModelConfig) beside it")
@@ -68,7 +74,7 @@ class LLM:
             )
             config, params = loaded.config, loaded.params
             tok = tokenizer if isinstance(tokenizer, Tokenizer) else loaded.tokenizer
-        engine_config = EngineConfig(seed=seed, **engine_args)
+        engine_config = EngineConfig(seed=seed, speculative=speculative_config, **engine_args)
         self.engine = Engine(config, params, tok, engine_config)
 
     def get_tokenizer(self) -> Tokenizer | None:

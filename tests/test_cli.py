@@ -29,3 +29,19 @@ def test_beam_search_prints_the_best_beams_first():
     scores = [float(line.split()[1]) for line in lines]
     assert len(lines) == 3 and scores == sorted(scores, reverse=True), lines
     assert "Paris" in lines[0], lines
+
+
+def test_speculative_config_flag_keeps_the_answer():
+    question = ("--prompt=What is the capital of France?", "--chat", "--max_tokens=24")
+    plain = _run(*question)
+    spec = _run(*question, '--speculative-config={"method": "ngram", "num_speculative_tokens": 3}')
+    assert spec == plain and "Paris" in spec[-1], (spec, plain)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    bad = subprocess.run(
+        [sys.executable, "-m", "orca_jax.generate", "--prompt=hi", "--speculative_config={k: 1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr[-500:]

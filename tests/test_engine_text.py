@@ -265,3 +265,57 @@ def _run_all(engine, prompts, params):
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
     done = {o.request_id: o for o in _finish(engine)}
     return [done[i] for i in ids]
+
+
+def test_speculation_changes_no_text_stop_strings_included(tiny_with_vocab, tok):
+    """n-gram drafts (several tokens a step) give the text, tokens and finish of decoding
+    one token at a time; a stop string inside accepted drafts drops the tokens after it."""
+    from orca_jax.engine.speculative import SpeculativeConfig  # noqa: PLC0415
+
+    spec = SpeculativeConfig(num_speculative_tokens=4)
+    prompts = [" ".join(["the cat sat on the mat"] * 3), "1, 2, 3, 1, 2, 3, 1, 2,"] * 2
+    base = [
+        SamplingParams(max_tokens=30, temperature=(0.0, 1.0)[i % 2], seed=i, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
+    # Where speculation delivers several tokens at once: a stop string (the whole text up
+    # to the second token of such a delta) that ends inside one.
+    engine = _engine(tiny_with_vocab, tok, speculative=spec)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, base, strict=True)]
+    cut = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            comp = out.outputs[0]
+            first = len(comp.token_ids) - len(comp.delta_token_ids)
+            if len(comp.delta_token_ids) >= 3 and out.request_id not in cut:
+                cut[out.request_id] = first + 2  # tokens up to the delta's second
+    assert len(cut) >= 2
+    plain = _run_all(_engine(tiny_with_vocab, tok), prompts, base)
+    params = [
+        dataclasses.replace(
+            sp, stop=(tok.decode(out.token_ids[: cut[rid]]),), include_stop_str_in_output=True
+        )
+        if rid in cut
+        else sp
+        for rid, sp, out in zip(ids, base, plain, strict=True)
+    ]
+    results = []
+    for spec_config in (None, spec):
+        engine = _engine(tiny_with_vocab, tok, speculative=spec_config)
+        outs = _run_all(engine, prompts, params)
+        results.append(
+            [
+                (
+                    o.outputs[0].text,
+                    o.token_ids,
+                    o.outputs[0].finish_reason,
+                    o.outputs[0].stop_reason,
+                )
+                for o in outs
+            ]
+        )
+    assert engine.num_accepted_tokens > 0
+    assert results[1] == results[0]
+    for rid, (text, token_ids, reason, stop) in zip(ids, results[1], strict=True):
+        if rid in cut:  # cut inside the delta that brought the stop string
+            assert (len(token_ids), reason, text) == (cut[rid], "stop", stop)

@@ -93,3 +93,37 @@ def test_unsupported_gpt2_configs_are_rejected(tmp_path):
         (tmp_path / "config.json").write_text(hf_config.to_json_string())
         with pytest.raises(ValueError):
             config_from_hf_json(str(tmp_path / "config.json"))
+
+
+def test_speculative_greedy_follows_the_reference_at_every_token(tmp_path):
+    """The engine with n-gram drafts, greedy: each output token is the reference's argmax
+    given the prompt and the tokens before it (one causal pass over the whole sequence)."""
+    from orca_jax import Engine, EngineConfig, SamplingParams  # noqa: PLC0415
+    from orca_jax.engine.speculative import SpeculativeConfig  # noqa: PLC0415
+
+    hf_config = transformers.GPT2Config(**GPT2_CONFIGS["small"])
+    model, flax_params = random_flax_model(FlaxGPT2LMHeadModel, hf_config, seed=2)
+    cfg = write_checkpoint(tmp_path, hf_config, flax_to_torch_state_dict(flax_params))
+    config = EngineConfig(
+        max_batch_size=4,
+        block_size=4,
+        max_model_len=96,
+        max_num_batched_tokens=64,
+        num_kv_blocks=100,
+        speculative=SpeculativeConfig(num_speculative_tokens=4),
+        warmup=False,
+    )
+    engine = Engine(cfg, load_safetensors(str(tmp_path)), None, config)
+    rng = np.random.default_rng(0)
+    prompts = [(rng.integers(0, 256, 3).tolist() * 6)[: 8 + i] for i in range(6)]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(prompt, SamplingParams(max_tokens=40), request_id=str(i))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert engine.num_accepted_tokens > 0
+    forward = jax.jit(lambda params, ids: model(ids, params=params).logits[0])
+    for i, prompt in enumerate(prompts):
+        ids = prompt + outputs[str(i)]
+        logits = np.asarray(forward(flax_params, np.asarray([ids], np.int32)))
+        assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == outputs[str(i)], i

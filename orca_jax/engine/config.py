@@ -6,6 +6,7 @@ import dataclasses
 
 from models import ModelConfig
 from models.kv_cache import num_pages_for_memory
+from orca_jax.engine.speculative import SpeculativeConfig
 from orca_jax.runner import RunnerConfig
 from orca_jax.scheduler import SchedulerConfig
 from sharding import ParallelConfig, check_tensor_parallel, layer_ranges
@@ -33,6 +34,8 @@ class EngineConfig:
     max_logprobs: int = 0  # top log-probabilities a request may ask for
     max_logit_bias: int = 300  # biased ids per request: logit_bias, bad_words, min_tokens' stops
     seed: int = 0  # draws a seed for requests that set none
+    # Speculative decoding by n-gram lookup (orca and paged policies); None: off.
+    speculative: SpeculativeConfig | None = None
     # Compile every shape bucket at start-up. None: yes on accelerators; on the CPU, where one
     # compile of a real model takes seconds and a full warm-up minutes, buckets compile on
     # first use instead (steady state still compiles nothing once each bucket has been seen).
@@ -57,6 +60,16 @@ class EngineConfig:
         if num_blocks < 2:
             raise ValueError(f"KV cache too small: {num_blocks} blocks (need >= 2)")
         max_tokens = max(self.max_num_batched_tokens, self.max_batch_size)
+        max_rows = self.max_batch_size  # logits rows per step: one per request...
+        if self.speculative is not None:
+            if self.policy == "static":
+                raise ValueError(
+                    "speculative decoding needs an iteration-level policy (orca or paged); "
+                    "static batching is the paper's baseline and stays plain"
+                )
+            # ... and one more per draft, within the token bucket.
+            max_rows *= 1 + self.speculative.num_speculative_tokens
+        max_rows = min(max_rows, max_tokens)
         sched = SchedulerConfig(
             policy=self.policy,
             max_batch_size=self.max_batch_size,
@@ -72,7 +85,7 @@ class EngineConfig:
             num_pages=num_blocks,
             page_size=self.block_size,
             max_num_tokens=max_tokens,
-            max_num_reqs=self.max_batch_size,
+            max_num_reqs=max_rows,
             max_model_len=max_len,
             max_logit_bias=self.max_logit_bias,
         )

@@ -8,6 +8,7 @@ to the scheduler, finished requests return at once, new ones join at the next it
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from orca_jax.engine.sampling_state import SamplingState
+from orca_jax.engine.speculative import NgramIndex, accept, can_speculate
 from orca_jax.engine.token_history import TokenHistory
 from orca_jax.runner import ModelRunner, StepOutputs
 from orca_jax.sampler import SamplingMetadata
@@ -58,6 +60,7 @@ class _Tracked:
     # Per sampled token not yet delivered: (token, its logprob, its rank, the top-n ids,
     # their logprobs), made into {token id: Logprob} when delivered (`_advance`).
     pending_logprobs: list[tuple] = dataclasses.field(default_factory=list)
+    ngrams: NgramIndex | None = None  # its n-gram index, when the engine speculates
 
     @property
     def params(self) -> SamplingParams:
@@ -97,6 +100,8 @@ class Engine:
         self._grammars_lock = threading.Lock()
         self.num_iterations = 0  # batches dispatched
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: drafts verified ...
+        self.num_accepted_tokens = 0  # ... and accepted
         warmup = config.warmup if config.warmup is not None else jax.default_backend() != "cpu"
         if warmup:
             self.runner.warmup(num_top_logprobs=config.max_logprobs)
@@ -191,7 +196,11 @@ class Engine:
             # Filled in as the prompt is computed; complete with the first generated token.
             prompt_logprobs=[None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
-        self._requests[req_id] = _Tracked(output, request, sampling, detok)
+        spec = self.config.speculative  # requests that may speculate, once past min_tokens
+        ngrams = None
+        if spec is not None and can_speculate(params, params.min_tokens):
+            ngrams = NgramIndex(spec)
+        self._requests[req_id] = _Tracked(output, request, sampling, detok, ngrams=ngrams)
         if params.prompt_logprobs is not None:
             self._unscored.add(req_id)
         return req_id
@@ -270,7 +279,10 @@ class Engine:
         rows = []
         for s in batch.scheduled:
             tracked = self._requests[s.req_id]
-            rows.append(tracked.sampling.row(tracked.request, s.sample, self._history))
+            row = tracked.sampling.row(tracked.request, s.sample, self._history)
+            rows.append(row)
+            if s.num_draft_tokens:  # a row per draft: the same but for the key's step
+                rows.extend(_at_step(row, row[4] + i) for i in range(1, s.num_draft_tokens + 1))
         self.num_iterations += 1
         packed = self.batch_builder.build(batch)
         cfg = self.runner.config
@@ -332,16 +344,26 @@ class Engine:
             top = None  # the top-n ids, logprobs and ranks, fetched if some request wants them
             if device_out.prompt is not None:
                 self._record_prompt_logprobs(batch, *(np.asarray(a) for a in device_out.prompt))
-            for row, s in enumerate(batch.scheduled):
+            row = 0  # the request's first logits row: one per request, one more per draft
+            for s in batch.scheduled:
+                first, row = row, row + 1 + s.num_draft_tokens
                 if not s.sample:
                     continue
-                token = sampled[s.req_id] = tokens[row]
-                logprobs[s.req_id] = token_lp[row]
+                if s.num_draft_tokens:
+                    kept = accept(s.token_ids[-s.num_draft_tokens :], tokens[first:row])
+                    self.num_draft_tokens += s.num_draft_tokens
+                    self.num_accepted_tokens += len(kept) - 1
+                    sampled[s.req_id] = kept
+                    logprobs[s.req_id] = token_lp[first : first + len(kept)]
+                else:
+                    kept = [tokens[first]]
+                    sampled[s.req_id], logprobs[s.req_id] = kept[0], token_lp[first]
                 tracked = self._requests.get(s.req_id)
                 if tracked is None:  # aborted meanwhile
                     continue
                 try:
-                    tracked.sampling.advance(token)
+                    for token in kept:
+                        tracked.sampling.advance(token)
                 except ValueError as e:  # never expected: ends this request, not the loop
                     tracked.error = str(e)
                     refused.append(s.req_id)
@@ -353,14 +375,34 @@ class Engine:
                             for a in (device_out.top_ids, device_out.top_logprobs)
                         ]
                         ranks = np.asarray(device_out.token_ranks).tolist()
-                    tracked.pending_logprobs.append(
-                        (token, token_lp[row], ranks[row], top[0][row][:n], top[1][row][:n])
+                    tracked.pending_logprobs.extend(
+                        (token, token_lp[r], ranks[r], top[0][r][:n], top[1][r][:n])
+                        for r, token in enumerate(kept, first)
                     )
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         # Ended before the next batch is scheduled (their automaton is past use); `_emit`
         # reports them aborted.
         self.scheduler.finish_requests(refused, RequestStatus.FINISHED_ABORTED)
+        if self.config.speculative is not None:
+            self._propose(batch)
         return deltas, time.monotonic()
+
+    def _propose(self, batch: SchedulerOutput) -> None:
+        """Draft tokens for the requests of `batch` that decode on (speculative decoding):
+        at most as many as their max_tokens and the drafts' K/V slots leave room for."""
+        k = self.config.speculative.num_speculative_tokens
+        for s in batch.scheduled:
+            tracked = self._requests.get(s.req_id)
+            if tracked is None or tracked.ngrams is None or not s.sample:
+                continue
+            request = tracked.request
+            if request.status is not RequestStatus.RUNNING or request.num_uncomputed_tokens != 1:
+                continue
+            num_output = request.num_output_tokens
+            if not can_speculate(request.sampling_params, num_output):
+                continue
+            room = request.max_tokens - num_output - 1  # the last sampled token comes free
+            request.spec_token_ids = tracked.ngrams.propose(request.all_token_ids, min(k, room))
 
     def _emit(self, deltas: list[RequestDelta], now: float) -> list[RequestOutput]:
         """Second half: each delta's text, stop strings and output (`_advance`)."""
@@ -439,15 +481,11 @@ class Engine:
             # Stop strings count once min_tokens are out: they must end in the text of
             # token min_tokens or later (`floor`: the text before it; None: not reached).
             n_before = len(comp.token_ids) - len(new_ids)
-            if n_before >= params.min_tokens:
-                floor = 0
-                text = "".join([detok.push(tok) for tok in new_ids])
-            else:
-                floor = None
-                for i, tok in enumerate(new_ids):
-                    if n_before + i + 1 == params.min_tokens:
-                        floor = len(comp.text) + len(text)
-                    text += detok.push(tok)
+            pieces = [detok.push(tok) for tok in new_ids]  # each token's text
+            text = "".join(pieces)
+            floor = 0 if n_before >= params.min_tokens else None
+            if floor is None and n_before + len(new_ids) >= params.min_tokens:
+                floor = len(comp.text) + sum(map(len, pieces[: params.min_tokens - n_before - 1]))
             if finished:
                 text += detok.flush()
             stop_at = None
@@ -455,6 +493,8 @@ class Engine:
                 stop_at = _find_stop(comp.text, text, params.stop, floor)
             if stop_at is not None:
                 cut, stop = stop_at
+                if len(new_ids) > 1:  # tokens after the one completing the stop are dropped
+                    _drop_after(comp, new_ids, pieces, cut + len(stop) - len(comp.text))
                 if params.include_stop_str_in_output:
                     cut += len(stop)
                 text = text[: max(0, cut - len(comp.text))]
@@ -472,6 +512,17 @@ class Engine:
         comp.finish_reason = reason if finished else None
         out.finished = finished
         return out
+
+
+def _drop_after(comp: CompletionOutput, new_ids: list[int], pieces: list[str], end: int) -> None:
+    """Cut the new tokens (the last of `comp.token_ids`, `pieces` their texts) after the
+    first whose text reaches index `end` of the new text."""
+    keep = 1 + bisect.bisect_left(list(itertools.accumulate(map(len, pieces))), end)
+    extra = len(new_ids) - keep  # < 0: the stop ends in the text flushed at the end
+    if extra > 0:
+        del new_ids[keep:], comp.token_ids[-extra:]
+        if comp.logprobs is not None:
+            del comp.logprobs[len(comp.token_ids) :]
 
 
 def _find_stop(
@@ -508,3 +559,8 @@ def unpack_prompt(prompt: dict) -> str | Sequence[int]:
 
 _new_logprob = functools.partial(tuple.__new__, Logprob)  # Logprob((lp, rank, text)), in C
 _RANKS = range(1, 1 << 20)  # of the top tokens, in order
+
+
+def _at_step(row: tuple, step: int) -> tuple:
+    """A sampling row (plain tuple or `RowSampling`) whose key is folded with `step`."""
+    return row._replace(step=step) if hasattr(row, "_replace") else (*row[:4], step)

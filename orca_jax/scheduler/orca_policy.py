@@ -36,7 +36,8 @@ class OrcaScheduler(Scheduler):
             if len(picked) == max_batch_size or budget == 0:
                 break
             if request.req_id not in inflight:
-                num_new = request.num_uncomputed_tokens  # 1: prompts are fed whole
+                # 1 (prompts are fed whole), or more with drafts to verify, within the budget.
+                num_new = min(request.num_wanted_tokens, budget)
                 picked.append((request, num_new))
                 budget -= num_new
         admitted = self._admit_reserving(max_batch_size - len(picked), budget)

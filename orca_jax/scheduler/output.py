@@ -21,6 +21,11 @@ class ScheduledRequest:
     # True when token_ids reach the end of the known tokens, so the step must sample a next
     # token for this request; False for a non-final prefill chunk.
     sample: bool
+    # Speculative decoding: the last `num_draft_tokens` of token_ids are drafts, guesses of
+    # the tokens after the known ones. The step samples a token after each fed position from
+    # the last known one on; the sampled tokens that match the drafts are accepted, up to
+    # and including the first that does not (or one past all drafts).
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +48,8 @@ class SchedulerOutput:
     # Requests whose blocks were released since the previous schedule() (finished or
     # aborted): the runner may drop any state it keeps for them.
     finished_req_ids: list[str] = field(default_factory=list)
+    # Drafts the batch verifies (speculative decoding), summed over its requests.
+    num_draft_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -60,10 +67,11 @@ class ModelRunnerOutput:
     """What the runner returns for one batch."""
 
     batch_id: int
-    # One sampled token per request whose ScheduledRequest.sample was True.
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    # Log-probability of each sampled token, when requested.
-    logprobs: dict[str, float] | None = None
+    # The sampled token of each request whose ScheduledRequest.sample was True; for a request
+    # with drafts, a list: the accepted drafts then one more token (1 to num_draft_tokens + 1).
+    sampled_token_ids: dict[str, int | list[int]] = field(default_factory=dict)
+    # Log-probability of each sampled token (a list where the tokens are one), when requested.
+    logprobs: dict[str, float | list[float]] | None = None
 
 
 @dataclass(slots=True)

@@ -50,8 +50,12 @@ class PagedScheduler(Scheduler):
                 continue  # its next token is still on the device (n_workers > 1)
             if len(picked) == config.max_batch_size or budget == 0:
                 break
-            num_new_tokens = min(request.num_uncomputed_tokens, budget)
+            num_new_tokens = min(request.num_wanted_tokens, budget)
             while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+                if request.spec_token_ids:  # drafts are the first thing to give up
+                    request.spec_token_ids = []
+                    num_new_tokens = min(request.num_uncomputed_tokens, budget)
+                    continue
                 victim = self._pick_victim()
                 if victim.req_id in self._inflight_req_ids:
                     # The victim's batch is still on the device: this request waits for the
@@ -104,6 +108,7 @@ class PagedScheduler(Scheduler):
         self.running.remove(request)
         self.kv_cache_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.waiting.prepend(request)

@@ -67,6 +67,10 @@ class Request:
     num_preemptions: int = field(default=0, init=False)
     # Prompt tokens found in the prefix cache when it first started (not recomputed).
     num_cached_tokens: int = field(default=0, init=False)
+    # Speculative decoding: draft tokens guessed to follow the known ones, for the next
+    # iteration to verify (set by the engine while the request decodes; the scheduler feeds
+    # them after its last token and clears them once scheduled or preempted).
+    spec_token_ids: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -96,6 +100,17 @@ class Request:
     def num_uncomputed_tokens(self) -> int:
         """Known tokens whose K/V is not in the cache yet (1 for a request in decode)."""
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def num_wanted_tokens(self) -> int:
+        """Tokens the next iteration would feed: the uncomputed ones and the drafts, as many
+        as max_tokens leaves room for (each accepted draft is an output token, and one more
+        comes after them)."""
+        uncomputed = self.num_tokens - self.num_computed_tokens
+        if not self.spec_token_ids:
+            return uncomputed
+        room = self.sampling_params.max_tokens - len(self.output_token_ids) - 1
+        return uncomputed + max(0, min(len(self.spec_token_ids), room))
 
     @property
     def max_tokens(self) -> int:

@@ -65,11 +65,12 @@ class Scheduler(abc.ABC):
         self.running.remove(request)
         self._release(request)
 
-    def _delta(self, request: Request, token_id: int, logprob: float | None) -> RequestDelta | None:
-        """The streaming delta for one sampled token (None to hold it back)."""
+    def _delta(
+        self, request: Request, token_ids: list[int], logprobs: list[float] | None
+    ) -> RequestDelta | None:
+        """The streaming delta for the tokens one update() appended (None to hold it back)."""
         reason = request.finish_reason  # None while it runs
-        logprobs = None if logprob is None else [logprob]
-        return RequestDelta(request.req_id, [token_id], reason is not None, reason, logprobs)
+        return RequestDelta(request.req_id, token_ids, reason is not None, reason, logprobs)
 
     def _after_update(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Hook run at the end of every update()."""
@@ -132,15 +133,27 @@ class Scheduler(abc.ABC):
         picked, preempted = self._schedule()
         scheduled = []
         block_table = self.kv_cache_manager.block_table
-        num_tokens = 0
+        num_tokens = num_drafts = 0
         for request, num_new_tokens in picked:  # every running request, every iteration
             start = request.num_computed_tokens
             end = start + num_new_tokens
             tokens = request.all_token_ids
-            sample = end == len(tokens)  # the step reaches the last known token
+            num_draft = end - len(tokens)  # > 0: the step also feeds drafts
+            if num_draft > 0:
+                token_ids = tokens[start:] + request.spec_token_ids[:num_draft]
+                num_drafts += num_draft
+            else:
+                token_ids = tokens[start:end]
+            if request.spec_token_ids:
+                request.spec_token_ids = []  # a later iteration gets fresh ones
             scheduled.append(
                 ScheduledRequest(
-                    request.req_id, tokens[start:end], start, block_table(request.req_id), sample
+                    request.req_id,
+                    token_ids,
+                    start,
+                    block_table(request.req_id),
+                    num_draft >= 0,  # the step reaches the last known token
+                    max(num_draft, 0),
                 )
             )
             num_tokens += num_new_tokens
@@ -150,6 +163,7 @@ class Scheduler(abc.ABC):
             num_scheduled_tokens=num_tokens,
             preempted_req_ids=[r.req_id for r in preempted],
             finished_req_ids=self._released_req_ids,
+            num_draft_tokens=num_drafts,
         )
         self._next_batch_id += 1
         self._released_req_ids = []
@@ -169,8 +183,16 @@ class Scheduler(abc.ABC):
         sampled = model_output.sampled_token_ids
         logprobs = model_output.logprobs or {}
         for s in batch.scheduled:
-            if s.sample and s.req_id not in sampled and not self.requests[s.req_id].is_finished:
+            if not s.sample or self.requests[s.req_id].is_finished:
+                continue
+            if s.req_id not in sampled:
                 raise ValueError(f"no sampled token for request {s.req_id!r}")
+            tokens = sampled[s.req_id]
+            if not isinstance(tokens, int) and not 1 <= len(tokens) <= s.num_draft_tokens + 1:
+                raise ValueError(
+                    f"request {s.req_id!r}: {len(tokens)} sampled tokens for "
+                    f"{s.num_draft_tokens} drafts (1 to {s.num_draft_tokens + 1} expected)"
+                )
         del self._inflight[model_output.batch_id]
 
         outputs = []
@@ -183,19 +205,31 @@ class Scheduler(abc.ABC):
                 # Finished from outside while in flight: its token is dropped, its blocks free.
                 self._release(request)
                 continue
-            request.num_computed_tokens += len(s.token_ids)
+            if not s.sample:
+                request.num_computed_tokens += len(s.token_ids)
+                if prefix_caching:
+                    self.kv_cache_manager.cache_computed_blocks(request)
+                continue
+            token_ids, lps = sampled[s.req_id], logprobs.get(s.req_id)
+            if isinstance(token_ids, int):
+                token_ids, lps = [token_ids], None if lps is None else [lps]
+            # The K/V of the fed known tokens and of the accepted drafts is now valid.
+            computed = request.num_computed_tokens + s.num_tokens - s.num_draft_tokens
+            computed += len(token_ids) - 1
+            stop_status = None
+            for i, token_id in enumerate(token_ids):
+                request.append_output_token_id(token_id, None if lps is None else lps[i])
+                stop_status = request.check_stop()
+                if stop_status is not None:  # the tokens after a stop are dropped
+                    token_ids, lps = token_ids[: i + 1], None if lps is None else lps[: i + 1]
+                    break
+            request.num_computed_tokens = min(computed, request.num_tokens)
             if prefix_caching:
                 self.kv_cache_manager.cache_computed_blocks(request)
-            if not s.sample:
-                continue
-            token_id = sampled[s.req_id]
-            logprob = logprobs.get(s.req_id)
-            request.append_output_token_id(token_id, logprob)
-            stop_status = request.check_stop()
             if stop_status is not None:
                 request.status = stop_status
                 self._on_finished(request)
-            delta = self._delta(request, token_id, logprob)
+            delta = self._delta(request, token_ids, lps)
             if delta is not None:
                 outputs.append(delta)
         self._after_update()

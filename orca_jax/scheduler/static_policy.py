@@ -43,7 +43,7 @@ class StaticScheduler(Scheduler):
         self.running.remove(request)
         self._done.append(request)
 
-    def _delta(self, request: Request, token_id: int, logprob: float | None) -> None:
+    def _delta(self, request: Request, token_ids: list[int], logprobs: list[float] | None) -> None:
         return None
 
     def _after_update(self) -> None:

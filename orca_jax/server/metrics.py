@@ -57,6 +57,12 @@ class ServerMetrics:
         self.prefix_hits = counter(
             "orca:prefix_cache_hits", "Of those, tokens found cached (not recomputed)."
         )
+        self.draft_tokens = counter(
+            "orca:spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified."
+        )
+        self.accepted_tokens = counter(
+            "orca:spec_decode_num_accepted_tokens", "Of those, drafts accepted."
+        )
         self._success = Counter(
             "orca:request_success",
             "Finished requests by finish reason.",
@@ -93,7 +99,13 @@ class ServerMetrics:
             self.iterations.inc()
         totals = self._totals()
         for counter, now, before in zip(
-            (self.preemptions, self.prefix_queries, self.prefix_hits),
+            (
+                self.preemptions,
+                self.prefix_queries,
+                self.prefix_hits,
+                self.draft_tokens,
+                self.accepted_tokens,
+            ),
             totals,
             self._seen,
             strict=True,
@@ -120,10 +132,17 @@ class ServerMetrics:
                 self.tpot.observe(span / (len(completion.token_ids) - 1))
         self.generation_tokens.inc(generated)
 
-    def _totals(self) -> tuple[int, int, int]:
-        """The engine's running totals behind the counters (preemptions, prefix tokens)."""
-        kv = self.engine.scheduler.kv_cache_manager
-        return (self.engine.num_preemptions, kv.num_prefix_queries, kv.num_prefix_hits)
+    def _totals(self) -> tuple[int, ...]:
+        """The engine's running totals behind the counters (preemptions, prefix tokens,
+        drafts)."""
+        engine, kv = self.engine, self.engine.scheduler.kv_cache_manager
+        return (
+            engine.num_preemptions,
+            kv.num_prefix_queries,
+            kv.num_prefix_hits,
+            engine.num_draft_tokens,
+            engine.num_accepted_tokens,
+        )
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""

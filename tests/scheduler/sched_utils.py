@@ -124,7 +124,17 @@ class FakeRunner:
                 pos = s.start_pos + offset
                 self.cache[self._slot(s.block_ids, pos)] = (s.req_id, pos, token)
                 context.append(token)
-            if s.sample:
+            if s.sample and s.num_draft_tokens:  # a token after each known position...
+                known = len(context) - s.num_draft_tokens
+                tokens = [next_token(context[:n]) for n in range(known, len(context) + 1)]
+                accepted = 1  # ... kept while it matches the draft fed after it
+                while (
+                    accepted <= s.num_draft_tokens
+                    and tokens[accepted - 1] == context[known + accepted - 1]
+                ):
+                    accepted += 1
+                sampled[s.req_id] = tokens[:accepted]
+            elif s.sample:
                 sampled[s.req_id] = next_token(context)
         return ModelRunnerOutput(batch_id=output.batch_id, sampled_token_ids=sampled)
 
@@ -176,6 +186,7 @@ def drive(
     on_schedule: Callable[[SchedulerOutput, list[SchedulerOutput]], None] | None = None,
     max_steps: int = 10_000,
     runner: FakeRunner | None = None,
+    drafter: Callable[[Request], list[int]] | None = None,
 ) -> Trace:
     """Run the scheduler against a FakeRunner until everything has finished.
 
@@ -185,6 +196,8 @@ def drive(
     every schedule() sees n_workers - 1 batches in flight. `on_schedule(output, in_flight)`
     sees every batch and the batches in flight when it was made. KV invariants are checked
     after every call. Pass the `runner` that ran earlier batches to continue a run.
+    `drafter(request)` gives draft tokens (speculative decoding) to each decoding request
+    after every update().
     """
     aborts = aborts or {}
     inflight_aborts = inflight_aborts or {}
@@ -202,6 +215,10 @@ def drive(
             if delta.finished:
                 trace.finish_step[delta.req_id] = step
         check_kv_invariants(scheduler)
+        if drafter is not None:
+            for request in scheduler.running:
+                if request.num_uncomputed_tokens == 1:
+                    request.spec_token_ids = drafter(request)
 
     def abort(req_ids: Iterable[str]) -> None:
         for req_id in req_ids:

@@ -306,6 +306,30 @@ def test_prefix_caching_shows_in_usage_and_metrics():
         engine.shutdown()
 
 
+def test_speculative_decoding_behind_the_server_counts_its_drafts():
+    """An engine with n-gram drafts serves the same greedy tokens, and /metrics counts the
+    drafts verified and accepted."""
+    cfg = get_config("tiny-llama")
+    kw = dict(params=init_params(cfg, seed=1), config=cfg, block_size=4, warmup=False)
+    kw |= dict(num_kv_blocks=64, max_model_len=128)
+    plain = LLM(**kw)
+    engine = AsyncEngine(LLM(**kw, speculative_config={"num_speculative_tokens": 3}).engine)
+    prompt = [5, 6, 7, 8] * 6
+    try:
+        with TestClient(build_app(engine, "tiny")) as http:
+            body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+            choice = http.post("/v1/completions", json=body).json()["choices"][0]
+            metrics = scrape(http)
+    finally:
+        engine.shutdown()
+    ref = plain.generate([prompt], SamplingParams(max_tokens=24), use_tqdm=False)[0]
+    assert choice["token_ids"] == ref.outputs[0].token_ids
+    drafts = metrics[("orca:spec_decode_num_draft_tokens_total", ())]
+    accepted = metrics[("orca:spec_decode_num_accepted_tokens_total", ())]
+    assert drafts == engine.engine.num_draft_tokens > 0
+    assert accepted == engine.engine.num_accepted_tokens > 0
+
+
 def test_echo_prepends_the_prompt(served):
     http, client, _ = served
     prompt = "The capital of France is"
