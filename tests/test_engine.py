@@ -225,12 +225,12 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_stop_search_spans_the_delta_boundary_without_rescanning():
-    from orca_jax.engine.engine import _find_stop
+    from orca_jax.engine.stop_strings import find_stop
 
-    assert _find_stop("hello wor", "ld!", ["world"]) == (6, "world")  # starts in old text
-    assert _find_stop("abc", "def", ["cd", "ef"]) == (2, "cd")  # earliest wins
-    assert _find_stop("xx stop", "yy", ["stop"]) is None  # wholly in old text: already seen
-    assert _find_stop("", "xyz", ["y"]) == (1, "y")
+    assert find_stop("hello wor", "ld!", ["world"]) == (6, "world")  # starts in old text
+    assert find_stop("abc", "def", ["cd", "ef"]) == (2, "cd")  # earliest wins
+    assert find_stop("xx stop", "yy", ["stop"]) is None  # wholly in old text: already seen
+    assert find_stop("", "xyz", ["y"]) == (1, "y")
 
 
 @settings(max_examples=200, deadline=None)
@@ -242,7 +242,7 @@ def test_stop_search_spans_the_delta_boundary_without_rescanning():
 )
 def test_stop_search_matches_a_brute_force_scan(text, delta, stops, floor):
     """The earliest stop occurrence that ends inside the delta, past `floor`."""
-    from orca_jax.engine.engine import _find_stop
+    from orca_jax.engine.stop_strings import find_stop
 
     whole = text + delta
     found = [
@@ -252,7 +252,7 @@ def test_stop_search_matches_a_brute_force_scan(text, delta, stops, floor):
         if whole.startswith(stop, i) and i + len(stop) > len(text) and i + len(stop) > floor
     ]
     want = min(found, key=lambda f: f[0], default=None)
-    got = _find_stop(text, delta, stops, floor)
+    got = find_stop(text, delta, stops, floor)
     assert (got and got[0]) == (want and want[0])  # ties between stops: either is right
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from models import ModelConfig
 from models.kv_cache import num_pages_for_memory
 from orca_jax.engine.speculative import SpeculativeConfig
@@ -70,6 +72,18 @@ class EngineConfig:
             # ... and one more per draft, within the token bucket.
             max_rows *= 1 + self.speculative.num_speculative_tokens
         max_rows = min(max_rows, max_tokens)
+        runner = RunnerConfig(
+            num_pages=num_blocks,
+            page_size=self.block_size,
+            max_num_tokens=max_tokens,
+            max_num_reqs=max_rows,
+            max_model_len=max_len,
+            max_logit_bias=self.max_logit_bias,
+        )
+        spec = self.speculative
+        within = spec is not None and spec.within_bucket
+        if spec is not None and spec.within_bucket is None:
+            within = jax.default_backend() == "cpu"
         sched = SchedulerConfig(
             policy=self.policy,
             max_batch_size=self.max_batch_size,
@@ -80,13 +94,6 @@ class EngineConfig:
             max_model_len=max_len,
             scheduling_order=self.scheduling_order,
             enable_prefix_caching=self.enable_prefix_caching,
-        )
-        runner = RunnerConfig(
-            num_pages=num_blocks,
-            page_size=self.block_size,
-            max_num_tokens=max_tokens,
-            max_num_reqs=max_rows,
-            max_model_len=max_len,
-            max_logit_bias=self.max_logit_bias,
+            draft_token_buckets=runner.token_buckets if within else (),
         )
         return sched, runner

@@ -8,7 +8,6 @@ to the scheduler, finished requests return at once, new ones join at the next it
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import functools
@@ -29,6 +28,7 @@ from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from orca_jax.engine.sampling_state import SamplingState
 from orca_jax.engine.speculative import NgramIndex, accept, can_speculate
+from orca_jax.engine.stop_strings import drop_after, find_stop
 from orca_jax.engine.token_history import TokenHistory
 from orca_jax.runner import ModelRunner, StepOutputs
 from orca_jax.sampler import SamplingMetadata
@@ -490,11 +490,11 @@ class Engine:
                 text += detok.flush()
             stop_at = None
             if text and params.stop and floor is not None:
-                stop_at = _find_stop(comp.text, text, params.stop, floor)
+                stop_at = find_stop(comp.text, text, params.stop, floor)
             if stop_at is not None:
                 cut, stop = stop_at
                 if len(new_ids) > 1:  # tokens after the one completing the stop are dropped
-                    _drop_after(comp, new_ids, pieces, cut + len(stop) - len(comp.text))
+                    drop_after(comp, new_ids, pieces, cut + len(stop) - len(comp.text))
                 if params.include_stop_str_in_output:
                     cut += len(stop)
                 text = text[: max(0, cut - len(comp.text))]
@@ -512,40 +512,6 @@ class Engine:
         comp.finish_reason = reason if finished else None
         out.finished = finished
         return out
-
-
-def _drop_after(comp: CompletionOutput, new_ids: list[int], pieces: list[str], end: int) -> None:
-    """Cut the new tokens (the last of `comp.token_ids`, `pieces` their texts) after the
-    first whose text reaches index `end` of the new text."""
-    keep = 1 + bisect.bisect_left(list(itertools.accumulate(map(len, pieces))), end)
-    extra = len(new_ids) - keep  # < 0: the stop ends in the text flushed at the end
-    if extra > 0:
-        del new_ids[keep:], comp.token_ids[-extra:]
-        if comp.logprobs is not None:
-            del comp.logprobs[len(comp.token_ids) :]
-
-
-def _find_stop(
-    text: str, delta: str, stops: Sequence[str], floor: int = 0
-) -> tuple[int, str] | None:
-    """Earliest stop string ending inside the new text, and after index `floor` of text +
-    delta: (its index in text + delta, the stop).
-
-    Only the last `len(stop) - 1` characters of the old text are searched again, so the cost
-    per iteration does not grow with the output.
-    """
-    if not stops or not delta:
-        return None
-    best = None
-    for stop in stops:
-        if stop[-1] not in delta:  # a stop ending in the new text ends with one of its chars
-            continue
-        keep = min(len(text), len(stop) - 1)
-        start = max(0, floor - len(stop) + 1 - (len(text) - keep))
-        i = (text[len(text) - keep :] + delta).find(stop, start)
-        if i >= 0 and (best is None or len(text) - keep + i < best[0]):
-            best = (len(text) - keep + i, stop)
-    return best
 
 
 def unpack_prompt(prompt: dict) -> str | Sequence[int]:

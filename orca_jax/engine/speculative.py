@@ -33,12 +33,18 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up
     prompt_lookup_min: int = 1  # shortest suffix n-gram looked up
     method: str = "ngram"
+    # Drafts only fill the padding of the token bucket a step's other tokens need, so no
+    # step grows for them: right where compute bounds the step (a CPU); elsewhere a larger
+    # bucket costs little and drafts take what they need. None: True on a CPU backend.
+    within_bucket: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.within_bucket not in (None, True, False):
+            raise ValueError(f"within_bucket must be a bool, got {self.within_bucket!r}")
         if self.method != "ngram":
             raise ValueError(f"speculative method {self.method!r} is not supported (ngram only)")
         if self.num_speculative_tokens < 1:

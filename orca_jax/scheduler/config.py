@@ -35,6 +35,10 @@ class SchedulerConfig:
     scheduling_order: Order = "fcfs"
     # Reuse the K/V of full blocks whose whole prefix an earlier request computed (paged).
     enable_prefix_caching: bool = False
+    # Speculative decoding: when set (the runner's token buckets, ascending), a batch's
+    # drafts only fill the padding of the bucket its other tokens need, first requests
+    # first, so no step grows for them (what a compute-bound device wants).
+    draft_token_buckets: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.policy not in ("orca", "paged", "static"):

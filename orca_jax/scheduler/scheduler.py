@@ -131,6 +131,8 @@ class Scheduler(abc.ABC):
                 f"{self.config.n_workers}); call update() before schedule()"
             )
         picked, preempted = self._schedule()
+        if self.config.draft_token_buckets:
+            picked = self._drafts_within_bucket(picked)
         scheduled = []
         block_table = self.kv_cache_manager.block_table
         num_tokens = num_drafts = 0
@@ -236,6 +238,22 @@ class Scheduler(abc.ABC):
         outputs.extend(self._pending_outputs)
         self._pending_outputs = []
         return outputs
+
+    def _drafts_within_bucket(self, picked: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Cut drafts to the padding of the token bucket the known tokens need (first
+        requests keep theirs first); blocks allocated for the cut ones are used later."""
+        known = [min(n, r.num_uncomputed_tokens) for r, n in picked]
+        total = sum(known)
+        if sum(n for _, n in picked) == total:
+            return picked  # no drafts
+        buckets = self.config.draft_token_buckets
+        spare = next((b for b in buckets if b >= total), total) - total
+        out = []
+        for (request, n), k in zip(picked, known, strict=True):
+            drafts = min(n - k, spare)
+            spare -= drafts
+            out.append((request, k + drafts))
+        return out
 
     # ---- helpers for policies --------------------------------------------------------------
 

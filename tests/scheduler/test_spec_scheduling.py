@@ -37,6 +37,15 @@ def drafter(k: int, seed: int = 0):
     return draft
 
 
+def decoding(policy: str, **params):
+    """A scheduler with one request past its prefill (one token out), in decode."""
+    scheduler = create_scheduler(policy)
+    (request,) = create_requests(1, **params)
+    scheduler.add_request(request)
+    scheduler.update(FakeRunner(4).run(scheduler.schedule()))
+    return scheduler, request
+
+
 CASES = [
     ("orca", {}),
     ("orca", {"n_workers": 2}),
@@ -45,6 +54,7 @@ CASES = [
     ("paged", {"n_workers": 2}),
     ("paged", {"num_blocks": 12, "max_num_batched_tokens": 8}),  # preemptions
     ("paged", {"enable_prefix_caching": True}),
+    ("paged", {"draft_token_buckets": (8, 16, 64)}),  # drafts only fill padding
 ]
 
 
@@ -95,10 +105,7 @@ def test_a_stop_among_accepted_drafts_drops_the_tokens_after_it():
 
 
 def test_drafts_never_exceed_max_tokens():
-    scheduler = create_scheduler("orca")
-    (request,) = create_requests(1, max_tokens=3)
-    scheduler.add_request(request)
-    scheduler.update(FakeRunner(4).run(scheduler.schedule()))
+    scheduler, request = decoding("orca", max_tokens=3)
     request.spec_token_ids = [1, 2, 3, 4, 5]
     (s,) = scheduler.schedule().scheduled
     assert s.num_draft_tokens == 1  # 1 output so far: one draft and one more token make 3
@@ -118,14 +125,11 @@ def test_paged_gives_up_drafts_before_preempting():
 
 
 def test_a_wrong_number_of_tokens_is_refused_changing_nothing():
-    scheduler = create_scheduler("orca")
-    (request,) = create_requests(1, max_tokens=10)
-    scheduler.add_request(request)
-    scheduler.update(FakeRunner(4).run(scheduler.schedule()))
+    scheduler, request = decoding("orca", max_tokens=10)
     request.spec_token_ids = [7, 8]
     out = scheduler.schedule()
     computed = request.num_computed_tokens
-    with pytest.raises(ValueError, match="3 sampled tokens for 2 drafts|4 sampled tokens"):
+    with pytest.raises(ValueError, match="4 sampled tokens for 2 drafts"):
         scheduler.update(ModelRunnerOutput(out.batch_id, {request.req_id: [1, 2, 3, 4]}))
     assert request.num_computed_tokens == computed and scheduler.num_inflight_batches == 1
     (delta,) = scheduler.update(ModelRunnerOutput(out.batch_id, {request.req_id: [7, 9]}))
@@ -134,10 +138,22 @@ def test_a_wrong_number_of_tokens_is_refused_changing_nothing():
 
 
 def test_static_batching_feeds_no_drafts():
-    scheduler = create_scheduler("static")
-    (request,) = create_requests(1, max_tokens=6)
-    scheduler.add_request(request)
-    scheduler.update(FakeRunner(4).run(scheduler.schedule()))
+    scheduler, request = decoding("static", max_tokens=6)
     request.spec_token_ids = [1, 2]
     (s,) = scheduler.schedule().scheduled
     assert s.num_draft_tokens == 0 and s.num_tokens == 1
+
+
+def test_drafts_fill_only_the_padding_of_the_bucket_known_tokens_need():
+    scheduler = create_scheduler("orca", draft_token_buckets=(4, 8, 16))
+    requests = create_requests(3, max_tokens=10)
+    for r in requests:
+        scheduler.add_request(r)
+    runner = FakeRunner(4)
+    scheduler.update(runner.run(scheduler.schedule()))
+    for r in requests:
+        r.spec_token_ids = [1, 2, 3]
+    out = scheduler.schedule()  # 3 known tokens: bucket 4, so one draft, the first request's
+    assert [s.num_draft_tokens for s in out.scheduled] == [1, 0, 0]
+    assert out.num_scheduled_tokens == 4
+    scheduler.update(runner.run(out))
