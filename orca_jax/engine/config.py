@@ -80,9 +80,8 @@ class EngineConfig:
             max_model_len=max_len,
             max_logit_bias=self.max_logit_bias,
         )
-        spec = self.speculative
-        within = spec is not None and spec.within_bucket
-        if spec is not None and spec.within_bucket is None:
+        within = self.speculative is not None and self.speculative.within_bucket
+        if within is None:  # the default: where compute bounds a step
             within = jax.default_backend() == "cpu"
         sched = SchedulerConfig(
             policy=self.policy,

@@ -355,15 +355,19 @@ class Engine:
                     self.num_accepted_tokens += len(kept) - 1
                     sampled[s.req_id] = kept
                     logprobs[s.req_id] = token_lp[first : first + len(kept)]
-                else:
-                    kept = [tokens[first]]
-                    sampled[s.req_id], logprobs[s.req_id] = kept[0], token_lp[first]
+                else:  # one token, no list: this runs for every request every iteration
+                    kept = None
+                    token = sampled[s.req_id] = tokens[first]
+                    logprobs[s.req_id] = token_lp[first]
                 tracked = self._requests.get(s.req_id)
                 if tracked is None:  # aborted meanwhile
                     continue
                 try:
-                    for token in kept:
+                    if kept is None:
                         tracked.sampling.advance(token)
+                    else:
+                        for token in kept:
+                            tracked.sampling.advance(token)
                 except ValueError as e:  # never expected: ends this request, not the loop
                     tracked.error = str(e)
                     refused.append(s.req_id)
@@ -377,7 +381,7 @@ class Engine:
                         ranks = np.asarray(device_out.token_ranks).tolist()
                     tracked.pending_logprobs.extend(
                         (token, token_lp[r], ranks[r], top[0][r][:n], top[1][r][:n])
-                        for r, token in enumerate(kept, first)
+                        for r, token in enumerate(kept or (token,), first)
                     )
         deltas = self.scheduler.update(ModelRunnerOutput(batch.batch_id, sampled, logprobs))
         # Ended before the next batch is scheduled (their automaton is past use); `_emit`
@@ -389,7 +393,7 @@ class Engine:
 
     def _propose(self, batch: SchedulerOutput) -> None:
         """Draft tokens for the requests of `batch` that decode on (speculative decoding):
-        at most as many as their max_tokens and the drafts' K/V slots leave room for."""
+        at most k, and as many as their max_tokens leaves room for."""
         k = self.config.speculative.num_speculative_tokens
         for s in batch.scheduled:
             tracked = self._requests.get(s.req_id)
@@ -398,11 +402,10 @@ class Engine:
             request = tracked.request
             if request.status is not RequestStatus.RUNNING or request.num_uncomputed_tokens != 1:
                 continue
-            num_output = request.num_output_tokens
-            if not can_speculate(request.sampling_params, num_output):
+            if not can_speculate(request.sampling_params, request.num_output_tokens):
                 continue
-            room = request.max_tokens - num_output - 1  # the last sampled token comes free
-            request.spec_token_ids = tracked.ngrams.propose(request.all_token_ids, min(k, room))
+            slots = min(k, request.num_draft_slots)
+            request.spec_token_ids = tracked.ngrams.propose(request.all_token_ids, slots)
 
     def _emit(self, deltas: list[RequestDelta], now: float) -> list[RequestOutput]:
         """Second half: each delta's text, stop strings and output (`_advance`)."""

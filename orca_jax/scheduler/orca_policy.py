@@ -37,7 +37,9 @@ class OrcaScheduler(Scheduler):
                 break
             if request.req_id not in inflight:
                 # 1 (prompts are fed whole), or more with drafts to verify, within the budget.
-                num_new = min(request.num_wanted_tokens, budget)
+                num_new = request.num_wanted_tokens
+                if num_new > budget:
+                    num_new = budget
                 picked.append((request, num_new))
                 budget -= num_new
         admitted = self._admit_reserving(max_batch_size - len(picked), budget)

@@ -103,14 +103,18 @@ class Request:
 
     @property
     def num_wanted_tokens(self) -> int:
-        """Tokens the next iteration would feed: the uncomputed ones and the drafts, as many
-        as max_tokens leaves room for (each accepted draft is an output token, and one more
-        comes after them)."""
-        uncomputed = self.num_tokens - self.num_computed_tokens
+        """Tokens the next iteration would feed: the uncomputed ones and the drafts (as many
+        as `num_draft_slots`)."""
+        uncomputed = len(self._all_token_ids) - self.num_computed_tokens
         if not self.spec_token_ids:
             return uncomputed
-        room = self.sampling_params.max_tokens - len(self.output_token_ids) - 1
-        return uncomputed + max(0, min(len(self.spec_token_ids), room))
+        return uncomputed + min(len(self.spec_token_ids), self.num_draft_slots)
+
+    @property
+    def num_draft_slots(self) -> int:
+        """Drafts max_tokens leaves room for: each accepted one is an output token, and one
+        more token comes after them."""
+        return max(0, self.sampling_params.max_tokens - len(self.output_token_ids) - 1)
 
     @property
     def max_tokens(self) -> int:

@@ -140,22 +140,17 @@ class Scheduler(abc.ABC):
             start = request.num_computed_tokens
             end = start + num_new_tokens
             tokens = request.all_token_ids
-            num_draft = end - len(tokens)  # > 0: the step also feeds drafts
-            if num_draft > 0:
-                token_ids = tokens[start:] + request.spec_token_ids[:num_draft]
-                num_drafts += num_draft
-            else:
-                token_ids = tokens[start:end]
-            if request.spec_token_ids:
+            sample = end >= len(tokens)  # the step reaches the last known token
+            token_ids = tokens[start:end]
+            drafts = 0
+            if request.spec_token_ids:  # fed after the known tokens, if the step reaches them
+                drafts = max(0, end - len(tokens))
+                token_ids += request.spec_token_ids[:drafts]
                 request.spec_token_ids = []  # a later iteration gets fresh ones
+                num_drafts += drafts
             scheduled.append(
                 ScheduledRequest(
-                    request.req_id,
-                    token_ids,
-                    start,
-                    block_table(request.req_id),
-                    num_draft >= 0,  # the step reaches the last known token
-                    max(num_draft, 0),
+                    request.req_id, token_ids, start, block_table(request.req_id), sample, drafts
                 )
             )
             num_tokens += num_new_tokens
@@ -185,12 +180,13 @@ class Scheduler(abc.ABC):
         sampled = model_output.sampled_token_ids
         logprobs = model_output.logprobs or {}
         for s in batch.scheduled:
-            if not s.sample or self.requests[s.req_id].is_finished:
+            if not s.sample:
                 continue
-            if s.req_id not in sampled:
-                raise ValueError(f"no sampled token for request {s.req_id!r}")
-            tokens = sampled[s.req_id]
-            if not isinstance(tokens, int) and not 1 <= len(tokens) <= s.num_draft_tokens + 1:
+            tokens = sampled.get(s.req_id)
+            if tokens is None:
+                if not self.requests[s.req_id].is_finished:
+                    raise ValueError(f"no sampled token for request {s.req_id!r}")
+            elif not isinstance(tokens, int) and not 1 <= len(tokens) <= s.num_draft_tokens + 1:
                 raise ValueError(
                     f"request {s.req_id!r}: {len(tokens)} sampled tokens for "
                     f"{s.num_draft_tokens} drafts (1 to {s.num_draft_tokens + 1} expected)"
@@ -213,19 +209,13 @@ class Scheduler(abc.ABC):
                     self.kv_cache_manager.cache_computed_blocks(request)
                 continue
             token_ids, lps = sampled[s.req_id], logprobs.get(s.req_id)
-            if isinstance(token_ids, int):
-                token_ids, lps = [token_ids], None if lps is None else [lps]
-            # The K/V of the fed known tokens and of the accepted drafts is now valid.
-            computed = request.num_computed_tokens + s.num_tokens - s.num_draft_tokens
-            computed += len(token_ids) - 1
-            stop_status = None
-            for i, token_id in enumerate(token_ids):
-                request.append_output_token_id(token_id, None if lps is None else lps[i])
+            if isinstance(token_ids, int):  # one token (every request, every iteration)
+                request.num_computed_tokens += len(s.token_ids)
+                request.append_output_token_id(token_ids, lps)
                 stop_status = request.check_stop()
-                if stop_status is not None:  # the tokens after a stop are dropped
-                    token_ids, lps = token_ids[: i + 1], None if lps is None else lps[: i + 1]
-                    break
-            request.num_computed_tokens = min(computed, request.num_tokens)
+                token_ids, lps = [token_ids], None if lps is None else [lps]
+            else:  # verified drafts: several tokens
+                token_ids, lps, stop_status = self._append_verified(request, s, token_ids, lps)
             if prefix_caching:
                 self.kv_cache_manager.cache_computed_blocks(request)
             if stop_status is not None:
@@ -238,6 +228,25 @@ class Scheduler(abc.ABC):
         outputs.extend(self._pending_outputs)
         self._pending_outputs = []
         return outputs
+
+    @staticmethod
+    def _append_verified(
+        request: Request, s, token_ids: list[int], lps: list[float] | None
+    ) -> tuple[list[int], list[float] | None, RequestStatus | None]:
+        """Append a verification step's tokens (the accepted drafts, then one more) one by
+        one; a stop drops the rest. Returns the tokens kept, their logprobs, the stop."""
+        # The K/V of the fed known tokens and of the accepted drafts is now valid.
+        computed = request.num_computed_tokens + s.num_tokens - s.num_draft_tokens
+        computed += len(token_ids) - 1
+        stop_status = None
+        for i, token_id in enumerate(token_ids):
+            request.append_output_token_id(token_id, None if lps is None else lps[i])
+            stop_status = request.check_stop()
+            if stop_status is not None:
+                token_ids, lps = token_ids[: i + 1], None if lps is None else lps[: i + 1]
+                break
+        request.num_computed_tokens = min(computed, request.num_tokens)
+        return token_ids, lps, stop_status
 
     def _drafts_within_bucket(self, picked: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
         """Cut drafts to the padding of the token bucket the known tokens need (first
