@@ -55,6 +55,7 @@ class Case:
     page_size: int = 16
     decode_only: bool = False
     sweep: bool = False  # also time the tuning variants in SWEEP
+    cache_dtype: str | None = None  # an fp8 type: the cache holds its bits (kv_cache_dtype)
 
 
 def _decode(name, n, ctx, **kw):
@@ -76,6 +77,7 @@ def cases(small: bool) -> list[Case]:
             _mixed("mixed 2 prefills + 3x40", 3, 40, prompts=(24, 9), bucket=16, **kw),
             Case("prefill 2x32", (32, 32), (32, 32), 64, 2, **kw),
             _decode("gqa decode 4x40 (N=6,K=2)", 4, 40, heads=6, kv_heads=2, head_dim=32),
+            _decode("decode 4x40, fp8 cache", 4, 40, cache_dtype="float8_e4m3fn", **kw),
         ]
     smol = dict(heads=9, kv_heads=3)
     # Most-wanted first (the goals), so a cut-short run still answers them.
@@ -84,6 +86,7 @@ def cases(small: bool) -> list[Case]:
         _mixed("mixed 3 prefills + 125x512", 125, 512),
         _decode("smollm2 decode 128x512 (N=9,K=3)", 128, 512, **smol),
         _mixed("smollm2 mixed 3 prefills + 125x512", 125, 512, **smol),
+        _decode("decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn"),
         Case("prefill 8x512", (512,) * 8, (512,) * 8, 4096, 8),
         _decode("decode 32x256", 32, 256, sweep=True),
     ]
@@ -117,6 +120,7 @@ def make_batch(case: Case, seed: int, num_layers: int) -> Batch:
         dtype=jnp.bfloat16,
         num_layers=num_layers,
         device_cache=True,
+        cache_dtype=case.cache_dtype,
     )
 
 
@@ -175,9 +179,13 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
     sm_scale = case.head_dim**-0.5
     args = [jnp.asarray(a) for a in batch.args()]
     arg_sets = [tuple(args[:3]) + (jnp.int32(layer),) + tuple(args[4:]) for layer in range(layers)]
-    ref_fn = functools.partial(ragged_paged_attention_ref, sm_scale=sm_scale)
+    ref_fn = functools.partial(
+        ragged_paged_attention_ref, sm_scale=sm_scale, cache_dtype=case.cache_dtype
+    )
     ref = ref_fn(*batch.args())
-    ours = functools.partial(ragged_paged_attention, sm_scale=sm_scale)
+    ours = functools.partial(
+        ragged_paged_attention, sm_scale=sm_scale, cache_dtype=case.cache_dtype
+    )
     poisoned = [jnp.asarray(a) for a in batch.poisoned().args()]
     err = rel_error(ours(*poisoned), ref, n)
     kv_bytes = batch.kv_bytes()
@@ -205,7 +213,7 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
                     t=time_calls(fn, arg_sets, iters, reps),
                 )
             )
-    if case.decode_only:
+    if case.decode_only and case.cache_dtype is None:
         ship = functools.partial(
             shipped.paged_attention,
             pages_per_compute_block=4,
@@ -240,7 +248,8 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
 def table(rows: list[dict], copy_bw: float, device: str) -> str:
     lines = [
         f"Device: {device}. Copy bandwidth (bf16 read+write, same run): {copy_bw / 1e9:.0f} "
-        "GB/s. bf16 inputs. KV GB/s: K/V bytes the batch must read / time; x byte floor: "
+        "GB/s. bf16 inputs (an fp8 cache where named). KV GB/s: K/V bytes the batch must "
+        "read / time; x byte floor: "
         "time / ((K/V + q + out bytes) / copy bandwidth).",
         "",
         "| case | kernel | time (us) | host us/call | KV GB/s | % of copy BW | x byte floor "

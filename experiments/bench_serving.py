@@ -34,6 +34,12 @@ from orca_jax.workload import azure_trace, poisson
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
+_KV_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype",
+    "auto",
+    ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    "KV cache element type (fp8: twice bf16's tokens per byte; real runs and --simulate).",
+)
 _POLICIES = flags.DEFINE_list(
     "policies",
     ["orca", "static:8", "paged"],
@@ -124,7 +130,7 @@ def run_point(model, params, policy: str, workload) -> dict:
 
 def main(argv):
     del argv
-    model = get_config(_MODEL.value, dtype=_DTYPE.value)
+    model = get_config(_MODEL.value, dtype=_DTYPE.value, kv_cache_dtype=_KV_DTYPE.value)
     params = None if _SIMULATE.value else init_params(model, seed=0)
     lo_p, hi_p = map(int, _PROMPT.value)
     lo_o, hi_o = map(int, _OUTPUT.value)

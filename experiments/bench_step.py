@@ -26,6 +26,9 @@ _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
 _ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.")
 _QUANT = flags.DEFINE_enum("quantization", None, ["int8"], "Weight-only int8 layer kernels.")
+_KV_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], "KV cache element type."
+)
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
     "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
@@ -83,7 +86,7 @@ def main(argv):
     emit(
         [
             f"device: {jax.devices()[0].device_kind}, dtype {_DTYPE.value}"
-            f"{', int8 weights' if _QUANT.value else ''}, attention "
+            f"{', int8 weights' if _QUANT.value else ''}, kv cache {_KV_DTYPE.value}, attention "
             f"{_ATTN.value}, page {page}, decode context {_CONTEXT.value}",
             "",
             "| model | case | T | ms/step | tokens/s |",
@@ -92,7 +95,11 @@ def main(argv):
     )
     for name in _MODELS.value:
         cfg = get_config(
-            name, dtype=_DTYPE.value, attention_impl=_ATTN.value, quantization=_QUANT.value
+            name,
+            dtype=_DTYPE.value,
+            attention_impl=_ATTN.value,
+            quantization=_QUANT.value,
+            kv_cache_dtype=_KV_DTYPE.value,
         )
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
@@ -114,7 +121,11 @@ def floor_rows(page: int) -> list[str]:
     """R decoding requests of context C: step time vs its memory-bandwidth floor."""
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
     cfg = get_config(
-        name, dtype=_DTYPE.value, attention_impl=_ATTN.value, quantization=_QUANT.value
+        name,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTN.value,
+        quantization=_QUANT.value,
+        kv_cache_dtype=_KV_DTYPE.value,
     )
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(reqs, ctx, page)
@@ -126,7 +137,8 @@ def floor_rows(page: int) -> list[str]:
     bw = copy_bandwidth()
     floor = (weight_bytes + kv_bytes) / bw
     return [
-        f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} {_ATTN.value} "
+        f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
+        f"{_ATTN.value} "
         f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",

@@ -15,6 +15,7 @@
 #   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
 #      (calibration.json), if time is left
 #   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
+#   8. the gpt2 step over an fp8 KV cache (kv_cache_dtype=fp8) against its floor, if time is left
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
@@ -70,6 +71,9 @@ stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtyp
 stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
   --quantization=int8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
   --floor_first --out "$OUT/step_int8.md" ${STEP_FLAGS:-}
+stage step_fp8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
+  --kv_cache_dtype=fp8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
+  --floor_first --out "$OUT/step_fp8.md" ${STEP_FLAGS:-}
 
 {
   echo "--- attention (ours vs shipped vs reference)"
@@ -90,6 +94,8 @@ stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat1
   grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
   echo "--- whole step, int8 weights (pallas)"
   cat "$OUT/step_int8.md" 2>/dev/null || tail -5 "$OUT/step_int8.log" 2>/dev/null
+  echo "--- whole step, fp8 KV cache (pallas)"
+  cat "$OUT/step_fp8.md" 2>/dev/null || tail -5 "$OUT/step_fp8.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
 (cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.sharding import Mesh
 
@@ -26,14 +28,14 @@ def resolve_attention_impl(config: ModelConfig, page_size: int) -> str:
     if impl == "pallas":
         from pallas_kernels.ragged_paged_attention import kernel
 
-        if not kernel.supports(config.head_dim, page_size, config.dtype):
+        if not kernel.supports(config.head_dim, page_size, config.dtype, config.cache_dtype):
             return "reference"
     return impl
 
 
 def paged_attention(
     q: jax.Array,  # [T, N, H]
-    k_cache: jax.Array,  # [L, K, P, S, H], this step's K already written
+    k_cache: jax.Array,  # [L, K, P, S, H], this step's K already written (fp8: u8 bits)
     v_cache: jax.Array,  # [L, K, P, S, H]
     layer: jax.Array,  # i32[]
     batch: RaggedBatch,
@@ -65,6 +67,8 @@ def paged_attention(
         fn = kernel.ragged_paged_attention
     else:
         raise ValueError(f"unknown attention_impl {impl!r}")
+    if config.kv_cache_dtype != "auto":  # the cache holds fp8 bits
+        fn = functools.partial(fn, cache_dtype=config.cache_dtype)
     if mesh is not None:
         fn = shard_over_heads(fn, mesh)
     return fn(*args, sm_scale=sm_scale)

@@ -15,6 +15,12 @@ PositionEmbedding = Literal["learned", "rope"]
 # "auto": per backend, whichever measured faster there (models/attention.py, AUTO_ATTENTION).
 AttentionImpl = Literal["auto", "reference", "pallas"]
 Quantization = Literal["int8"] | None  # weight-only, per output channel (models/quantize.py)
+# The KV cache's element type (vLLM's --kv-cache-dtype): "auto" is the model's dtype; the fp8
+# kinds store K/V in 8 bits (half of bf16's bytes, so twice the tokens per GiB) and attention
+# widens them to the compute dtype as it reads. "fp8" means fp8_e4m3.
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +47,16 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: AttentionImpl = "auto"
     quantization: Quantization = None
+    kv_cache_dtype: KVCacheDtype = "auto"
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or int8; got {self.quantization!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be auto, {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.attention_impl not in ("auto", "reference", "pallas"):
             raise ValueError(
                 f"attention_impl must be auto, reference or pallas; got {self.attention_impl!r}"
@@ -85,10 +97,15 @@ class ModelConfig:
         head = 0 if self.tie_embeddings else D * self.vocab_size
         return L * per_layer + embed + norm + head
 
+    @property
+    def cache_dtype(self) -> str:
+        """The KV cache's element type: the model's dtype, or an fp8 kind."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype, self.dtype)
+
     def kv_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
-        """Bytes of K and V one token occupies across all layers."""
+        """Bytes of K and V one token occupies across all layers (in the cache's dtype)."""
         if dtype_bytes is None:
-            dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+            dtype_bytes = _DTYPE_BYTES[self.cache_dtype]
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 
 

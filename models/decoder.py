@@ -20,6 +20,7 @@ from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import Params, dense, mlp, norm, rope
 from models.quantize import quantize_params
+from pallas_kernels.ragged_paged_attention import cache_codec
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -104,10 +105,12 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
     return treedef.unflatten([init(p, s, k) for (p, s), k in zip(leaves, keys, strict=True)])
 
 
-def _write_kv(cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+def _write_kv(
+    cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array, cache_dtype: str
+) -> jax.Array:
     """Scatter new K or V rows [T, K, H] into layer `layer` of cache [L, K, P, S, H]."""
     S = cache.shape[3]
-    return cache.at[layer, :, slots // S, slots % S].set(new.astype(cache.dtype))
+    return cache.at[layer, :, slots // S, slots % S].set(cache_codec.encode(new, cache_dtype))
 
 
 def embed(params: Params, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
@@ -138,8 +141,8 @@ def decoder_layers(
         if config.position == "rope":
             q = rope(q, batch.positions, config.rope_theta)
             k = rope(k, batch.positions, config.rope_theta)
-        k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k)
-        v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v)
+        k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k, config.cache_dtype)
+        v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v, config.cache_dtype)
         attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale, mesh)  # [T,N,H]
         x = x + dense(p["o"], attn, "TNH,NHD->TD")
         x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config)

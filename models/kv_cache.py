@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from models.config import ModelConfig
+from pallas_kernels.ragged_paged_attention.cache_codec import storage_dtype
 
 
 @struct.dataclass
@@ -35,7 +36,7 @@ def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, *, shardi
     if num_pages < 2:
         raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
     shape = (config.n_layers, config.n_kv_heads, num_pages, page_size, config.head_dim)
-    zeros = lambda: jnp.zeros(shape, jnp.dtype(config.dtype), device=sharding)
+    zeros = lambda: jnp.zeros(shape, storage_dtype(config.cache_dtype), device=sharding)
     return KVCache(k=zeros(), v=zeros())
 
 

@@ -35,6 +35,13 @@ _ATTENTION = flags.DEFINE_enum(
 _QUANTIZATION = flags.DEFINE_enum(
     "quantization", None, ["int8"], "Weight-only int8 layer kernels (per output channel)."
 )
+_KV_CACHE_DTYPE = flags.DEFINE_enum(
+    "kv_cache_dtype",
+    None,
+    ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    "KV cache element type: auto (the model's dtype) or fp8 (half of bf16's bytes per token; "
+    "fp8 = fp8_e4m3).",
+)
 _POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
@@ -112,6 +119,7 @@ def build_llm(**overrides) -> LLM:
         dtype=_DTYPE.value,
         attention_impl=_ATTENTION.value,
         quantization=_QUANTIZATION.value,
+        kv_cache_dtype=_KV_CACHE_DTYPE.value,
         policy=_POLICY.value,
         max_batch_size=_MAX_BATCH.value,
         block_size=_BLOCK_SIZE.value,

@@ -29,6 +29,7 @@ def load_model(
     dtype: str | None = None,
     attention_impl: str | None = None,
     quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> LoadedModel:
     """Load a model by preset name, or from a model path (vLLM's `--model=DIR`).
 
@@ -45,6 +46,7 @@ def load_model(
       dtype: parameter/activation dtype override ("float32", "bfloat16", "float16").
       attention_impl: "auto" (the faster one on this backend), "reference" or "pallas".
       quantization: "int8" for weight-only int8 layer kernels (`models/quantize.py`).
+      kv_cache_dtype: "auto" (the model's dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2".
     """
     from models.loaders.gguf_llama import default_model_path, load_gguf
     from models.quantize import quantize_params
@@ -56,6 +58,7 @@ def load_model(
             ("dtype", dtype),
             ("attention_impl", attention_impl),
             ("quantization", quantization),
+            ("kv_cache_dtype", kv_cache_dtype),
         )
         if v
     }

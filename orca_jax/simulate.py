@@ -78,7 +78,7 @@ class CostModel:
 
     @property
     def bytes_per_param(self) -> int:
-        """Bytes per weight and per cached K/V value (the model's dtype)."""
+        """Bytes per weight (the model's dtype)."""
         return _DTYPE_BYTES[self.model.dtype]
 
     @property
@@ -93,7 +93,8 @@ class CostModel:
         return attn + mlp
 
     def kv_bytes_per_token_layer(self) -> float:
-        return 2 * self.model.n_kv_heads * self.model.head_dim * self.bytes_per_param
+        """K and V bytes of one token in one layer, in the cache's dtype (fp8: one byte)."""
+        return self.model.kv_bytes_per_token() / self.model.n_layers
 
     def kv_capacity_tokens(self, reserve_fraction: float = 0.1) -> int:
         """Tokens of K/V that fit beside the weights (all layers), keeping some memory back."""

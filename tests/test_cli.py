@@ -45,3 +45,17 @@ def test_speculative_config_flag_keeps_the_answer():
         env=env,
     )
     assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr[-500:]
+
+
+def test_kv_cache_dtype_flag():
+    lines = _run("--prompt=What is the capital of France?", "--chat", "--kv-cache-dtype=fp8")
+    assert "Paris" in lines[-1], lines
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    bad = subprocess.run(
+        [sys.executable, "-m", "orca_jax.generate", "--prompt=hi", "--kv_cache_dtype=fp4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert bad.returncode == 1 and "kv_cache_dtype" in bad.stderr, bad.stderr[-500:]

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from models import PRESETS, get_config, param_shapes
+from models import PRESETS, get_config, init_kv_cache, param_shapes
+from models.kv_cache import num_pages_for_memory
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -28,3 +29,21 @@ def test_bad_names_and_shapes_are_clear_errors():
         get_config("gpt5")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         get_config("tiny-llama", n_kv_heads=3)
+
+
+def test_kv_cache_dtype_sets_the_bytes_and_pages_per_token():
+    bf16 = get_config("smollm2-135m", dtype="bfloat16")
+    fp8 = bf16.replace(kv_cache_dtype="fp8")
+    assert (bf16.cache_dtype, fp8.cache_dtype) == ("bfloat16", "float8_e4m3fn")
+    assert fp8.replace(kv_cache_dtype="fp8_e5m2").cache_dtype == "float8_e5m2"
+    # 30 layers x 3 kv heads x 64 x (K and V): 23040 bytes per token in bf16, half in fp8.
+    assert bf16.kv_bytes_per_token() == 2 * 30 * 3 * 64 * 2 == 2 * fp8.kv_bytes_per_token()
+    fp8_gpt2 = get_config("gpt2", kv_cache_dtype="fp8")  # float32 model: a quarter
+    assert get_config("gpt2").kv_bytes_per_token() == 4 * fp8_gpt2.kv_bytes_per_token()
+    mib = 256 * 2**20
+    assert num_pages_for_memory(fp8, 16, mib) == 2 * num_pages_for_memory(bf16, 16, mib)
+    cache = init_kv_cache(fp8, num_pages=4, page_size=16)
+    assert cache.k.dtype == cache.v.dtype == np.uint8  # fp8 bits (see cache_codec)
+    assert cache.k.nbytes == 4 * 16 * fp8.kv_bytes_per_token() // 2
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto, fp8"):
+        get_config("gpt2", kv_cache_dtype="int4")

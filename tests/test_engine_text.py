@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from models import get_config, init_params
@@ -218,6 +219,24 @@ def test_llm_generate_real_smollm2_paris():
     [cont] = llm.chat(started, SamplingParams(max_tokens=4), use_tqdm=False, **opts)
     assert cont.prompt == tok.apply_chat_template(started, **opts)
     assert cont.prompt.endswith("is") and "Paris" in cont.outputs[0].text
+
+
+def test_fp8_kv_cache_real_smollm2_still_answers():
+    """SmolLM2's own weights over an fp8 KV cache (twice the tokens of bf16 per byte)."""
+    llm = LLM(
+        "smollm2-135m",
+        kv_cache_dtype="fp8",
+        policy="paged",
+        enable_prefix_caching=True,
+        max_model_len=256,
+        num_kv_blocks=32,
+        warmup=False,
+    )
+    assert llm.engine.runner.kv_cache.k.dtype == np.uint8
+    questions = ["What is the capital of France?", "What is the capital of Italy?"]
+    outs = llm.chat([[{"role": "user", "content": q}] for q in questions], use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    assert "Paris" in texts[0] and "Rome" in texts[1], texts
 
 
 @pytest.mark.parametrize(

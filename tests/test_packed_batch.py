@@ -26,9 +26,12 @@ def _pages(rng, n_total, used, n):
     return [int(p) for p in pages]
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama"])
-def test_mixed_batch_matches_each_request_alone(name):
-    cfg = get_config(name)
+@pytest.mark.parametrize(
+    "name,kv_cache_dtype", [("tiny-gpt", "auto"), ("tiny-llama", "auto"), ("tiny-llama", "fp8")]
+)
+def test_mixed_batch_matches_each_request_alone(name, kv_cache_dtype):
+    """With an fp8 cache too: each token's fp8 K/V land in its own slots, whatever the batch."""
+    cfg = get_config(name, kv_cache_dtype=kv_cache_dtype)
     params = init_params(cfg, seed=1)
     rng = np.random.default_rng(0)
     # Three prefills of different lengths; five decodes at different positions.

@@ -73,6 +73,17 @@ def test_int8_weights_halve_the_weight_bytes():
     assert gained == pytest.approx(layers, rel=0.01)
 
 
+def test_fp8_kv_cache_doubles_capacity_and_halves_the_kv_read():
+    cfg = get_config("gpt3-13b", dtype="bfloat16")
+    bf16, fp8 = CostModel(cfg, A100_40GB), CostModel(cfg.replace(kv_cache_dtype="fp8"), A100_40GB)
+    assert fp8.kv_capacity_tokens() == pytest.approx(2 * bf16.kv_capacity_tokens(), abs=1)
+    # 64 decodes of context 2048, memory-bound: per layer 0.63 GB of bf16 weights and 2.68 GB
+    # of bf16 K/V (1.34 GB in fp8), so (0.63 + 1.34) / (0.63 + 2.68) = 0.595 of the time.
+    batch = [(1, 2048)] * 64
+    ratio = fp8.stage_time(batch, last=False) / bf16.stage_time(batch, last=False)
+    assert ratio == pytest.approx(0.595, abs=0.005)
+
+
 def test_iteration_level_scheduling_beats_request_level_under_load():
     """The paper's claim, in simulation: at a rate the request-level baseline cannot keep
     up with, Orca's median normalized latency is far lower."""

@@ -28,10 +28,14 @@ def _two_steps(params, cache, batches, cfg, mesh=None):
         ("tiny-gpt", "reference", 4),
         ("tiny-llama", "reference", 2),
         ("tiny-llama", "pallas", 2),
+        ("tiny-llama", "fp8", 2),  # reference attention over an fp8 cache
     ],
 )
 def test_sharded_step_matches_one_device(name, impl, tp):
-    cfg = get_config(name, attention_impl=impl)
+    fp8 = impl == "fp8"
+    cfg = get_config(
+        name, attention_impl="reference" if fp8 else impl, kv_cache_dtype="fp8" if fp8 else "auto"
+    )
     params = init_params(cfg, seed=5)
     batches = mixed_batches(cfg, np.random.default_rng(tp))
     want, _ = _two_steps(params, init_kv_cache(cfg, NUM_PAGES, PAGE), batches, cfg)

@@ -3,7 +3,8 @@
 Same contract as `reference.py`: packed queries `q [T, N, H]` of many requests (the new
 tokens of each being the last `q_len` of its `kv_lens[r]` context) attend causally to their
 own request's K/V pages, read straight from layer `layer` of the stacked `[L, K, P, S, H]`
-cache (no per-layer slice is copied). Prefill chunks and decodes mix in one call.
+cache (no per-layer slice is copied). Prefill chunks and decodes mix in one call. The cache
+holds q's dtype, or fp8 bits as uint8 (`cache_codec`), widened in registers after each load.
 
 Design, point by point against GPU_NOTES.md:
 - Work unit: a *tile* = up to `block_q` consecutive tokens of one request times all G query
@@ -44,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.ragged_paged_attention import cache_codec
 from pallas_kernels.ragged_paged_attention import partition as part
 
 _LOG2E = math.log2(math.e)
@@ -54,7 +56,7 @@ def _attention_kernel(
     tiles_ref,  # i32[NT, 4] (request, first packed token, token count, first position)
     layer_ref,  # i32[1]
     q_ref,  # [T, N, H]
-    k_ref,  # [L, K, P, S, H]
+    k_ref,  # [L, K, P, S, H] in q's dtype, or u8 bits of `cache_dtype` (fp8)
     v_ref,  # [L, K, P, S, H]
     block_tables_ref,  # i32[R, MB]
     *refs,  # the aliased input buffers (unused here), then the outputs:
@@ -67,6 +69,7 @@ def _attention_kernel(
     scale_log2: float,
     precision: lax.Precision | None,
     num_aliased: int,
+    cache_dtype,
 ):
     out_refs = refs[num_aliased:]
     tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -118,6 +121,7 @@ def _attention_kernel(
                 k = plgpu.load(k_ref.at[idx], mask=key_ok, other=0)  # [BK, H]
             else:
                 k = k_ref[idx]
+            k = cache_codec.decode(k, cache_dtype, q.dtype)  # fp8 bits widen in registers
             s = lax.dot_general(
                 q,
                 k,
@@ -135,6 +139,7 @@ def _attention_kernel(
             p = jnp.exp2(s - m_safe[:, None])  # [M, BK]
             l = l * alpha + jnp.sum(p, axis=1)
             v = plgpu.load(v_ref.at[idx], mask=key_ok, other=0) if masked else v_ref[idx]
+            v = cache_codec.decode(v, cache_dtype, q.dtype)
             pv = lax.dot_general(
                 p.astype(v.dtype),
                 v,
@@ -182,6 +187,7 @@ def _attention_call(
     num_warps,
     num_stages,
     interpret,
+    cache_dtype,
 ):
     """One `pallas_call` over the tiles of one class; writes into `aliased` if given."""
     T, N, H = q.shape
@@ -203,6 +209,7 @@ def _attention_call(
         scale_log2=scale_log2,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
         num_aliased=len(aliased),
+        cache_dtype=cache_dtype,
     )
     return pl.pallas_call(
         kernel,
@@ -215,23 +222,31 @@ def _attention_call(
     )(*inputs)
 
 
-def _geometry_problem(head_dim: int, page_size: int, dtype) -> str | None:
-    """Why the kernel cannot take this head dim / page size / dtype, or None."""
+def _geometry_problem(head_dim: int, page_size: int, dtype, cache_dtype=None) -> str | None:
+    """Why the kernel cannot take this head dim / page size / dtypes, or None."""
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         return f"head dim must be a power of two in [16, 256] for Triton; got {head_dim}"
     if page_size not in (16, 32, 64):
         return f"page size must be 16, 32 or 64; got {page_size}"
     if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
         return f"q dtype must be one of f32, bf16, f16; got {jnp.dtype(dtype)}"
+    cache_dtype = jnp.dtype(dtype if cache_dtype is None else cache_dtype)
+    if cache_dtype != jnp.dtype(dtype) and cache_dtype not in cache_codec.FP8_DTYPES:
+        return (
+            f"cache dtype {cache_dtype} must match q dtype {jnp.dtype(dtype)} or be "
+            "float8_e4m3fn / float8_e5m2"
+        )
     return None
 
 
-def supports(head_dim: int, page_size: int, dtype) -> bool:
+def supports(head_dim: int, page_size: int, dtype, cache_dtype=None) -> bool:
     """Whether the kernel handles this geometry (what `_check_shapes` accepts of it)."""
-    return _geometry_problem(head_dim, page_size, dtype) is None
+    return _geometry_problem(head_dim, page_size, dtype, cache_dtype) is None
 
 
-def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv):
+def _check_shapes(
+    q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv, cache_dtype
+):
     """Trace-time shape and dtype checks (values are checked by `validate_metadata`)."""
     if q.ndim != 3 or k_cache.ndim != 5:
         raise ValueError(
@@ -247,12 +262,11 @@ def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, 
     R = kv_lens.shape[0]
     if Hk != H:
         raise ValueError(f"head dim of q ({H}) and of the cache ({Hk}) differ")
-    if (problem := _geometry_problem(H, S, q.dtype)) is not None:
+    cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
+    if (problem := _geometry_problem(H, S, q.dtype, cache_dtype)) is not None:
         raise ValueError(problem)
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"cache dtype {k_cache.dtype} must match q dtype {q.dtype}")
     if block_kv is not None and (block_kv < S or block_kv & (block_kv - 1)):
         raise ValueError(f"block_kv must be a power of two >= page size {S}; got {block_kv}")
     want = {
@@ -283,6 +297,7 @@ def _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, 
         "num_warps",
         "num_stages",
         "interpret",
+        "cache_dtype",
     ),
 )
 def ragged_paged_attention(
@@ -303,6 +318,7 @@ def ragged_paged_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     interpret: bool | None = None,
+    cache_dtype=None,
 ) -> jax.Array:  # [T, N, H]; rows of padding tokens are zero
     """Attention of every packed query token over its own request's paged context.
 
@@ -311,7 +327,8 @@ def ragged_paged_attention(
     (`partition.default_block_kv`); `decode_rows` / `prefill_rows` matmul rows of the
     short-query and long-query tiles; `num_kv_splits` split-K factor
     (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`. `interpret`
-    defaults to True when the default backend is the CPU.
+    defaults to True when the default backend is the CPU. `cache_dtype`: the values' type
+    when the caches hold fp8 bits as uint8 (`cache_codec`).
     """
     return _forward(
         q,
@@ -331,6 +348,7 @@ def ragged_paged_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
+        cache_dtype=cache_dtype,
     )
 
 
@@ -353,6 +371,7 @@ def _forward(
     num_warps,
     num_stages,
     interpret,
+    cache_dtype=None,
 ):
     """`ragged_paged_attention`, writing real tokens' rows into `out_init` when given.
 
@@ -360,7 +379,19 @@ def _forward(
     (default zeros), leaving padding rows as they were: tests pass a NaN buffer to prove
     that every real row, and no padding row, is written.
     """
-    _check_shapes(q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv)
+    _check_shapes(
+        q,
+        k_cache,
+        v_cache,
+        layer,
+        kv_lens,
+        block_tables,
+        cu_q_lens,
+        num_reqs,
+        block_kv,
+        cache_dtype,
+    )
+    cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     T, N, H = q.shape
@@ -392,6 +423,7 @@ def _forward(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
+        cache_dtype=cache_dtype,
     )
     outs = ()  # with splits, fresh partial buffers (the combine zeroes the padding rows)
     if splits == 1:

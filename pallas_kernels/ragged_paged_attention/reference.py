@@ -3,7 +3,8 @@
 Queries of many requests lie on one packed token axis; request r owns tokens
 `cu_q_lens[r]:cu_q_lens[r+1]`, which are the last `q_len` of its `kv_lens[r]` context tokens
 (so a prefill chunk and a single decode token are the same case). Each token attends
-causally to its own request's pages only, gathered through `block_tables`.
+causally to its own request's pages only, gathered through `block_tables`. The cache holds
+q's dtype, or fp8 bits (`kv_cache_dtype`, see `cache_codec`) widened as they are read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention import cache_codec
 
 # Bytes of gathered K+V one chunk of query tokens may hold (bounds host/device memory).
 _CHUNK_BYTES = 64 * 2**20
@@ -32,7 +35,7 @@ def token_metadata(cu_q_lens: jax.Array, kv_lens: jax.Array, num_reqs: jax.Array
     return req, jnp.where(valid, pos, 0), valid
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale",))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "cache_dtype"))
 def ragged_paged_attention_ref(
     q: jax.Array,  # [T, N, H]
     k_cache: jax.Array,  # [L, K, P, S, H]
@@ -44,8 +47,13 @@ def ragged_paged_attention_ref(
     num_reqs: jax.Array,  # i32[]
     *,
     sm_scale: float,
+    cache_dtype=None,
 ) -> jax.Array:  # [T, N, H]; rows of padding tokens are zero
-    """Attention of every packed query token over its own request's paged context."""
+    """Attention of every packed query token over its own request's paged context.
+
+    `cache_dtype`: the values' type when the cache holds fp8 bits as uint8 (`cache_codec`).
+    """
+    cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
     T, N, H = q.shape
     _, K, _, S, _ = k_cache.shape
     MB = block_tables.shape[1]
@@ -57,11 +65,12 @@ def ragged_paged_attention_ref(
         pages = block_tables[req_t]  # [MB]
         k = k_cache[layer][:, pages].reshape(K, MB * S, H)  # [K, C, H]
         v = v_cache[layer][:, pages].reshape(K, MB * S, H)
+        k = cache_codec.decode(k, cache_dtype, q.dtype)  # fp8 widens, exactly
         qg = q_t.reshape(K, G, H)
         s = jnp.einsum("kgh,kch->kgc", qg, k, preferred_element_type=jnp.float32) * sm_scale
         s = jnp.where(jnp.arange(MB * S) <= pos_t, s, -jnp.inf)  # causal within the request
         p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("kgc,kch->kgh", p, v.astype(jnp.float32))
+        o = jnp.einsum("kgc,kch->kgh", p, cache_codec.decode(v, cache_dtype, jnp.float32))
         return o.reshape(N, H).astype(q.dtype)
 
     per_token_bytes = 2 * K * MB * S * H * k_cache.dtype.itemsize

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.ragged_paged_attention import cache_codec
+
 
 @dataclasses.dataclass
 class Batch:
@@ -25,6 +27,7 @@ class Batch:
     block_tables: np.ndarray  # i32[R, MB]
     cu_q_lens: np.ndarray  # i32[R+1]
     num_reqs: np.ndarray  # i32[]
+    cache_dtype: np.dtype | None = None  # the values' type when the caches hold fp8 bits
 
     def args(self) -> tuple[np.ndarray, ...]:
         return (
@@ -60,14 +63,19 @@ class Batch:
                 mask[int(self.layer), pages[-1], n % S :] = False
         return mask
 
+    def values(self, cache: np.ndarray | jax.Array) -> jax.Array:
+        """A cache's values in f32 (fp8 bits decoded)."""
+        return cache_codec.decode(jnp.asarray(cache), self.cache_dtype, jnp.float32)
+
     def poisoned(self) -> Batch:
         """A copy whose cache is NaN everywhere outside the contexts (other layers too)."""
         outside = ~self.context_mask()[:, None, :, :, None]  # [L, 1, P, S, 1]
-        return dataclasses.replace(
-            self,
-            k_cache=jnp.where(outside, jnp.nan, self.k_cache).astype(self.k_cache.dtype),
-            v_cache=jnp.where(outside, jnp.nan, self.v_cache).astype(self.v_cache.dtype),
-        )
+        dtype = self.cache_dtype or self.k_cache.dtype
+
+        def poison(cache):
+            return cache_codec.encode(jnp.where(outside, jnp.nan, self.values(cache)), dtype)
+
+        return dataclasses.replace(self, k_cache=poison(self.k_cache), v_cache=poison(self.v_cache))
 
 
 def random_batch(
@@ -86,6 +94,7 @@ def random_batch(
     num_layers: int = 2,
     num_pages: int | None = None,
     device_cache: bool = False,
+    cache_dtype=None,
 ) -> Batch:
     """A batch of `len(q_lens)` real requests padded to `num_rows` rows and `num_tokens` tokens.
 
@@ -94,7 +103,8 @@ def random_batch(
     tokens' q rows are NaN (their output must still be exactly 0). Fixing the bucket sizes
     (`num_tokens`, `num_rows`, `max_blocks`, `num_pages`) keeps the shapes, and so the
     compiled kernel, the same across batches. `device_cache` draws the caches with
-    `jax.random` on the default device (fast for big benchmark caches).
+    `jax.random` on the default device (fast for big benchmark caches). `cache_dtype`: an
+    fp8 type for caches of fp8 bits (`cache_codec`), as `kv_cache_dtype="fp8"` keeps them.
     """
     n = len(q_lens)
     assert len(kv_lens) == n <= num_rows and sum(q_lens) <= num_tokens
@@ -119,13 +129,17 @@ def random_batch(
     q = rng.standard_normal((num_tokens, N, H), np.float32)
     q[cu[n] :] = np.nan
     cache_shape = (L, K, num_pages, S, H)
+    stored = dtype if cache_dtype is None else cache_dtype
     if device_cache:
         k_key, v_key = jax.random.split(jax.random.key(int(rng.integers(2**31))))
-        k_cache = jax.random.normal(k_key, cache_shape, dtype)
-        v_cache = jax.random.normal(v_key, cache_shape, dtype)
+        k_cache = cache_codec.encode(jax.random.normal(k_key, cache_shape, dtype), stored)
+        v_cache = cache_codec.encode(jax.random.normal(v_key, cache_shape, dtype), stored)
     else:
         k_cache = rng.standard_normal(cache_shape, np.float32).astype(dtype)
         v_cache = rng.standard_normal(cache_shape, np.float32).astype(dtype)
+        if cache_dtype is not None:
+            k_cache = np.asarray(cache_codec.encode(jnp.asarray(k_cache), cache_dtype))
+            v_cache = np.asarray(cache_codec.encode(jnp.asarray(v_cache), cache_dtype))
     return Batch(
         q=q.astype(dtype),
         k_cache=k_cache,
@@ -135,4 +149,5 @@ def random_batch(
         block_tables=block_tables,
         cu_q_lens=cu,
         num_reqs=np.int32(n),
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
     )

@@ -9,6 +9,7 @@ included) and NaN query rows for padding tokens, so it must read exactly the rig
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import zlib
@@ -64,7 +65,21 @@ def _seed(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode())
 
 
-def _make_batch(seed, config, scenario):
+# fp8 caches (kv_cache_dtype) under each compute dtype: (q dtype, cache dtype, S, N, K, H).
+FP8_CONFIGS = [
+    (jnp.bfloat16, jnp.float8_e4m3fn, 16, 9, 3, 64),
+    (jnp.float16, jnp.float8_e4m3fn, 32, 8, 2, 32),
+    (jnp.float32, jnp.float8_e5m2, 16, 4, 4, 32),
+    (jnp.bfloat16, jnp.float8_e5m2, 64, 4, 2, 64),
+]
+
+
+def _fp8_id(config):
+    dtype, cache_dtype, *geometry = config
+    return _config_id((dtype, *geometry)) + "-" + jnp.dtype(cache_dtype).name
+
+
+def _make_batch(seed, config, scenario, cache_dtype=None):
     dtype, S, N, K, H = config
     q_lens, kv_lens = SCENARIOS[scenario]
     MB = -(-CTX // S)
@@ -81,13 +96,15 @@ def _make_batch(seed, config, scenario):
         page_size=S,
         dtype=dtype,
         num_pages=R * MB + 4,
+        cache_dtype=cache_dtype,
     )
 
 
 def _assert_matches_reference(batch, out):
     dtype = batch.q.dtype
     H = batch.q.shape[-1]
-    ref = np.asarray(ragged_paged_attention_ref(*batch.args(), sm_scale=H**-0.5), np.float32)
+    ref = ragged_paged_attention_ref(*batch.args(), sm_scale=H**-0.5, cache_dtype=batch.cache_dtype)
+    ref = np.asarray(ref, np.float32)
     out = np.asarray(out, np.float32)
     assert out.shape == ref.shape
     assert not np.isnan(out).any(), "NaN in the output"
@@ -106,6 +123,39 @@ def test_matches_reference(config, scenario):
     H = config[-1]
     out = ragged_paged_attention(*batch.poisoned().args(), sm_scale=H**-0.5)
     _assert_matches_reference(batch, out)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("config", FP8_CONFIGS, ids=_fp8_id)
+def test_fp8_cache_matches_reference(config, scenario):
+    """fp8 bits (as uint8), widened in the kernel, against the reference over the same cache."""
+    dtype, cache_dtype, *geometry = config
+    batch = _make_batch(_seed(_fp8_id(config), scenario), (dtype, *geometry), scenario, cache_dtype)
+    assert batch.k_cache.dtype == np.uint8
+    out = ragged_paged_attention(
+        *batch.poisoned().args(), sm_scale=geometry[-1] ** -0.5, cache_dtype=cache_dtype
+    )
+    _assert_matches_reference(batch, out)
+
+
+@pytest.mark.parametrize("config", FP8_CONFIGS, ids=_fp8_id)
+def test_reference_reads_fp8_as_its_widened_values(config):
+    """fp8 -> q's dtype is exact, so the reference over fp8 bits equals the reference over
+    those values widened beforehand by numpy's ml_dtypes (the plain same-dtype path)."""
+    dtype, cache_dtype, *geometry = config
+    batch = _make_batch(5, (dtype, *geometry), "mixed", cache_dtype)
+    wide = dataclasses.replace(
+        batch,
+        k_cache=np.asarray(batch.k_cache).view(cache_dtype).astype(dtype),
+        v_cache=np.asarray(batch.v_cache).view(cache_dtype).astype(dtype),
+        cache_dtype=None,
+    )
+    sm_scale = geometry[-1] ** -0.5
+    out = ragged_paged_attention_ref(*batch.args(), sm_scale=sm_scale, cache_dtype=cache_dtype)
+    want = ragged_paged_attention_ref(*wide.args(), sm_scale=sm_scale)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="fp8 bits"):
+        ragged_paged_attention_ref(*batch.args(), sm_scale=sm_scale)
 
 
 # Tuning variants: split-K (with empty splits on short contexts), one page per loop step,
@@ -177,13 +227,14 @@ def test_inside_scan_over_layers():
         )
 
 
-def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype):
+def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype, cache_dtype=None):
     sds = jax.ShapeDtypeStruct
     i32 = jnp.int32
+    cache_dtype = cache_dtype or dtype
     return (
         sds((T, N, H), dtype),
-        sds((L, K, P, S, H), dtype),
-        sds((L, K, P, S, H), dtype),
+        sds((L, K, P, S, H), cache_dtype),
+        sds((L, K, P, S, H), cache_dtype),
         sds((), i32),
         sds((R,), i32),
         sds((R, MB), i32),
@@ -201,6 +252,8 @@ def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype):
         (dict(S=128), "page size"),
         (dict(N=10, K=4), "multiple of kv heads"),
         (dict(dtype=jnp.int8), "dtype"),
+        (dict(cache_dtype=jnp.int8), "cache dtype"),
+        (dict(dtype=jnp.float16, cache_dtype=jnp.bfloat16), "cache dtype"),
     ],
 )
 def test_shape_checks(change, match):
@@ -323,6 +376,11 @@ def _triton_calls(fn, args):
             dict(T=256, N=32, K=8, H=128, L=40, P=40000, S=32, R=128, MB=128),
             dict(num_kv_splits=4),
         ),
+        (  # gpt2's decode bucket over an fp8 cache (kv_cache_dtype="fp8")
+            "fp8",
+            dict(T=128, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
+            dict(cache_dtype=jnp.float8_e4m3fn),
+        ),
     ],
 )
 def test_lowers_to_triton_for_h100(name, shape, tuning):
@@ -340,7 +398,8 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     dtype = jnp.bfloat16
-    args = _abstract_args(**shape, dtype=dtype)
+    fp8 = "cache_dtype" in tuning  # the caches hold fp8 bits as uint8
+    args = _abstract_args(**shape, dtype=dtype, cache_dtype=jnp.uint8 if fp8 else dtype)
     fn = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False, **tuning)
     calls = _triton_calls(fn, args)
     classes = part.plan_tile_classes(
@@ -372,6 +431,10 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
             assert module.operation.verify()
             text = str(module)
         assert text.count("tt.dot ") == 4 and text.count("scf.for ") == 2, text
-        cache_bytes = 2 * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
-        wide = re.findall(r"tt\.addptr .*!tt\.ptr<bf16>>, tensor<[0-9x]+xi64>", text)
+        item = 1 if fp8 else 2
+        cache_bytes = item * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
+        wide = re.findall(r"tt\.addptr .*!tt\.ptr<(?:bf16|i8)>>, tensor<[0-9x]+xi64>", text)
         assert bool(wide) == (cache_bytes > 2**32), "64-bit K/V offsets iff the cache > 4 GiB"
+        if fp8:  # byte loads (K and V, unmasked and masked), bitcast to fp8, then widened
+            assert len(re.findall(r"tt\.load .*!tt\.ptr<i8>>", text)) == 4, text
+            assert len(re.findall(r"tt\.fp_to_fp .*f8E4M3FN.* -> .*bf16", text)) == 4, text
