@@ -37,6 +37,9 @@ class RaggedBatch:
     logits_indices: jax.Array
     # i32[] number of real requests; rows >= num_reqs are padding.
     num_reqs: jax.Array
+    # i32[T] LoRA slot of each token's request (-1: none; padding too); None when the runner
+    # serves no adapters (models/lora.py).
+    lora_slots: jax.Array | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +77,7 @@ def pack_batch(
     num_tokens: int,
     num_reqs: int,
     max_blocks: int,
+    lora_slots: list[int] | None = None,
 ) -> RaggedBatch:
     """Pack requests into a padded numpy `RaggedBatch`.
 
@@ -82,6 +86,7 @@ def pack_batch(
         position of the first one (tokens already cached), and the request's page table.
       page_size: tokens per KV page.
       num_tokens, num_reqs, max_blocks: the padded bucket sizes T, R and pages per request.
+      lora_slots: per request its LoRA slot (-1: none), for a model serving adapters.
     """
     n = len(seqs)
     q_lens = np.fromiter((len(t) for t, _, _ in seqs), np.int32, n)
@@ -104,6 +109,7 @@ def pack_batch(
         page_size=page_size,
         num_tokens=num_tokens,
         num_reqs=num_reqs,
+        lora_slots=None if lora_slots is None else np.asarray(lora_slots, np.int32),
     )
 
 
@@ -118,11 +124,13 @@ def pack_arrays(
     num_tokens: int,
     num_reqs: int,
     num_logits: np.ndarray | None = None,
+    lora_slots: np.ndarray | None = None,
 ) -> RaggedBatch:
     """The vectorised core of `pack_batch`: pad per-request arrays to the (T, R) bucket.
 
     `num_logits` i32[n]: how many of each request's last tokens give logits (default one
-    each; more to verify drafts). R bounds their sum as well as the requests."""
+    each; more to verify drafts). R bounds their sum as well as the requests.
+    `lora_slots` i32[n]: each request's LoRA slot (-1: none), spread over its tokens."""
     n = len(q_lens)
     total = len(token_ids)
     rows = n if num_logits is None else int(num_logits.sum())
@@ -176,4 +184,13 @@ def pack_arrays(
         ),
         logits_indices=padded(logits_indices, num_reqs),
         num_reqs=np.int32(n),
+        lora_slots=None if lora_slots is None else per_token_slots(lora_slots, q_lens, num_tokens),
     )
+
+
+def per_token_slots(lora_slots: np.ndarray, q_lens: np.ndarray, num_tokens: int) -> np.ndarray:
+    """i32[T]: each request's LoRA slot repeated over its tokens, then -1 for padding."""
+    out = np.full(num_tokens, -1, np.int32)
+    total = int(q_lens.sum())
+    out[:total] = np.repeat(np.asarray(lora_slots, np.int32), q_lens)
+    return out

@@ -19,6 +19,7 @@ from models.batch import RaggedBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import Params, dense, mlp, norm, rope
+from models.lora import lora_delta
 from models.quantize import quantize_params
 from pallas_kernels.ragged_paged_attention import cache_codec
 
@@ -134,18 +135,28 @@ def decoder_layers(
 
     def layer_step(carry, p):
         x, k_cache, v_cache, layer = carry
+        # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
+        lora = p.get("lora") if batch.lora_slots is not None else None
+
+        def linear(name, lp, h, spec):
+            y = dense(lp, h, spec)
+            if lora is None or name not in lora:
+                return y
+            delta = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
+            return y + delta.reshape(y.shape)
+
         h = norm(p["attn_norm"], x, config)  # [T, D]
-        q = dense(p["q"], h, "TD,DNH->TNH")  # [T, N, H]
-        k = dense(p["k"], h, "TD,DKH->TKH")  # [T, K, H]
-        v = dense(p["v"], h, "TD,DKH->TKH")  # [T, K, H]
+        q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]
+        k = linear("k", p["k"], h, "TD,DKH->TKH")  # [T, K, H]
+        v = linear("v", p["v"], h, "TD,DKH->TKH")  # [T, K, H]
         if config.position == "rope":
             q = rope(q, batch.positions, config.rope_theta)
             k = rope(k, batch.positions, config.rope_theta)
         k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k, config.cache_dtype)
         v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v, config.cache_dtype)
         attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale, mesh)  # [T,N,H]
-        x = x + dense(p["o"], attn, "TNH,NHD->TD")
-        x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config)
+        x = x + linear("o", p["o"], attn, "TNH,NHD->TD")
+        x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config, linear)
         return (x, k_cache, v_cache, layer + 1), None
 
     init = (x, kv_cache.k, kv_cache.v, jnp.int32(0))

@@ -48,10 +48,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def mlp(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
-    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward: [T, D] -> [T, D]."""
+def mlp(p: Params, x: jax.Array, config: ModelConfig, linear=None) -> jax.Array:
+    """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward: [T, D] -> [T, D].
+
+    `linear(name, p, x, spec)`: how each of gate / up / down is applied (default `dense`;
+    the decoder passes one that adds LoRA adapters)."""
+    if linear is None:
+        linear = lambda _, q, h, spec: dense(q, h, spec)  # noqa: E731
     if config.activation == "swiglu":
-        h = jax.nn.silu(dense(p["gate"], x, "TD,DF->TF")) * dense(p["up"], x, "TD,DF->TF")
+        gate = linear("gate", p["gate"], x, "TD,DF->TF")
+        h = jax.nn.silu(gate) * linear("up", p["up"], x, "TD,DF->TF")
     else:
-        h = jax.nn.gelu(dense(p["up"], x, "TD,DF->TF"), approximate=True)
-    return dense(p["down"], h, "TF,FD->TD")
+        h = jax.nn.gelu(linear("up", p["up"], x, "TD,DF->TF"), approximate=True)
+    return linear("down", p["down"], h, "TF,FD->TD")

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Logprob": "orca_jax.engine.outputs",
     "Engine": "orca_jax.engine.engine",
     "EngineConfig": "orca_jax.engine.config",
+    "LoRARequest": "orca_jax.engine.lora",
     "CompletionOutput": "orca_jax.engine.outputs",
     "RequestOutput": "orca_jax.engine.outputs",
     "SamplingParams": "orca_jax.scheduler",
@@ -35,6 +36,7 @@ __all__ = [
     "CompletionOutput",
     "Engine",
     "EngineConfig",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputs",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from orca_jax.beam_search import BeamSearchParams
     from orca_jax.engine.config import EngineConfig
     from orca_jax.engine.engine import Engine
+    from orca_jax.engine.lora import LoRARequest
     from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
     from orca_jax.llm import LLM
     from orca_jax.scheduler import SamplingParams, StructuredOutputs

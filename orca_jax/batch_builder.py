@@ -19,8 +19,12 @@ from orca_jax.scheduler import SchedulerOutput
 class BatchBuilder:
     """Packs each iteration's scheduled requests into the runner's shape buckets."""
 
-    def __init__(self, config: RunnerConfig, max_live_reqs: int):
+    def __init__(
+        self, config: RunnerConfig, max_live_reqs: int, lora_slots: dict[str, int] | None = None
+    ):
+        """`lora_slots`: request id -> LoRA slot, kept by the engine (None: no adapters)."""
         self.config = config
+        self.lora_slots = lora_slots
         self._table = np.zeros((max_live_reqs, config.max_pages_per_req), np.int32)
         self._num_blocks = np.zeros(max_live_reqs, np.int32)
         self._rows: dict[str, int] = {}
@@ -87,4 +91,12 @@ class BatchBuilder:
             num_tokens=num_tokens,
             num_reqs=num_reqs,
             num_logits=num_logits,
+            lora_slots=self._lora(sched),
         )
+
+    def _lora(self, sched) -> np.ndarray | None:
+        """i32[n]: each scheduled request's LoRA slot (-1: none); None without adapters."""
+        if self.lora_slots is None:
+            return None
+        get = self.lora_slots.get
+        return np.fromiter((get(s.req_id, -1) for s in sched), np.int32, len(sched))

@@ -42,6 +42,11 @@ _KV_CACHE_DTYPE = flags.DEFINE_enum(
     "KV cache element type: auto (the model's dtype) or fp8 (half of bf16's bytes per token; "
     "fp8 = fp8_e4m3).",
 )
+_ENABLE_LORA = flags.DEFINE_bool(
+    "enable_lora", False, "Serve LoRA adapters (requests name one; serve: --lora_modules)."
+)
+_MAX_LORAS = flags.DEFINE_integer("max_loras", 1, "LoRA adapters on the device at once.")
+_MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "Largest LoRA rank served.")
 _POLICY = flags.DEFINE_enum("policy", "orca", ["orca", "paged", "static"], "Scheduling policy.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch_size", 16, "Requests per iteration.")
 _BLOCK_SIZE = flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
@@ -120,6 +125,9 @@ def build_llm(**overrides) -> LLM:
         attention_impl=_ATTENTION.value,
         quantization=_QUANTIZATION.value,
         kv_cache_dtype=_KV_CACHE_DTYPE.value,
+        enable_lora=_ENABLE_LORA.value,
+        max_loras=_MAX_LORAS.value,
+        max_lora_rank=_MAX_LORA_RANK.value,
         policy=_POLICY.value,
         max_batch_size=_MAX_BATCH.value,
         block_size=_BLOCK_SIZE.value,

@@ -15,6 +15,7 @@ from models.quantize import quantize_params
 from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from orca_jax.engine.config import EngineConfig
 from orca_jax.engine.engine import Engine, unpack_prompt
+from orca_jax.engine.lora import LoRARequest
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.engine.speculative import SpeculativeConfig
 from orca_jax.model_loader import load_model
@@ -93,12 +94,14 @@ class LLM:
         *,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
         `priority`: one per prompt, lower served first (an engine with
-        `scheduling_order="priority"`). A prompt that cannot be served raises ValueError
-        before anything runs.
+        `scheduling_order="priority"`). `lora_request`: the LoRA adapter of every prompt, or
+        one (or None) per prompt (an engine with `enable_lora=True`). A prompt that cannot
+        be served raises ValueError before anything runs.
         """
         prompts = _as_list(prompts)
         params = sampling_params or SamplingParams()
@@ -108,14 +111,16 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"{len(priorities)} priorities for {len(prompts)} prompts")
+        loras = _per_prompt(lora_request, len(prompts))
         ids: list[list[str]] = []  # per prompt, one request per completion (params.n)
         try:
-            for prompt, p, rank in zip(prompts, params_list, priorities, strict=True):
+            for prompt, p, rank, lora in zip(prompts, params_list, priorities, loras, strict=True):
                 ids.append([])
                 for j, one in enumerate(p.completions()):
                     if j:  # the prompt is scored once, by completion 0 (see _merge)
                         one = dataclasses.replace(one, prompt_logprobs=None)
-                    ids[-1].append(self.engine.add_request(prompt, one, priority=rank))
+                    add = self.engine.add_request
+                    ids[-1].append(add(prompt, one, priority=rank, lora_request=lora))
         except ValueError as e:
             for req_id in itertools.chain.from_iterable(ids):  # nothing half-submitted stays
                 self.engine.abort(req_id)
@@ -182,6 +187,7 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
         tools: list[dict] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of {"role", "content"} messages) or to each of
         a list of them: rendered by the model's chat template (or `chat_template`) with the
@@ -199,7 +205,7 @@ class LLM:
             tools=tools,
         )
         texts, prompts = self.render_chat(messages, **options)
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         for out, text in zip(outs, texts, strict=True):
             out.prompt = text
         return outs
@@ -211,6 +217,16 @@ def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
     )
     return [prompts] if one else list(prompts)
+
+
+def _per_prompt(lora_request, n: int) -> list:
+    """One LoRA request (or None) per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    loras = list(lora_request)
+    if len(loras) != n:
+        raise ValueError(f"{len(loras)} lora requests for {n} prompts")
+    return loras
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:

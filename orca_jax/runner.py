@@ -29,6 +29,7 @@ from models import (
 from models.batch import bucket, geometric_buckets
 from models.decoder import stage_step, token_logprobs
 from models.layers import Params
+from models.lora import init_lora_slots, slot_arrays, write_slot
 from orca_jax.sampler import SamplingMetadata, sample
 from sharding import (
     ParallelConfig,
@@ -58,6 +59,8 @@ class RunnerConfig:
     min_pages_bucket: int = 8
     # Bias entries per request in the sampler (logit_bias, bad_words, min_tokens' stop ids).
     max_logit_bias: int = 300
+    max_loras: int = 0  # LoRA slots on the device (0: no adapters; models/lora.py)
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -147,6 +150,8 @@ class ModelRunner:
             if isinstance(params, RandomWeights):
                 params = init_params(model_config, params.seed)
             self.stages = [_Stage(jax.device_put(params), cache, None, True, True, None)]
+            if config.max_loras:
+                self._add_lora_slots()
             return
         check_tensor_parallel(model_config, parallel.tensor_parallel_size)
         if parallel.pipeline_parallel_size > 1 and jax.process_count() > 1:
@@ -185,6 +190,32 @@ class ModelRunner:
                     inputs=replicated(plan.mesh) if len(plans) > 1 else None,
                 )
             )
+        if config.max_loras:
+            self._add_lora_slots()
+
+    def _add_lora_slots(self) -> None:
+        """Empty LoRA slots beside each stage's layers (they scan with them)."""
+        cfg = self.config
+        for st, config in zip(self.stages, self._stage_configs(), strict=True):
+            lora = init_lora_slots(config, cfg.max_loras, cfg.max_lora_rank)
+            if st.inputs is not None:
+                lora = jax.device_put(lora, st.inputs)
+            st.params = {**st.params, "layers": {**st.params["layers"], "lora": lora}}
+
+    def _stage_configs(self) -> list[ModelConfig]:
+        sizes = [st.kv_cache.k.shape[0] for st in self.stages]  # layers per stage
+        return [self.model_config.replace(n_layers=n) for n in sizes]
+
+    def set_lora(self, slot: int, targets: dict) -> None:
+        """Put one adapter (`models.loaders.peft_lora.LoRAWeights.targets`) into `slot`."""
+        arrays = slot_arrays(self.model_config, self.config.max_lora_rank, targets)
+        start = 0
+        for st in self.stages:
+            n = st.kv_cache.k.shape[0]
+            part = {k: (a[start : start + n], b[start : start + n]) for k, (a, b) in arrays.items()}
+            lora = write_slot(st.params["layers"]["lora"], slot, part)
+            st.params = {**st.params, "layers": {**st.params["layers"], "lora": lora}}
+            start += n
 
     @property
     def mask_words(self) -> int:
@@ -270,7 +301,7 @@ class ModelRunner:
         shapes = self.config.all_buckets() if buckets is None else buckets
         out, logits, hidden = None, {}, {}
         for t, r, p in shapes:
-            logits[r], hidden[t] = self.forward(dummy_batch(t, r, p))
+            logits[r], hidden[t] = self.forward(dummy_batch(t, r, p, self.config.max_loras > 0))
             out = sample(logits[r], SamplingMetadata.greedy(r), num_top_logprobs)
         processed = (self.config.max_model_len, self.config.max_logit_bias)
         for r, x in logits.items():  # the samplers of batches whose logits some row changes
@@ -309,7 +340,7 @@ def _random_stage(config: ModelConfig, seed: int, plan) -> Params:
     return stage_params(init_params(config, seed), plan, config)
 
 
-def dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
+def dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int, lora: bool = False) -> RaggedBatch:
     """A batch of the given bucket with one one-token request writing to the null page."""
     return pack_batch(
         [([0], 0, [0])],
@@ -317,4 +348,5 @@ def dummy_batch(num_tokens: int, num_reqs: int, max_blocks: int) -> RaggedBatch:
         num_tokens=num_tokens,
         num_reqs=num_reqs,
         max_blocks=max_blocks,
+        lora_slots=[-1] if lora else None,
     )

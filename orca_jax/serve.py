@@ -52,6 +52,12 @@ _API_KEY = flags.DEFINE_string(
     os.environ.get("ORCA_API_KEY"),
     "Serve /v1 only to requests with 'Authorization: Bearer KEY' (default: $ORCA_API_KEY).",
 )
+_LORA_MODULES = flags.DEFINE_list(
+    "lora_modules",
+    [],
+    "LoRA adapters as name=path (PEFT directories), comma-separated: a request whose model is "
+    "`name` runs with that adapter. Implies --enable_lora.",
+)
 _TRUST_TEMPLATES = flags.DEFINE_bool(
     "trust_request_chat_template",
     False,
@@ -69,7 +75,14 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     if _AUTO_TOOLS.value and _TOOL_PARSER.value is None:
         raise app.UsageError("--enable_auto_tool_choice needs --tool_call_parser")
-    llm = engine_flags.build_llm(max_logprobs=_MAX_LOGPROBS.value)
+    loras = lora_modules(_LORA_MODULES.value)
+    extra = dict(enable_lora=True) if loras else {}
+    llm = engine_flags.build_llm(max_logprobs=_MAX_LOGPROBS.value, **extra)
+    for lora in loras.values():  # a bad adapter stops the server here, not a request later
+        try:
+            llm.engine.loras.check(lora)
+        except ValueError as e:
+            raise app.UsageError(f"--lora_modules {lora.lora_name}: {e}") from e
     if not distributed.is_leader():
         distributed.follow(llm.engine)
         return
@@ -82,11 +95,27 @@ def main(argv: list[str]) -> None:
             tool_parser=get_parser(_TOOL_PARSER.value) if _AUTO_TOOLS.value else None,
             reasoning_parser=reasoning.get_parser(_REASONING.value) if _REASONING.value else None,
             api_key=_API_KEY.value,
+            lora_modules=loras,
         )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:
         engine.shutdown()
         llm.engine.stop_followers()
+
+
+def lora_modules(specs: list[str]) -> dict:
+    """{name: LoRARequest} from vLLM's `name=path` specs (ids 1, 2, ... in order)."""
+    from orca_jax.engine.lora import LoRARequest
+
+    out = {}
+    for i, spec in enumerate(specs, 1):
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise app.UsageError(f"--lora_modules takes name=path; got {spec!r}")
+        if name in out:
+            raise app.UsageError(f"--lora_modules names {name!r} twice")
+        out[name] = LoRARequest(name, i, path)
+    return out
 
 
 if __name__ == "__main__":

@@ -38,6 +38,11 @@ class EngineConfig:
     seed: int = 0  # draws a seed for requests that set none
     # Speculative decoding by n-gram lookup (orca and paged policies); None: off.
     speculative: SpeculativeConfig | None = None
+    # LoRA adapters (vLLM's names): requests may name one (`lora_request`); up to max_loras on
+    # the device at once, each of rank <= max_lora_rank (orca_jax/engine/lora.py).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
     # Compile every shape bucket at start-up. None: yes on accelerators; on the CPU, where one
     # compile of a real model takes seconds and a full warm-up minutes, buckets compile on
     # first use instead (steady state still compiles nothing once each bucket has been seen).
@@ -72,6 +77,8 @@ class EngineConfig:
             # ... and one more per draft, within the token bucket.
             max_rows *= 1 + self.speculative.num_speculative_tokens
         max_rows = min(max_rows, max_tokens)
+        if self.enable_lora:
+            self._check_lora()
         runner = RunnerConfig(
             num_pages=num_blocks,
             page_size=self.block_size,
@@ -79,6 +86,8 @@ class EngineConfig:
             max_num_reqs=max_rows,
             max_model_len=max_len,
             max_logit_bias=self.max_logit_bias,
+            max_loras=self.max_loras if self.enable_lora else 0,
+            max_lora_rank=self.max_lora_rank,
         )
         within = self.speculative is not None and self.speculative.within_bucket
         if within is None:  # the default: where compute bounds a step
@@ -96,3 +105,15 @@ class EngineConfig:
             draft_token_buckets=runner.token_buckets if within else (),
         )
         return sched, runner
+
+    def _check_lora(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(
+                f"max_loras ({self.max_loras}) and max_lora_rank ({self.max_lora_rank}) must "
+                "be >= 1"
+            )
+        if self.tensor_parallel_size > 1 or jax.process_count() > 1:
+            raise ValueError(
+                "LoRA adapters are served on one device or pipeline stages within one "
+                "process; tensor parallelism and multi-process runs do not take them yet"
+            )

@@ -25,6 +25,7 @@ from models.layers import Params
 from orca_jax.batch_builder import BatchBuilder
 from orca_jax.distributed import StepBroadcast
 from orca_jax.engine.config import EngineConfig
+from orca_jax.engine.lora import LoRAManager, LoRARequest, load_adapter
 from orca_jax.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from orca_jax.engine.sampling_state import SamplingState
 from orca_jax.engine.speculative import NgramIndex, accept, can_speculate
@@ -86,7 +87,17 @@ class Engine:
         # With several processes (orca_jax.distributed), this one schedules when it is
         # process 0 and sends each step's inputs; the others receive them in `follow`.
         self.broadcast = StepBroadcast() if jax.process_count() > 1 else None
-        self.batch_builder = BatchBuilder(runner_config, max_live_reqs=sched_config.num_blocks)
+        self.loras = None  # LoRA adapters' slots and waiting requests (engine/lora.py)
+        if config.enable_lora:
+            load = functools.partial(
+                load_adapter, model_config=model_config, max_rank=config.max_lora_rank
+            )
+            self.loras = LoRAManager(config.max_loras, load, self.runner.set_lora)
+        self.batch_builder = BatchBuilder(
+            runner_config,
+            max_live_reqs=sched_config.num_blocks,
+            lora_slots=self.loras.slot_of if self.loras is not None else None,
+        )
         self._inflight: collections.deque[tuple[SchedulerOutput, tuple]] = collections.deque()
         self._requests: dict[str, _Tracked] = {}
         self._history = TokenHistory(runner_config.max_model_len)  # penalized requests' tokens
@@ -116,9 +127,11 @@ class Engine:
         request_id: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a prompt (text or token ids, or vLLM's `{"prompt": text}` /
-        `{"prompt_token_ids": ids}`); returns its id.
+        `{"prompt_token_ids": ids}`); returns its id. `lora_request`: the adapter to run it
+        with (an engine with `enable_lora`).
 
         Raises ValueError, with the engine unchanged, for input that can never be served
         (empty or too long prompt, out-of-vocabulary ids, a request larger than the cache...).
@@ -161,6 +174,10 @@ class Engine:
         req_id = request_id if request_id is not None else str(next(self._ids))
         if req_id in self._requests:
             raise ValueError(f"request id {req_id!r} is already in use")
+        if lora_request is not None:
+            if self.loras is None:
+                raise ValueError("lora_request needs an engine started with enable_lora=True")
+            self.loras.check(lora_request)  # reads the adapter: a bad one is refused here
         sampling = SamplingState.create(
             params,
             tokenizer=self.tokenizer,
@@ -171,7 +188,13 @@ class Engine:
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(
-            req_id, token_ids, params, arrival_time=now, priority=priority, eos_token_id=eos
+            req_id,
+            token_ids,
+            params,
+            arrival_time=now,
+            priority=priority,
+            eos_token_id=eos,
+            lora_int_id=lora_request.lora_int_id if lora_request is not None else 0,
         )
         self.scheduler.validate(request)  # lengths and cache fit, before any costly work
         sampling.guide = self._guide(params)
@@ -179,7 +202,8 @@ class Engine:
         sampling.seed = (
             params.seed if params.seed is not None else int(self._seed_rng.integers(2**31))
         )
-        self.scheduler.add_request(request)
+        if lora_request is None or self.loras.add(req_id, lora_request, request):
+            self.scheduler.add_request(request)  # else it waits for a LoRA slot
         detok = (
             IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens
@@ -238,6 +262,8 @@ class Engine:
             return False
         tracked.sampling.release(self._history)
         self.scheduler.abort_request(request_id)
+        if self.loras is not None:
+            self.loras.release(request_id)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -255,6 +281,9 @@ class Engine:
         come back one `step()` later, and a request that a stop string ends may already
         sit in the next batch (its token there is dropped). Without it, each `step()` emits
         the batch it ran (with `n_workers=1`)."""
+        if self.loras is not None and self.loras.num_waiting:
+            for request in self.loras.admit():  # a LoRA slot has freed for them
+                self.scheduler.add_request(request)
         n_workers = self.scheduler.config.n_workers
         overlap = self.config.async_output
         closed: list[tuple[list[RequestDelta], float]] = []
@@ -418,6 +447,8 @@ class Engine:
             if tracked.output.finished:
                 self._requests.pop(delta.req_id).sampling.release(self._history)
                 self._unscored.discard(delta.req_id)
+                if self.loras is not None:
+                    self.loras.release(delta.req_id)
         return outputs
 
     def _record_prompt_logprobs(

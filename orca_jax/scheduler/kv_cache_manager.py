@@ -15,6 +15,14 @@ def block_key(parent: bytes, tokens: list[int]) -> bytes:
     return hashlib.blake2b(parent + array.array("q", tokens).tobytes(), digest_size=16).digest()
 
 
+def root_key(request: Request) -> bytes:
+    """The parent of a request's first block key: b"" without a LoRA adapter, else a digest
+    of the adapter's id, so prefixes computed under different adapters never match."""
+    if not request.lora_int_id:
+        return b""
+    return hashlib.blake2b(b"lora:%d" % request.lora_int_id, digest_size=16).digest()
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of non-negative ints."""
     return -(-a // b)
@@ -115,10 +123,10 @@ class KVCacheManager:
             or (scoring and not request.output_token_ids)
         ):
             return 0
-        tokens, S = request.all_token_ids, self.block_size
+        tokens, S, root = request.all_token_ids, self.block_size, root_key(request)
         blocks, keys = [], []
         for i in range((len(tokens) - 1) // S):
-            key = block_key(keys[-1] if keys else b"", tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else root, tokens[i * S : (i + 1) * S])
             block_id = self.block_pool.lookup(key)
             if block_id is None:
                 break
@@ -156,9 +164,9 @@ class KVCacheManager:
         S = self.block_size
         keys = self._req_keys.setdefault(request.req_id, [])
         block_ids = self.req_to_block_ids.get(request.req_id, [])
-        tokens = request.all_token_ids
+        tokens, root = request.all_token_ids, root_key(request)
         for i in range(len(keys), request.num_computed_tokens // S):
-            key = block_key(keys[-1] if keys else b"", tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else root, tokens[i * S : (i + 1) * S])
             self.block_pool.cache(block_ids[i], key)
             keys.append(key)
 

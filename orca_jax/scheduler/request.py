@@ -56,6 +56,9 @@ class Request:
     priority: int = 0
     # End-of-sequence token of the model; None when the model has none.
     eos_token_id: int | None = None
+    # The LoRA adapter it runs with (0: none); K/V computed under one adapter are not
+    # another's, so it also roots the request's prefix-cache keys.
+    lora_int_id: int = 0
 
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)
     output_token_ids: list[int] = field(default_factory=list, init=False)

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 import orca_jax
 from orca_jax.beam_search import BeamSearch
+from orca_jax.engine.lora import LoRARequest
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.server import responses, responses_api
 from orca_jax.server.async_engine import AsyncEngine
@@ -54,6 +55,7 @@ def build_app(
     tool_parser: ToolParser | None = None,
     reasoning_parser: ReasoningParser | None = None,
     api_key: str | None = None,
+    lora_modules: dict[str, LoRARequest] | None = None,
 ) -> FastAPI:
     """The server's routes over `engine` (already running), serving `model_name`.
 
@@ -63,7 +65,9 @@ def build_app(
     (`tool_parsers.py`); without it "auto" is refused. `reasoning_parser`: a reasoning
     model's thinking goes to `reasoning_content` (`reasoning.py`). `api_key`: the `/v1`
     routes answer only requests bearing it (`Authorization: Bearer KEY`), as vLLM's
-    `--api-key`."""
+    `--api-key`. `lora_modules`: LoRA adapters by the model name a request gives to use
+    one (vLLM's `--lora-modules`), listed by /v1/models."""
+    lora_modules = lora_modules or {}
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
@@ -86,10 +90,11 @@ def build_app(
         )
 
     def check(req) -> JSONResponse | None:
-        if req.model is not None and req.model != model_name:
+        if req.model is not None and req.model != model_name and req.model not in lora_modules:
+            names = ", ".join(map(repr, [model_name, *lora_modules]))
             return error(
                 404,
-                f"model {req.model!r} does not exist; this server has {model_name!r}",
+                f"model {req.model!r} does not exist; this server has {names}",
                 "not_found_error",
             )
         why = req.unsupported()
@@ -111,7 +116,7 @@ def build_app(
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        return JSONResponse(responses.model_list(model_name, max_model_len))
+        return JSONResponse(responses.model_list(model_name, max_model_len, lora_modules))
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -239,6 +244,7 @@ def build_app(
             return await _beams(prompts, params, req, prefix, final_fn, **extra)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
+        lora = lora_modules.get(req.model)  # None: the base model
         streams = []
         try:
             for prompt in prompts:
@@ -249,7 +255,7 @@ def build_app(
                     if j and not (extra.get("echo") and req.stream):
                         one = dataclasses.replace(one, prompt_logprobs=None)
                     rid_j = f"{rid}-{len(streams)}"
-                    streams.append(await engine.add(prompt, one, rid_j, req.priority))
+                    streams.append(await engine.add(prompt, one, rid_j, req.priority, lora))
         except ValueError as e:
             for i in range(len(streams)):
                 engine.abort(f"{rid}-{i}")
@@ -257,7 +263,7 @@ def build_app(
         meta = dict(
             id=rid,
             created=created,
-            model=model_name,
+            model=model_name if lora is None else req.model,
             tokenizer=tokenizer,
             top_n=params.logprobs or 0,
             n=params.n,
@@ -287,9 +293,8 @@ def build_app(
             streams = []
             try:
                 for i, tokens in enumerate(beams):
-                    streams.append(
-                        await engine.add(tokens, search.step_params, f"{rid}-{step}-{i}")
-                    )
+                    rid_i, lora = f"{rid}-{step}-{i}", lora_modules.get(req.model)
+                    streams.append(await engine.add(tokens, search.step_params, rid_i, 0, lora))
             except ValueError as e:
                 for i in range(len(streams)):
                     engine.abort(f"{rid}-{step}-{i}")
@@ -307,7 +312,8 @@ def build_app(
             for prompt, tokens, result in zip(prompts, ids, search.results(tokenizer), strict=True)
             for b in result.sequences
         ]
-        meta = dict(id=rid, created=int(time.time()), model=model_name, tokenizer=tokenizer)
+        model = req.model if req.model in lora_modules else model_name
+        meta = dict(id=rid, created=int(time.time()), model=model, tokenizer=tokenizer)
         return JSONResponse(final_fn(outs, **meta, top_n=0, n=params.n, **extra))
 
     return app

@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from orca_jax.engine.engine import Engine
+from orca_jax.engine.lora import LoRARequest
 from orca_jax.engine.outputs import RequestOutput
 from orca_jax.scheduler import SamplingParams
 
@@ -57,6 +58,7 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; once the engine has accepted it, return the iterator of its
         snapshots (one after every iteration it progresses in, the last one finished).
@@ -74,7 +76,7 @@ class AsyncEngine:
             await asyncio.to_thread(self.engine.prepare_structured, params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop())
         accepted = stream.loop.create_future()
-        self._send(("add", prompt, params, request_id, priority, stream, accepted))
+        self._send(("add", prompt, params, request_id, priority, lora_request, stream, accepted))
         try:
             await accepted  # the engine's ValueError for bad input
         except asyncio.CancelledError:
@@ -151,10 +153,10 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, prompt, params, request_id, priority, stream, accepted = command
+                _, prompt, params, request_id, priority, lora, stream, accepted = command
                 try:
                     self.engine.add_request(
-                        prompt, params, request_id=request_id, priority=priority
+                        prompt, params, request_id=request_id, priority=priority, lora_request=lora
                     )
                 except ValueError as e:
                     stream.loop.call_soon_threadsafe(_settle, accepted, e)

@@ -9,15 +9,23 @@ from orca_jax.server.tools import ToolCalling
 from orca_jax.tokenizer import Tokenizer
 
 
-def model_list(model_name: str, max_model_len: int) -> dict:
+def model_list(model_name: str, max_model_len: int, lora_modules: dict | None = None) -> dict:
+    """The base model, then its LoRA adapters (`root`: the adapter's path, `parent`: the
+    base model, as vLLM lists them)."""
     card = {
         "id": model_name,
         "object": "model",
         "created": 0,
         "owned_by": "orca-jax",
+        "root": model_name,
+        "parent": None,
         "max_model_len": max_model_len,  # as vLLM's model card has it
     }
-    return {"object": "list", "data": [card]}
+    adapters = [
+        card | {"id": name, "root": lora.lora_path, "parent": model_name}
+        for name, lora in (lora_modules or {}).items()
+    ]
+    return {"object": "list", "data": [card, *adapters]}
 
 
 def _usage(outs: list[RequestOutput], n: int) -> dict:
