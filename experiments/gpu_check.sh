@@ -16,13 +16,15 @@
 #      (calibration.json), if time is left
 #   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
 #   8. the gpt2 step over an fp8 KV cache (kv_cache_dtype=fp8) against its floor, if time is left
+#   9. gpt2 bf16 steps with and without 4 LoRA adapter slots, if time is left
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
 #   STEP_FLAGS="--models=tiny-gpt --buckets=16 --iters=1 --floor_model=tiny-gpt --floor_reqs=4
 #   --floor_context=32" ENGINE_FLAGS="--model=tiny-gpt --dtype=float32 --num_reqs=8
 #   --prompt_len=16 --output_len=8" CAL_FLAGS="--model=tiny-gpt --dtype=float32 --iters=2
-#   --num_requests=10 --policies=orca --rates=50" OUT=/tmp/o bash experiments/gpu_check.sh
+#   --num_requests=10 --policies=orca --rates=50" LORA_FLAGS="--model=tiny-gpt
+#   --dtype=float32 --buckets=16 --context=32" OUT=/tmp/o bash experiments/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -74,6 +76,8 @@ stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat1
 stage step_fp8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
   --kv_cache_dtype=fp8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
   --floor_first --out "$OUT/step_fp8.md" ${STEP_FLAGS:-}
+stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --buckets=128 \
+  --context=512 ${LORA_FLAGS:-}
 
 {
   echo "--- attention (ours vs shipped vs reference)"
@@ -96,6 +100,8 @@ stage step_fp8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16
   cat "$OUT/step_int8.md" 2>/dev/null || tail -5 "$OUT/step_int8.log" 2>/dev/null
   echo "--- whole step, fp8 KV cache (pallas)"
   cat "$OUT/step_fp8.md" 2>/dev/null || tail -5 "$OUT/step_fp8.log" 2>/dev/null
+  echo "--- LoRA adapters (gpt2 bf16, 4 slots of rank 16)"
+  grep -E "^\|" "$OUT/lora.log" 2>/dev/null || tail -5 "$OUT/lora.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
 (cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 
 from orca_jax import distributed, engine_flags
 from orca_jax.beam_search import BeamSearchParams
+from orca_jax.engine.lora import LoRARequest
 from orca_jax.llm import LLM
 from orca_jax.scheduler import SamplingParams
 
@@ -30,13 +31,17 @@ _BEAM = flags.DEFINE_integer(
     "beam_width", None, "Beam search of this width (vLLM's LLM.beam_search): the best beams."
 )
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0, "Beam scores: cum / len^this.")
+_LORA_PATH = flags.DEFINE_string(
+    "lora_path", None, "A LoRA adapter (PEFT directory) to generate with; implies --enable_lora."
+)
 
 
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     beam = {"max_logprobs": 2 * _BEAM.value} if _BEAM.value else {}  # 2w candidates a step
-    llm = engine_flags.build_llm(warmup=False, **beam)  # compiles only what it meets
+    lora = {"enable_lora": True} if _LORA_PATH.value else {}
+    llm = engine_flags.build_llm(warmup=False, **beam, **lora)  # compiles only what it meets
     if not distributed.is_leader():
         distributed.follow(llm.engine)  # run the leader's steps until it stops
         return
@@ -71,26 +76,28 @@ def _generate(llm: LLM) -> None:
     )
     if _CHAT.value and not _PROMPT_IDS.value and _BEAM.value:  # rendered, then searched
         _, prompts = llm.render_chat([[{"role": "user", "content": p}] for p in prompts])
+    lora = LoRARequest("cli", 1, _LORA_PATH.value) if _LORA_PATH.value else None
     if _BEAM.value:
-        _beam_search(llm, prompts)
+        _beam_search(llm, prompts, lora)
         return
     if _CHAT.value and not _PROMPT_IDS.value:  # each prompt as one user turn
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        outputs = llm.chat(chats, params, lora_request=lora)
     else:
-        outputs = llm.generate(prompts, params)
+        outputs = llm.generate(prompts, params, lora_request=lora)
     for out in outputs:
         text = out.outputs[0].text if tok is not None else " ".join(map(str, out.token_ids))
         print(text if len(outputs) == 1 else f"[{out.request_id}] {text!r}")
 
 
-def _beam_search(llm: LLM, prompts: list) -> None:
+def _beam_search(llm: LLM, prompts: list, lora: LoRARequest | None) -> None:
     params = BeamSearchParams(
         beam_width=_BEAM.value,
         max_tokens=_MAX_TOKENS.value,
         temperature=_TEMPERATURE.value,
         length_penalty=_LENGTH_PENALTY.value,
     )
-    for i, result in enumerate(llm.beam_search(prompts, params)):
+    for i, result in enumerate(llm.beam_search(prompts, params, lora_request=lora)):
         for beam in result.sequences:
             text = beam.text if beam.text is not None else " ".join(map(str, beam.tokens))
             print(f"[{i}] {beam.cum_logprob:8.3f} {text!r}")

@@ -141,9 +141,11 @@ class LLM:
         params: BeamSearchParams,
         *,
         use_tqdm: bool = False,
+        lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search (`orca_jax.beam_search`): the `beam_width` best beams of each
-        prompt (text or token ids), best first. Needs `max_logprobs >= 2 * beam_width`."""
+        prompt (text or token ids), best first. Needs `max_logprobs >= 2 * beam_width`.
+        `lora_request`: the LoRA adapter every beam runs with."""
         prompts = [unpack_prompt(p) if isinstance(p, dict) else p for p in _as_list(prompts)]
         tok = self.get_tokenizer()
         if any(isinstance(p, str) for p in prompts) and tok is None:
@@ -159,7 +161,7 @@ class LLM:
         params.check(self.engine.config.max_logprobs)
 
         def generate(batch, step):
-            return self.generate(batch, step, use_tqdm=use_tqdm)
+            return self.generate(batch, step, use_tqdm=use_tqdm, lora_request=lora_request)
 
         return beam_search(generate, tok, ids, params)
 

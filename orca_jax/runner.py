@@ -194,13 +194,15 @@ class ModelRunner:
             self._add_lora_slots()
 
     def _add_lora_slots(self) -> None:
-        """Empty LoRA slots beside each stage's layers (they scan with them)."""
+        """Empty LoRA slots beside each stage's layers (they scan with them), laid out by the
+        partition rules on a stage's mesh."""
         cfg = self.config
         for st, config in zip(self.stages, self._stage_configs(), strict=True):
-            lora = init_lora_slots(config, cfg.max_loras, cfg.max_lora_rank)
-            if st.inputs is not None:
-                lora = jax.device_put(lora, st.inputs)
-            st.params = {**st.params, "layers": {**st.params["layers"], "lora": lora}}
+            lora = {"layers": {"lora": init_lora_slots(config, cfg.max_loras, cfg.max_lora_rank)}}
+            mesh = st.mesh if st.inputs is None else st.inputs.mesh  # the stage's devices
+            if mesh is not None:
+                lora = shard_params(lora, config, mesh)
+            st.params = {**st.params, "layers": {**st.params["layers"], **lora["layers"]}}
 
     def _stage_configs(self) -> list[ModelConfig]:
         sizes = [st.kv_cache.k.shape[0] for st in self.stages]  # layers per stage
@@ -213,7 +215,10 @@ class ModelRunner:
         for st in self.stages:
             n = st.kv_cache.k.shape[0]
             part = {k: (a[start : start + n], b[start : start + n]) for k, (a, b) in arrays.items()}
-            lora = write_slot(st.params["layers"]["lora"], slot, part)
+            old = st.params["layers"]["lora"]
+            lora = jax.device_put(
+                write_slot(old, slot, part), jax.tree.map(lambda a: a.sharding, old)
+            )
             st.params = {**st.params, "layers": {**st.params["layers"], "lora": lora}}
             start += n
 

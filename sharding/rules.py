@@ -9,7 +9,9 @@ Stacked layer weights carry a leading L axis, never split. Over the `model` axis
   does not: those stay replicated);
 - norms, biases of row-parallel layers, learned positions: replicated;
 - int8 kernels' per-output-channel scales split as their layer's outputs (q, k, v, up,
-  gate) or are replicated (o, down: their outputs are whole on every device).
+  gate) or are replicated (o, down: their outputs are whole on every device);
+- LoRA slots: B of column-parallel layers split on outputs, A of row-parallel ones on
+  inputs, the rest replicated (the adapter's delta then needs no extra communication).
 The KV cache `[L, K, P, S, H]` splits on K, matching k/v, so each device owns the pages of
 its own KV heads.
 """
@@ -33,6 +35,11 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/mlp/(up|gate)/kernel$", P(None, None, M)),  # [L, D, F]
     (r"^layers/mlp/(up|gate)/(bias|kernel_scale)$", P(None, M)),  # [L, F]
     (r"^layers/mlp/down/kernel$", P(None, M, None)),  # [L, F, D]
+    # LoRA slots (models/lora.py): B split as its layer's outputs (column-parallel layers),
+    # A as its layer's inputs (row-parallel ones); heads flatten head-major, so the splits
+    # fall on whole heads.
+    (r"^layers/lora/(q|k|v|up|gate)/b$", P(None, None, None, M)),  # [L, M, r, D_out]
+    (r"^layers/lora/(o|down)/a$", P(None, None, M, None)),  # [L, M, D_in, r]
     (r"^embed/tokens$", P(M, None)),  # [V, D]  (vocab, when it divides)
     (r"^lm_head/kernel$", P(None, M)),  # [D, V]  (vocab, when it divides)
 )

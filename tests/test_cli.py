@@ -5,17 +5,24 @@ import subprocess
 import sys
 
 
-def _run(*flags: str) -> list[str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run(
+def _generate(*flags: str, check: bool) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "orca_jax.generate", *flags],
         capture_output=True,
         text=True,
         timeout=300,
-        env=env,
-        check=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        check=check,
     )
-    return done.stdout.strip().splitlines()
+
+
+def _run(*flags: str) -> list[str]:
+    return _generate(*flags, check=True).stdout.strip().splitlines()
+
+
+def _run_failing(*flags: str) -> subprocess.CompletedProcess:
+    """A run expected to fail: its return code and stderr to check."""
+    return _generate(*flags, check=False)
 
 
 def test_main_job_answers():
@@ -36,26 +43,12 @@ def test_speculative_config_flag_keeps_the_answer():
     plain = _run(*question)
     spec = _run(*question, '--speculative-config={"method": "ngram", "num_speculative_tokens": 3}')
     assert spec == plain and "Paris" in spec[-1], (spec, plain)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    bad = subprocess.run(
-        [sys.executable, "-m", "orca_jax.generate", "--prompt=hi", "--speculative_config={k: 1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    bad = _run_failing("--prompt=hi", "--speculative_config={k: 1")
     assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr[-500:]
 
 
 def test_kv_cache_dtype_flag():
     lines = _run("--prompt=What is the capital of France?", "--chat", "--kv-cache-dtype=fp8")
     assert "Paris" in lines[-1], lines
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    bad = subprocess.run(
-        [sys.executable, "-m", "orca_jax.generate", "--prompt=hi", "--kv_cache_dtype=fp4"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    bad = _run_failing("--prompt=hi", "--kv_cache_dtype=fp4")
     assert bad.returncode == 1 and "kv_cache_dtype" in bad.stderr, bad.stderr[-500:]

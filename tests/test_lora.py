@@ -11,34 +11,25 @@ adapter and the server ride on that.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from hf_reference import flax_to_torch_state_dict, random_flax_model, write_checkpoint
-from lora_utils import PEFT_PREFIX, write_peft_adapter
+from lora_utils import LLAMA, LLAMA_MODULES, PEFT_PREFIX, write_peft_adapter
 
+from models.decoder import stage_step
 from orca_jax import LLM, LoRARequest, SamplingParams
+from orca_jax.runner import dummy_batch
 from orca_jax.utils.compilation import count_compiles
 
 transformers = pytest.importorskip("transformers")
 from transformers import FlaxLlamaForCausalLM  # noqa: E402
 
-HF = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-)
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (rank, alpha, targets) of three adapters
-ADAPTERS = [(8, 16, ALL), (4, 8, ["q_proj", "v_proj"]), (2, 4, ["o_proj", "down_proj"])]
+ADAPTERS = [(8, 16, LLAMA_MODULES), (4, 8, ["q_proj", "v_proj"]), (2, 4, ["o_proj", "down_proj"])]
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 7, 7, 1], [120, 2, 33, 64, 90, 11, 4, 76, 12]]
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
 
@@ -54,7 +45,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Setup:
-    hf_config = transformers.LlamaConfig(**HF)
+    hf_config = transformers.LlamaConfig(**LLAMA)
     model, flax_params = random_flax_model(FlaxLlamaForCausalLM, hf_config, seed=4)
     root = tmp_path_factory.mktemp("lora")
     (root / "base").mkdir()
@@ -169,6 +160,20 @@ def test_prefix_cache_is_kept_apart_per_adapter(setup):
     check_against_reference(setup, None, prompt, base)
 
 
+def test_beam_search_runs_each_beam_with_the_adapter(setup):
+    from orca_jax import BeamSearchParams  # noqa: PLC0415
+
+    llm = make_llm(setup, max_logprobs=4)
+    beams = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    [result] = llm.beam_search([PROMPTS[0]], beams, lora_request=setup.loras[0])
+    best = result.sequences[0]
+    out = best.tokens[len(PROMPTS[0]) :]
+    ref = reference(setup, 0, PROMPTS[0], out)  # the adapter's log-probabilities
+    np.testing.assert_allclose(best.cum_logprob, ref[np.arange(len(out)), out].sum(), atol=1e-4)
+    [plain] = llm.beam_search([PROMPTS[0]], beams)
+    assert plain.sequences[0].cum_logprob != pytest.approx(best.cum_logprob, abs=1e-3)
+
+
 def test_bad_adapters_and_requests_are_clear_errors(setup, tmp_path):
     llm = make_llm(setup, max_lora_rank=4)
     engine = llm.engine
@@ -186,18 +191,41 @@ def test_bad_adapters_and_requests_are_clear_errors(setup, tmp_path):
     plain = LLM(setup.model_dir, max_model_len=64)
     with pytest.raises(ValueError, match="enable_lora"):
         plain.engine.add_request([1, 2], GREEDY, lora_request=setup.loras[1])
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        make_llm(setup, tensor_parallel_size=2)
 
 
-def test_pipeline_stages_carry_their_layers_adapters(setup):
+@pytest.mark.parametrize("parallel", [dict(pipeline_parallel_size=2), dict(tensor_parallel_size=2)])
+def test_adapters_over_several_devices(setup, parallel):
+    """Pipeline stages hold their layers' slots; tensor parallelism splits the slots as the
+    partition rules split their layers (B on outputs, A on inputs)."""
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices")
-    llm = make_llm(setup, pipeline_parallel_size=2)
+    llm = make_llm(setup, **parallel)
     loras = [setup.loras[0], None, setup.loras[1]]
     outs = llm.generate(PROMPTS, GREEDY, lora_request=loras, use_tqdm=False)
     for prompt, adapter, out in zip(PROMPTS, (0, None, 1), outs, strict=True):
         check_against_reference(setup, adapter, prompt, out)
+    if "tensor_parallel_size" in parallel:  # still split after adapters were written in
+        lora = llm.engine.runner.stages[0].params["layers"]["lora"]
+        b, a = lora["q"]["b"], lora["o"]["a"]  # [L, M, r, N*H] and [L, M, N*H, r]
+        assert {s.data.shape[-1] for s in b.addressable_shards} == {b.shape[-1] // 2}
+        assert {s.data.shape[-2] for s in a.addressable_shards} == {a.shape[-2] // 2}
+        # ... and the adapters add no communication: the step's collectives stay the
+        # all-reduces after the row-parallel layers.
+        st = llm.engine.runner.stages[0]
+        batch = dummy_batch(16, 8, 8, lora=True)
+        step = stage_step.lower(
+            st.params,
+            st.kv_cache,
+            None,
+            batch,
+            llm.engine.model_config,
+            st.mesh,
+            first=True,
+            last=True,
+        )
+        hlo = step.compile().as_text()
+        ops = set(re.findall(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all)\b", hlo))
+        assert ops == {"all-reduce"}, ops
 
 
 def test_server_routes_a_model_name_to_its_adapter(setup):
@@ -237,3 +265,30 @@ def test_server_routes_a_model_name_to_its_adapter(setup):
             assert r.status_code == 404 and "adapter1" in r.json()["error"]["message"]
     finally:
         engine.shutdown()
+
+
+def test_generate_cli_takes_an_adapter(setup):
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    ids = ",".join(map(str, PROMPTS[0]))
+    flags = [f"--model={setup.model_dir}", f"--prompt_token_ids={ids}", "--max_tokens=6"]
+    flags += ["--max_model_len=64", "--max_lora_rank=8"]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orca_jax.generate",
+            *flags,
+            f"--lora_path={setup.loras[0].lora_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens = [int(t) for t in run.stdout.split()]
+    ref = reference(setup, 0, PROMPTS[0], tokens)
+    assert len(tokens) == 6 and tokens == ref.argmax(-1).tolist()

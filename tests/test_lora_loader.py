@@ -14,7 +14,13 @@ import os
 import numpy as np
 import pytest
 from hf_reference import flax_to_torch_state_dict, random_flax_model, write_checkpoint
-from lora_utils import layer_prefix, merge_into_state_dict, write_peft_adapter
+from lora_utils import (
+    LLAMA,
+    LLAMA_MODULES,
+    layer_prefix,
+    merge_into_state_dict,
+    write_peft_adapter,
+)
 from safetensors.numpy import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -28,20 +34,7 @@ from models.loaders import (  # noqa: E402
 )
 from models.loaders.peft_lora import LoRAWeights, load_peft_lora  # noqa: E402
 
-# GQA: 4 query heads over 2 KV heads, two layers (as test_reference_llama's "gqa").
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
 GPT2 = dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RTOL = 1e-5
 
 

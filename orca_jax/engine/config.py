@@ -112,8 +112,8 @@ class EngineConfig:
                 f"max_loras ({self.max_loras}) and max_lora_rank ({self.max_lora_rank}) must "
                 "be >= 1"
             )
-        if self.tensor_parallel_size > 1 or jax.process_count() > 1:
+        if jax.process_count() > 1:
             raise ValueError(
-                "LoRA adapters are served on one device or pipeline stages within one "
-                "process; tensor parallelism and multi-process runs do not take them yet"
+                "LoRA adapters are served within one process (one device, tensor-parallel "
+                "devices, pipeline stages); multi-process runs do not take them yet"
             )
