@@ -58,6 +58,12 @@ _LORA_MODULES = flags.DEFINE_list(
     "LoRA adapters as name=path (PEFT directories), comma-separated: a request whose model is "
     "`name` runs with that adapter. Implies --enable_lora.",
 )
+_RUNTIME_LORA = flags.DEFINE_bool(
+    "allow_runtime_lora_updating",
+    False,
+    "Serve /v1/load_lora_adapter and /v1/unload_lora_adapter (they read any path the server "
+    "can; vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING). Implies --enable_lora.",
+)
 _TRUST_TEMPLATES = flags.DEFINE_bool(
     "trust_request_chat_template",
     False,
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> None:
     if _AUTO_TOOLS.value and _TOOL_PARSER.value is None:
         raise app.UsageError("--enable_auto_tool_choice needs --tool_call_parser")
     loras = lora_modules(_LORA_MODULES.value)
-    extra = dict(enable_lora=True) if loras else {}
+    extra = dict(enable_lora=True) if loras or _RUNTIME_LORA.value else {}
     llm = engine_flags.build_llm(max_logprobs=_MAX_LOGPROBS.value, **extra)
     for lora in loras.values():  # a bad adapter stops the server here, not a request later
         try:
@@ -96,6 +102,7 @@ def main(argv: list[str]) -> None:
             reasoning_parser=reasoning.get_parser(_REASONING.value) if _REASONING.value else None,
             api_key=_API_KEY.value,
             lora_modules=loras,
+            allow_runtime_lora_updating=_RUNTIME_LORA.value,
         )
         uvicorn.run(app_, host=_HOST.value, port=_PORT.value, log_level="info")
     finally:

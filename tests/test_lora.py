@@ -90,9 +90,15 @@ def reference(setup: Setup, adapter: int | None, prompt: list[int], out: list[in
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
 
+def token_logprobs(output) -> list[float]:
+    """Each generated token's logprob (requests made with logprobs=0)."""
+    comp = output.outputs[0]
+    return [lp[t].logprob for t, lp in zip(comp.token_ids, comp.logprobs, strict=True)]
+
+
 def check_against_reference(setup: Setup, adapter: int | None, prompt, output) -> None:
     tokens = list(output.outputs[0].token_ids)
-    logprobs = [lp[t].logprob for t, lp in zip(tokens, output.outputs[0].logprobs, strict=True)]
+    logprobs = token_logprobs(output)
     ref = reference(setup, adapter, prompt, tokens)
     assert tokens == ref.argmax(-1).tolist(), (adapter, tokens)  # greedy: the reference's argmax
     np.testing.assert_allclose(logprobs, ref[np.arange(len(tokens)), tokens], atol=2e-4)
@@ -237,8 +243,9 @@ def test_server_routes_a_model_name_to_its_adapter(setup):
     engine = AsyncEngine(make_llm(setup).engine)
     offline = make_llm(setup)
     body = dict(prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    app = build_app(engine, "base", lora_modules=modules, allow_runtime_lora_updating=True)
     try:
-        with TestClient(build_app(engine, "base", lora_modules=modules)) as http:
+        with TestClient(app) as http:
             cards = http.get("/v1/models").json()["data"]
             assert [(c["id"], c["parent"]) for c in cards] == [
                 ("base", None),
@@ -254,15 +261,30 @@ def test_server_routes_a_model_name_to_its_adapter(setup):
                 lora = None if adapter is None else setup.loras[adapter]
                 [want] = offline.generate([PROMPTS[0]], GREEDY, lora_request=lora, use_tqdm=False)
                 check_against_reference(setup, adapter, PROMPTS[0], want)
-                want_lps = [
-                    lp[t].logprob
-                    for t, lp in zip(
-                        want.outputs[0].token_ids, want.outputs[0].logprobs, strict=True
-                    )
-                ]
-                np.testing.assert_allclose(got, want_lps, atol=1e-5)
+                np.testing.assert_allclose(got, token_logprobs(want), atol=1e-5)
             r = http.post("/v1/completions", json=body | dict(model="adapter3"))
             assert r.status_code == 404 and "adapter1" in r.json()["error"]["message"]
+            # Runtime updating: a bad adapter changes nothing; a good one is served at once
+            # (as adapter 3 offline), and unloaded it is gone.
+            load, unload = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+            bad = http.post(load, json=dict(lora_name="adapter3", lora_path="/nonexistent"))
+            assert bad.status_code == 400 and "adapter_config.json" in bad.text
+            taken = http.post(load, json=dict(lora_name="adapter1", lora_path="/x"))
+            assert taken.status_code == 400 and "already served" in taken.text
+            path = setup.loras[2].lora_path
+            assert http.post(load, json=dict(lora_name="adapter3", lora_path=path)).is_success
+            assert "adapter3" in [c["id"] for c in http.get("/v1/models").json()["data"]]
+            r = http.post("/v1/completions", json=body | dict(model="adapter3"))
+            assert r.status_code == 200 and r.json()["model"] == "adapter3"
+            [want] = offline.generate(
+                [PROMPTS[0]], GREEDY, lora_request=setup.loras[2], use_tqdm=False
+            )
+            got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+            np.testing.assert_allclose(got, token_logprobs(want), atol=1e-5)
+            assert http.post(unload, json=dict(lora_name="adapter3")).is_success
+            assert http.post(unload, json=dict(lora_name="adapter3")).status_code == 404
+            r = http.post("/v1/completions", json=body | dict(model="adapter3"))
+            assert r.status_code == 404
     finally:
         engine.shutdown()
 

@@ -28,6 +28,7 @@ from orca_jax.engine.lora import LoRARequest
 from orca_jax.engine.outputs import CompletionOutput, RequestOutput
 from orca_jax.server import responses, responses_api
 from orca_jax.server.async_engine import AsyncEngine
+from orca_jax.server.lora_routes import add_lora_routes
 from orca_jax.server.metrics import ServerMetrics
 from orca_jax.server.protocol import (
     ChatCompletionRequest,
@@ -56,6 +57,7 @@ def build_app(
     reasoning_parser: ReasoningParser | None = None,
     api_key: str | None = None,
     lora_modules: dict[str, LoRARequest] | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """The server's routes over `engine` (already running), serving `model_name`.
 
@@ -66,8 +68,9 @@ def build_app(
     model's thinking goes to `reasoning_content` (`reasoning.py`). `api_key`: the `/v1`
     routes answer only requests bearing it (`Authorization: Bearer KEY`), as vLLM's
     `--api-key`. `lora_modules`: LoRA adapters by the model name a request gives to use
-    one (vLLM's `--lora-modules`), listed by /v1/models."""
-    lora_modules = lora_modules or {}
+    one (vLLM's `--lora-modules`), listed by /v1/models; `allow_runtime_lora_updating` adds
+    the routes that load and unload them while the server runs (`lora_routes.py`)."""
+    lora_modules = dict(lora_modules or {})
     app = FastAPI(title="orca-jax", description="Iteration-level scheduling on JAX")
     tokenizer = engine.engine.tokenizer
     max_model_len = engine.engine.scheduler.config.max_model_len
@@ -99,6 +102,9 @@ def build_app(
             )
         why = req.unsupported()
         return error(400, why) if why else None
+
+    if allow_runtime_lora_updating:
+        add_lora_routes(app, engine, model_name, lora_modules, error)
 
     @app.get("/health")
     async def health() -> JSONResponse:
