@@ -24,6 +24,17 @@ from models.config import ModelConfig
 from models.loaders import config_from_hf_json
 
 PAGE_SIZE = 4
+# A tiny Llama (transformers' LlamaConfig fields): GQA, 4 query heads over 2 KV heads.
+TINY_LLAMA = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+)
 
 
 def flax_to_torch_state_dict(flax_params: dict) -> dict[str, np.ndarray]:

@@ -15,20 +15,11 @@ import os
 import re
 
 import numpy as np
+from hf_reference import TINY_LLAMA
 from safetensors.numpy import save_file
 
-# The tiny Llama the LoRA tests adapt: GQA (4 query heads over 2 KV heads), two layers.
-LLAMA = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+# The tiny Llama the LoRA tests adapt (untied head).
+LLAMA = TINY_LLAMA | dict(tie_word_embeddings=False)
 LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # PEFT keys name the wrapped model: `base_model.model.` + the HF module path.
 PEFT_PREFIX = "base_model.model."

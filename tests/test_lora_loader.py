@@ -74,12 +74,18 @@ def check_merged_delta(lora: LoRAWeights, base, merged, want_targets: set[str]) 
             assert err < RTOL, (target, layer, err)
 
 
+def _checkpoint(directory, model_cls, hf_config, to_params):
+    """(hf_config, torch-layout state dict, our config, our params) of a random model."""
+    sd = flax_to_torch_state_dict(random_flax_model(model_cls, hf_config)[1])
+    cfg = write_checkpoint(directory, hf_config, sd)
+    return hf_config, sd, cfg, to_params(sd, cfg)
+
+
 @pytest.fixture(scope="module")
 def llama_gqa(tmp_path_factory):
-    hf_config = transformers.LlamaConfig(**LLAMA)
-    sd = flax_to_torch_state_dict(random_flax_model(FlaxLlamaForCausalLM, hf_config)[1])
-    cfg = write_checkpoint(tmp_path_factory.mktemp("llama"), hf_config, sd)
-    return hf_config, sd, cfg, llama_params_from_state_dict(sd, cfg)
+    config = transformers.LlamaConfig(**LLAMA)
+    directory = tmp_path_factory.mktemp("llama")
+    return _checkpoint(directory, FlaxLlamaForCausalLM, config, llama_params_from_state_dict)
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +108,9 @@ def llama_wide_heads(tmp_path_factory, llama_gqa):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    hf_config = transformers.GPT2Config(**GPT2)
-    sd = flax_to_torch_state_dict(random_flax_model(FlaxGPT2LMHeadModel, hf_config)[1])
-    cfg = write_checkpoint(tmp_path_factory.mktemp("gpt2"), hf_config, sd)
-    return hf_config, sd, cfg, gpt2_params_from_state_dict(sd, cfg)
+    config = transformers.GPT2Config(**GPT2)
+    directory = tmp_path_factory.mktemp("gpt2")
+    return _checkpoint(directory, FlaxGPT2LMHeadModel, config, gpt2_params_from_state_dict)
 
 
 @pytest.mark.parametrize(

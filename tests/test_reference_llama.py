@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_reference import (
+    TINY_LLAMA,
     check_layout_is_transformers_own,
     check_logits_match,
     flax_to_torch_state_dict,
@@ -51,17 +52,7 @@ def test_sincos_patch_is_the_original_at_base_10000():
 
 LLAMA_CONFIGS = {
     # GQA (4 query heads on 2 KV heads), RoPE base != 10000, untied head.
-    "gqa": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_theta=50000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=64,
-    ),
+    "gqa": TINY_LLAMA | dict(rope_theta=50000.0),
     # Multi-query, three layers, head dim 32.
     "mqa": dict(
         vocab_size=300,
