@@ -135,6 +135,7 @@ def test_more_adapters_than_slots_wait_for_one(setup):
         ]
         # Adapter 1 takes the slot and its second request shares it; the other three wait.
         assert engine.loras.num_waiting == 3
+        assert engine.loras.adapter_names() == (["adapter1"], ["adapter2", "adapter3"])
         done = {}
         while engine.has_unfinished_requests():
             done |= {o.request_id: o for o in engine.step() if o.finished}
@@ -236,6 +237,7 @@ def test_adapters_over_several_devices(setup, parallel):
 
 def test_server_routes_a_model_name_to_its_adapter(setup):
     from fastapi.testclient import TestClient  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
     from orca_jax.server import AsyncEngine, build_app  # noqa: PLC0415
 
@@ -253,6 +255,13 @@ def test_server_routes_a_model_name_to_its_adapter(setup):
                 ("adapter2", "base"),
             ]
             assert cards[1]["root"] == setup.loras[0].lora_path
+            families = {
+                f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)
+            }
+            [info] = families["orca:lora_requests_info"].samples
+            assert info.labels["max_lora"] == "2" and info.labels["running_lora_adapters"] == ""
+            [cache] = families["orca:cache_config_info"].samples
+            assert cache.labels["cache_dtype"] == "auto" and cache.value == 1
             for model, adapter in (("base", None), ("adapter1", 0), ("adapter2", 1)):
                 r = http.post("/v1/completions", json=body | dict(model=model))
                 assert r.status_code == 200, r.text

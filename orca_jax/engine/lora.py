@@ -100,6 +100,14 @@ class LoRAManager:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def adapter_names(self) -> tuple[list[str], list[str]]:
+        """Names of the adapters unfinished requests run with, and of those requests wait
+        for (vLLM's `lora_requests_info`; safe to call from another thread)."""
+        held = [i for i, n in zip(list(self._slots), list(self._users), strict=True) if n]
+        waiting = {lora_id for lora_id, _ in list(self._waiting.values())}
+        names = lambda ids: sorted(self._known[i].lora_name for i in ids)  # noqa: E731
+        return names(held), names(waiting)
+
     def _take(self, req_id: str, lora_id: int) -> bool:
         if lora_id in self._slots:
             slot = self._slots.index(lora_id)

@@ -8,9 +8,11 @@ server has its own registry, so several apps in one process do not collide.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from orca_jax.engine.engine import Engine
 from orca_jax.engine.outputs import RequestOutput
@@ -92,6 +94,7 @@ class ServerMetrics:
             "orca:request_generation_tokens", "Tokens per finished request.", _TOKEN_BUCKETS
         )
         self._seen = self._totals()
+        self.registry.register(_ConfigCollector(engine, model_name))
 
     def observe(self, outputs: Sequence[RequestOutput]) -> None:
         """Account one iteration's outputs (engine thread; outputs are the live objects)."""
@@ -147,3 +150,42 @@ class ServerMetrics:
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class _ConfigCollector:
+    """vLLM's info gauges, read at scrape time: `cache_config_info` (value 1; the cache's
+    settings as labels) and, with LoRA, `lora_requests_info` (value: the scrape's time;
+    labels: the adapters running and waiting, comma-separated, and `max_lora`)."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        engine = self.engine
+        sched, model = engine.scheduler.config, engine.model_config
+        cache = {
+            "model_name": self.model_name,
+            "block_size": str(sched.block_size),
+            "num_gpu_blocks": str(sched.num_blocks),
+            "cache_dtype": model.kv_cache_dtype,
+            "enable_prefix_caching": str(sched.enable_prefix_caching),
+        }
+        info = GaugeMetricFamily(
+            "orca:cache_config_info", "The KV cache's settings.", labels=list(cache)
+        )
+        info.add_metric(list(cache.values()), 1.0)
+        yield info
+        if engine.loras is None:
+            return
+        running, waiting = engine.loras.adapter_names()
+        labels = {
+            "model_name": self.model_name,
+            "running_lora_adapters": ",".join(running),
+            "waiting_lora_adapters": ",".join(waiting),
+            "max_lora": str(engine.loras.max_loras),
+        }
+        lora = GaugeMetricFamily(
+            "orca:lora_requests_info", "LoRA adapters in use and awaited.", labels=list(labels)
+        )
+        lora.add_metric(list(labels.values()), time.time())
+        yield lora
