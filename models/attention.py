@@ -69,6 +69,8 @@ def paged_attention(
         raise ValueError(f"unknown attention_impl {impl!r}")
     if config.kv_cache_dtype != "auto":  # the cache holds fp8 bits
         fn = functools.partial(fn, cache_dtype=config.cache_dtype)
+    if config.sliding_window is not None:
+        fn = functools.partial(fn, sliding_window=config.sliding_window)
     if mesh is not None:
         fn = shard_over_heads(fn, mesh)
     return fn(*args, sm_scale=sm_scale)

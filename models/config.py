@@ -48,6 +48,9 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"
     quantization: Quantization = None
     kv_cache_dtype: KVCacheDtype = "auto"
+    # Sliding-window attention (Mistral): each token attends to itself and the
+    # sliding_window - 1 tokens before it (as torch's Mistral and vLLM count); None: all.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
@@ -61,6 +64,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_impl must be auto, reference or pallas; got {self.attention_impl!r}"
             )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None; got {self.sliding_window}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"

@@ -39,7 +39,8 @@ def preset_name(config: ModelConfig) -> str:
 
 
 def config_from_hf_json(path: str, *, name: str | None = None) -> ModelConfig:
-    """ModelConfig from a Hugging Face `config.json` (a file or its directory), gpt2 or llama."""
+    """ModelConfig from a Hugging Face `config.json` (a file or its directory): gpt2, llama
+    or mistral."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     with open(path) as f:
@@ -50,8 +51,12 @@ def config_from_hf_json(path: str, *, name: str | None = None) -> ModelConfig:
         cfg = _gpt2_config(hf, default_name)
     elif model_type == "llama":
         cfg = _llama_config(hf, default_name)
+    elif model_type == "mistral":  # Llama's layout, plus a sliding attention window
+        cfg = _llama_config(hf, default_name).replace(sliding_window=hf.get("sliding_window"))
     else:
-        raise ValueError(f"unsupported model_type {model_type!r} in {path} (gpt2 or llama)")
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {path} (gpt2, llama or mistral)"
+        )
     return cfg if name else cfg.replace(name=preset_name(cfg))
 
 

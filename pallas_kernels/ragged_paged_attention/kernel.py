@@ -70,6 +70,7 @@ def _attention_kernel(
     precision: lax.Precision | None,
     num_aliased: int,
     cache_dtype,
+    sliding_window: int | None,
 ):
     out_refs = refs[num_aliased:]
     tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -102,8 +103,12 @@ def _attention_kernel(
 
         kv_end = pos0 + count  # keys [0, kv_end) are visible to the tile's last token
         n_chunks = lax.div(kv_end + block_kv - 1, block_kv)
-        lo = lax.div(split * n_chunks, num_splits)
-        hi = lax.div((split + 1) * n_chunks, num_splits)
+        first = 0  # chunks before it are outside every row's sliding window
+        if sliding_window is not None:
+            first = lax.div(jnp.maximum(pos0 - (sliding_window - 1), 0), block_kv)
+        span = n_chunks - first
+        lo = first + lax.div(split * span, num_splits)
+        hi = first + lax.div((split + 1) * span, num_splits)
         full = lax.div(pos0 + 1, block_kv)  # chunks before this one precede every row
         key = lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
         pages_per_step = block_kv // S
@@ -130,9 +135,11 @@ def _attention_kernel(
                 preferred_element_type=jnp.float32,
             )  # [M, BK]
             s = s * scale_log2
+            key_pos = c * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
             if masked:
-                key_pos = c * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
                 s = jnp.where(key_pos <= pos, s, -jnp.inf)
+            if sliding_window is not None:  # in both loops: the window's start cuts any chunk
+                s = jnp.where(key_pos > pos - sliding_window, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing seen yet
             alpha = jnp.exp2(m - m_safe)
@@ -188,6 +195,7 @@ def _attention_call(
     num_stages,
     interpret,
     cache_dtype,
+    sliding_window,
 ):
     """One `pallas_call` over the tiles of one class; writes into `aliased` if given."""
     T, N, H = q.shape
@@ -210,6 +218,7 @@ def _attention_call(
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
         num_aliased=len(aliased),
         cache_dtype=cache_dtype,
+        sliding_window=sliding_window,
     )
     return pl.pallas_call(
         kernel,
@@ -298,6 +307,7 @@ def _check_shapes(
         "num_stages",
         "interpret",
         "cache_dtype",
+        "sliding_window",
     ),
 )
 def ragged_paged_attention(
@@ -319,6 +329,7 @@ def ragged_paged_attention(
     num_stages: int = 3,
     interpret: bool | None = None,
     cache_dtype=None,
+    sliding_window: int | None = None,
 ) -> jax.Array:  # [T, N, H]; rows of padding tokens are zero
     """Attention of every packed query token over its own request's paged context.
 
@@ -328,7 +339,9 @@ def ragged_paged_attention(
     short-query and long-query tiles; `num_kv_splits` split-K factor
     (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`. `interpret`
     defaults to True when the default backend is the CPU. `cache_dtype`: the values' type
-    when the caches hold fp8 bits as uint8 (`cache_codec`).
+    when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`: a token at
+    position p sees keys p - sliding_window + 1 ... p only (chunks before every row's window
+    are skipped).
     """
     return _forward(
         q,
@@ -349,6 +362,7 @@ def ragged_paged_attention(
         num_stages=num_stages,
         interpret=interpret,
         cache_dtype=cache_dtype,
+        sliding_window=sliding_window,
     )
 
 
@@ -372,6 +386,7 @@ def _forward(
     num_stages,
     interpret,
     cache_dtype=None,
+    sliding_window=None,
 ):
     """`ragged_paged_attention`, writing real tokens' rows into `out_init` when given.
 
@@ -392,6 +407,8 @@ def _forward(
         cache_dtype,
     )
     cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None; got {sliding_window}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     T, N, H = q.shape
@@ -424,6 +441,7 @@ def _forward(
         num_stages=num_stages,
         interpret=interpret,
         cache_dtype=cache_dtype,
+        sliding_window=sliding_window,
     )
     outs = ()  # with splits, fresh partial buffers (the combine zeroes the padding rows)
     if splits == 1:

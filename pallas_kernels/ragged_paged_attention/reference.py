@@ -35,7 +35,7 @@ def token_metadata(cu_q_lens: jax.Array, kv_lens: jax.Array, num_reqs: jax.Array
     return req, jnp.where(valid, pos, 0), valid
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "cache_dtype"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "cache_dtype", "sliding_window"))
 def ragged_paged_attention_ref(
     q: jax.Array,  # [T, N, H]
     k_cache: jax.Array,  # [L, K, P, S, H]
@@ -48,10 +48,12 @@ def ragged_paged_attention_ref(
     *,
     sm_scale: float,
     cache_dtype=None,
+    sliding_window: int | None = None,
 ) -> jax.Array:  # [T, N, H]; rows of padding tokens are zero
     """Attention of every packed query token over its own request's paged context.
 
     `cache_dtype`: the values' type when the cache holds fp8 bits as uint8 (`cache_codec`).
+    `sliding_window`: a token at position p sees keys p - sliding_window + 1 ... p only.
     """
     cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
     T, N, H = q.shape
@@ -68,7 +70,11 @@ def ragged_paged_attention_ref(
         k = cache_codec.decode(k, cache_dtype, q.dtype)  # fp8 widens, exactly
         qg = q_t.reshape(K, G, H)
         s = jnp.einsum("kgh,kch->kgc", qg, k, preferred_element_type=jnp.float32) * sm_scale
-        s = jnp.where(jnp.arange(MB * S) <= pos_t, s, -jnp.inf)  # causal within the request
+        key = jnp.arange(MB * S)
+        visible = key <= pos_t  # causal within the request
+        if sliding_window is not None:
+            visible &= key > pos_t - sliding_window
+        s = jnp.where(visible, s, -jnp.inf)
         p = jax.nn.softmax(s, axis=-1)
         o = jnp.einsum("kgc,kch->kgh", p, cache_codec.decode(v, cache_dtype, jnp.float32))
         return o.reshape(N, H).astype(q.dtype)

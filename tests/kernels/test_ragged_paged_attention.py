@@ -158,6 +158,29 @@ def test_reference_reads_fp8_as_its_widened_values(config):
         ragged_paged_attention_ref(*batch.args(), sm_scale=sm_scale)
 
 
+@pytest.mark.parametrize("scenario", ["mixed", "decode", "prefill"])
+@pytest.mark.parametrize(
+    "window,tuning",
+    [(1, {}), (5, dict(num_kv_splits=3)), (40, dict(block_kv=16)), (129, {}), (1000, {})],
+)
+def test_sliding_window_matches_reference(window, tuning, scenario):
+    """Keys before each row's window are masked, and chunks before every row's window are
+    skipped, also when split-K divides what is left (and a window longer than any context
+    changes nothing)."""
+    config = CONFIGS[9]  # SmolLM2's GQA, bf16
+    batch = _make_batch(_seed(str(window), scenario), config, scenario)
+    sm_scale = config[-1] ** -0.5
+    args = batch.poisoned().args()
+    out = ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=window, **tuning)
+    ref = ragged_paged_attention_ref(*batch.args(), sm_scale=sm_scale, sliding_window=window)
+    full = ragged_paged_attention_ref(*batch.args(), sm_scale=sm_scale)
+    n = batch.num_real_tokens
+    out, ref, full = (np.asarray(x, np.float32)[:n] for x in (out, ref, full))
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref, atol=TOLERANCES[jnp.bfloat16][1], rtol=0)
+    assert (np.abs(ref - full).max() > 1e-2) == (window < max(SCENARIOS[scenario][1]))
+
+
 # Tuning variants: split-K (with empty splits on short contexts), one page per loop step,
 # and small decode tiles for GQA.
 VARIANTS = [
@@ -375,6 +398,11 @@ def _triton_calls(fn, args):
             "huge",
             dict(T=256, N=32, K=8, H=128, L=40, P=40000, S=32, R=128, MB=128),
             dict(num_kv_splits=4),
+        ),
+        (  # a sliding window (Mistral): chunks before it skipped, the rest masked
+            "sliding_window",
+            dict(T=128, N=9, K=3, H=64, L=30, P=4200, S=16, R=128, MB=32),
+            dict(sliding_window=100),
         ),
         (  # gpt2's decode bucket over an fp8 cache (kv_cache_dtype="fp8")
             "fp8",
