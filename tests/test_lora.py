@@ -323,3 +323,17 @@ def test_generate_cli_takes_an_adapter(setup):
     tokens = [int(t) for t in run.stdout.split()]
     ref = reference(setup, 0, PROMPTS[0], tokens)
     assert len(tokens) == 6 and tokens == ref.argmax(-1).tolist()
+
+
+def test_speculative_decoding_keeps_each_adapters_tokens(setup):
+    """Drafts are verified under the request's own adapter: n-gram speculation changes no
+    token (prompts that repeat themselves, so drafts are proposed and some accepted)."""
+    prompts = [PROMPTS[0] * 3, PROMPTS[1] * 4]
+    loras = [setup.loras[0], setup.loras[1]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = make_llm(setup).generate(prompts, params, lora_request=loras, use_tqdm=False)
+    spec = make_llm(setup, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    drafted = spec.generate(prompts, params, lora_request=loras, use_tqdm=False)
+    assert spec.engine.num_draft_tokens > 0
+    for a, b in zip(plain, drafted, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
