@@ -123,10 +123,10 @@ class KVCacheManager:
             or (scoring and not request.output_token_ids)
         ):
             return 0
-        tokens, S, root = request.all_token_ids, self.block_size, root_key(request)
+        tokens, S = request.all_token_ids, self.block_size
         blocks, keys = [], []
         for i in range((len(tokens) - 1) // S):
-            key = block_key(keys[-1] if keys else root, tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else root_key(request), tokens[i * S : (i + 1) * S])
             block_id = self.block_pool.lookup(key)
             if block_id is None:
                 break
@@ -164,9 +164,9 @@ class KVCacheManager:
         S = self.block_size
         keys = self._req_keys.setdefault(request.req_id, [])
         block_ids = self.req_to_block_ids.get(request.req_id, [])
-        tokens, root = request.all_token_ids, root_key(request)
+        tokens = request.all_token_ids
         for i in range(len(keys), request.num_computed_tokens // S):
-            key = block_key(keys[-1] if keys else root, tokens[i * S : (i + 1) * S])
+            key = block_key(keys[-1] if keys else root_key(request), tokens[i * S : (i + 1) * S])
             self.block_pool.cache(block_ids[i], key)
             keys.append(key)
 

@@ -293,13 +293,14 @@ def build_app(
         except ValueError as e:
             return error(400, str(e))
         rid = f"{prefix}-{uuid.uuid4().hex}"
+        lora = lora_modules.get(req.model)  # None: the base model
         search = BeamSearch(ids, beam_params, tokenizer.eos_token_id if tokenizer else None)
         step = 0
         while beams := search.pending():
             streams = []
             try:
                 for i, tokens in enumerate(beams):
-                    rid_i, lora = f"{rid}-{step}-{i}", lora_modules.get(req.model)
+                    rid_i = f"{rid}-{step}-{i}"
                     streams.append(await engine.add(tokens, search.step_params, rid_i, 0, lora))
             except ValueError as e:
                 for i in range(len(streams)):
@@ -318,7 +319,7 @@ def build_app(
             for prompt, tokens, result in zip(prompts, ids, search.results(tokenizer), strict=True)
             for b in result.sequences
         ]
-        model = req.model if req.model in lora_modules else model_name
+        model = model_name if lora is None else req.model
         meta = dict(id=rid, created=int(time.time()), model=model, tokenizer=tokenizer)
         return JSONResponse(final_fn(outs, **meta, top_n=0, n=params.n, **extra))
 

@@ -256,7 +256,8 @@ def supports(head_dim: int, page_size: int, dtype, cache_dtype=None) -> bool:
 def _check_shapes(
     q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv, cache_dtype
 ):
-    """Trace-time shape and dtype checks (values are checked by `validate_metadata`)."""
+    """Trace-time shape and dtype checks (values are checked by `validate_metadata`);
+    returns the cache values' dtype (`cache_codec.value_dtype`)."""
     if q.ndim != 3 or k_cache.ndim != 5:
         raise ValueError(
             f"want q [T, N, H] and caches [L, K, P, S, H]; got {q.shape}, {k_cache.shape}"
@@ -293,6 +294,7 @@ def _check_shapes(
         )
     if T < 1:
         raise ValueError("need at least one token")
+    return cache_dtype
 
 
 @functools.partial(
@@ -394,7 +396,7 @@ def _forward(
     (default zeros), leaving padding rows as they were: tests pass a NaN buffer to prove
     that every real row, and no padding row, is written.
     """
-    _check_shapes(
+    cache_dtype = _check_shapes(
         q,
         k_cache,
         v_cache,
@@ -406,7 +408,6 @@ def _forward(
         block_kv,
         cache_dtype,
     )
-    cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None; got {sliding_window}")
     if interpret is None:

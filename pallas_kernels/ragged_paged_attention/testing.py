@@ -63,17 +63,14 @@ class Batch:
                 mask[int(self.layer), pages[-1], n % S :] = False
         return mask
 
-    def values(self, cache: np.ndarray | jax.Array) -> jax.Array:
-        """A cache's values in f32 (fp8 bits decoded)."""
-        return cache_codec.decode(jnp.asarray(cache), self.cache_dtype, jnp.float32)
-
     def poisoned(self) -> Batch:
         """A copy whose cache is NaN everywhere outside the contexts (other layers too)."""
         outside = ~self.context_mask()[:, None, :, :, None]  # [L, 1, P, S, 1]
-        dtype = self.cache_dtype or self.k_cache.dtype
+        dtype = self.cache_dtype or self.k_cache.dtype  # the values' type (fp8 bits decoded)
 
         def poison(cache):
-            return cache_codec.encode(jnp.where(outside, jnp.nan, self.values(cache)), dtype)
+            values = cache_codec.decode(jnp.asarray(cache), self.cache_dtype, dtype)
+            return cache_codec.encode(jnp.where(outside, jnp.nan, values), dtype)
 
         return dataclasses.replace(self, k_cache=poison(self.k_cache), v_cache=poison(self.v_cache))
 
