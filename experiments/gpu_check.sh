@@ -62,7 +62,7 @@ for impl in pallas reference; do
     --attention_impl=$impl --buckets=16,128,512 --iters=20 --floor_case --floor_first \
     --out "$OUT/step_$impl.md" ${STEP_FLAGS:-}
 done
-stage attention_tests 300 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q -x \
+stage attention_tests 120 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q -x \
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
