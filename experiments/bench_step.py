@@ -13,11 +13,12 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
+from bandwidth import copy_bandwidths, describe
 from step_shapes import decode_batch, prefill_batch, time_step
 
 from models import get_config, init_kv_cache, init_params, step
+from models.decoder import layer_unroll
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt", "gpt2"], "Presets to time.")
 _BUCKETS = flags.DEFINE_list("buckets", ["16", "64", "256"], "Token buckets T.")
@@ -28,6 +29,9 @@ _ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.
 _QUANT = flags.DEFINE_enum("quantization", None, ["int8"], "Weight-only int8 layer kernels.")
 _KV_DTYPE = flags.DEFINE_enum(
     "kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], "KV cache element type."
+)
+_UNROLL = flags.DEFINE_integer(
+    "layer_unroll", None, "Layers per scan iteration (ModelConfig.layer_unroll); unset: auto."
 )
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
@@ -52,19 +56,6 @@ def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
         jax.block_until_ready(logits)
         times.append((time.perf_counter() - t0) / steps)
     return statistics.median(times), cache
-
-
-def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
-    """Measured read+write bytes/s of a plain elementwise copy (the practical ceiling)."""
-    x = jnp.ones(nbytes // 2, jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
 
 
 def main(argv):
@@ -100,6 +91,7 @@ def main(argv):
             attention_impl=_ATTN.value,
             quantization=_QUANT.value,
             kv_cache_dtype=_KV_DTYPE.value,
+            layer_unroll=_UNROLL.value,
         )
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
@@ -126,6 +118,7 @@ def floor_rows(page: int) -> list[str]:
         attention_impl=_ATTN.value,
         quantization=_QUANT.value,
         kv_cache_dtype=_KV_DTYPE.value,
+        layer_unroll=_UNROLL.value,
     )
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(reqs, ctx, page)
@@ -134,16 +127,18 @@ def floor_rows(page: int) -> list[str]:
     queued, _ = time_back_to_back(params, cfg, cache, batch, max(_ITERS.value, 20))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     kv_bytes = reqs * (ctx + 1) * cfg.kv_bytes_per_token()
-    bw = copy_bandwidth()
+    bws = copy_bandwidths()
+    bw = max(bws.values())
     floor = (weight_bytes + kv_bytes) / bw
     return [
         f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
-        f"{_ATTN.value} "
+        f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} "
         f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",
         f"  each step waited for: {sec * 1e3:.3f} ms/step = {sec / floor:.2f}x floor; "
         f"steps queued back to back: {queued * 1e3:.3f} ms/step = {queued / floor:.2f}x floor",
+        f"  copy bandwidth (read+write, fastest kept): {describe(bws)}",
         "",
     ]
 

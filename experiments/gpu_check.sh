@@ -5,9 +5,12 @@
 # inside the device tool's 600 s per call), each cut to what is left, so a slow stage costs
 # the ones after it, never the figures already written. Every stage writes its log and table
 # under $OUT as it goes; the summary is printed last.
+#   0. the copy bandwidth every floor uses (experiments/bandwidth.py), and torch's
+#      device-to-device copy beside it as an outside check
 #   1. attention: our kernel checked against the jnp reference on the GPU, then timed against
 #      the shipped paged_attention and the copy bandwidth (attention.md)
-#   2. whole gpt2 bf16 step, 128 decodes x 512, Pallas then reference, against its floor
+#   2. whole gpt2 bf16 step, 128 decodes x 512, Pallas (layers scanned, then unrolled) and
+#      reference, against its floor; then where its device time goes (profile_step.py)
 #   3. the kernel test suite on the GPU (Triton, not interpret)
 #   4. host time per iteration on this machine's CPU (scheduler; whole engine step)
 #   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
@@ -17,6 +20,7 @@
 #   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
 #   8. the gpt2 step over an fp8 KV cache (kv_cache_dtype=fp8) against its floor, if time is left
 #   9. gpt2 bf16 steps with and without 4 LoRA adapter slots, if time is left
+# GPU_CHECK_ONLY="name ..." runs only the stages named (all when unset).
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
@@ -24,7 +28,8 @@
 #   --floor_context=32" ENGINE_FLAGS="--model=tiny-gpt --dtype=float32 --num_reqs=8
 #   --prompt_len=16 --output_len=8" CAL_FLAGS="--model=tiny-gpt --dtype=float32 --iters=2
 #   --num_requests=10 --policies=orca --rates=50" LORA_FLAGS="--model=tiny-gpt
-#   --dtype=float32 --buckets=16 --context=32" OUT=/tmp/o bash experiments/gpu_check.sh
+#   --dtype=float32 --buckets=16 --context=32" PROFILE_FLAGS="--model=tiny-gpt --dtype=float32
+#   --reqs=4 --context=32 --steps=2" OUT=/tmp/o bash experiments/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -40,6 +45,9 @@ summary="$OUT/summary.txt"
 stage() {
   local name=$1 max=$2 left t0 rc
   shift 2
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    return
+  fi
   left=$((BUDGET - ($(date +%s) - start) - 5))
   [ "$left" -lt "$max" ] && max=$left
   if [ "$max" -lt 20 ]; then
@@ -56,13 +64,34 @@ card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "card: ${card:-unknown}; budget ${BUDGET} s" | tee "$summary"
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$summary"
 
+stage bandwidth 40 "$PY" -c "import sys; sys.path.insert(0, 'experiments')
+from bandwidth import copy_bandwidths, describe
+print('jax:', describe(copy_bandwidths()))
+try:
+    import torch
+except ImportError:
+    sys.exit()
+x = torch.randint(0, 255, (2 * 2**30,), dtype=torch.uint8, device='cuda'); y = torch.empty_like(x)
+a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+ts = []
+for _ in range(12):
+    a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
+t = sorted(ts[2:])[len(ts[2:]) // 2]
+print(f'torch copy_: {2 * x.numel() / t / 1e9:.0f} GB/s read+write (median of 10, 2 GiB)')"
 stage attention 240 "$PY" experiments/bench_attention.py --out "$OUT/attention.md" ${BENCH_FLAGS:-}
 for impl in pallas reference; do
   stage "step_$impl" 120 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
     --attention_impl=$impl --buckets=16,128,512 --iters=20 --floor_case --floor_first \
     --out "$OUT/step_$impl.md" ${STEP_FLAGS:-}
 done
-stage attention_tests 120 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q -x \
+stage step_unrolled 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
+  --attention_impl=pallas --layer_unroll=12 --buckets=16,128 --iters=20 --floor_case \
+  --floor_first --out "$OUT/step_unrolled.md" ${STEP_FLAGS:-}
+for unroll in 1 12; do
+  stage "profile_unroll$unroll" 60 "$PY" experiments/profile_step.py --model=gpt2 \
+    --dtype=bfloat16 --attention_impl=pallas --layer_unroll=$unroll ${PROFILE_FLAGS:-}
+done
+stage attention_tests 150 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q \
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
@@ -80,11 +109,19 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   --context=512 ${LORA_FLAGS:-}
 
 {
+  echo "--- copy bandwidth"
+  cat "$OUT/bandwidth.log" 2>/dev/null
   echo "--- attention (ours vs shipped vs reference)"
   cat "$OUT/attention.md" 2>/dev/null || tail -15 "$OUT/attention.log"
   for impl in pallas reference; do
     echo "--- whole step ($impl)"
     cat "$OUT/step_$impl.md" 2>/dev/null || tail -5 "$OUT/step_$impl.log"
+  done
+  echo "--- whole step (pallas, layers unrolled)"
+  cat "$OUT/step_unrolled.md" 2>/dev/null || tail -5 "$OUT/step_unrolled.log" 2>/dev/null
+  for unroll in 1 12; do
+    echo "--- where the step's device time goes (layer_unroll $unroll)"
+    head -22 "$OUT/profile_unroll$unroll.log" 2>/dev/null
   done
   echo "--- kernel tests on the GPU"
   grep -E "passed|failed|error" "$OUT/attention_tests.log" 2>/dev/null | tail -3

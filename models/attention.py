@@ -14,10 +14,11 @@ from pallas_kernels.ragged_paged_attention.sharded import shard_over_heads
 
 # What attention_impl="auto" runs on each backend: the faster one in
 # experiments/bench_attention.py there (RESULTS.md). CPU: the reference (3.2 ms against 5.3 ms
-# for the kernel in interpret mode, tiny-gpt decode step). GPU: the reference until the
-# kernel's GPU figures are measured. "auto" falls back to the reference for geometries the
-# kernel does not take (page size, head dim).
-AUTO_ATTENTION = {"cpu": "reference", "gpu": "reference"}
+# for the kernel in interpret mode, tiny-gpt decode step). GPU: the kernel (NVIDIA H200,
+# 2026-11-29: gpt2 bf16 decode step 128 x 512 in 1.72 ms against 5.16 ms for the reference;
+# attention alone 80 us against 794 us). "auto" falls back to the reference for geometries
+# the kernel does not take (page size, head dim).
+AUTO_ATTENTION = {"cpu": "reference", "gpu": "pallas"}
 
 
 def resolve_attention_impl(config: ModelConfig, page_size: int) -> str:

@@ -51,6 +51,11 @@ class ModelConfig:
     # Sliding-window attention (Mistral): each token attends to itself and the
     # sliding_window - 1 tokens before it (as torch's Mistral and vLLM count); None: all.
     sliding_window: int | None = None
+    # Layers per iteration of the scan over the stacked layers (`lax.scan(unroll=)`):
+    # n_layers or more unrolls them all, so no loop runs and XLA sees every layer's kernels
+    # at once (compile time then grows with depth); None: this backend's default
+    # (`models/decoder.py: AUTO_LAYER_UNROLL`).
+    layer_unroll: int | None = None
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int8"):
@@ -66,6 +71,8 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None; got {self.sliding_window}")
+        if self.layer_unroll is not None and self.layer_unroll < 1:
+            raise ValueError(f"layer_unroll must be >= 1 or None; got {self.layer_unroll}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"

@@ -2,7 +2,7 @@
 
 Legend: T tokens, R requests, D model, N heads, K kv heads, H head dim, F ffn, V vocab,
 L layers, P pages, S page size. Layers are stacked on a leading L axis and scanned, so
-compile time does not grow with depth.
+compile time does not grow with depth (unless `ModelConfig.layer_unroll` unrolls the scan).
 """
 
 from __future__ import annotations
@@ -22,6 +22,17 @@ from models.layers import Params, dense, mlp, norm, rope
 from models.lora import lora_delta
 from models.quantize import quantize_params
 from pallas_kernels.ragged_paged_attention import cache_codec
+
+# Layers per scan iteration when `ModelConfig.layer_unroll` is None, per backend. CPU: 1
+# (one compiled layer body; the loop costs nothing next to a CPU layer).
+AUTO_LAYER_UNROLL = {"cpu": 1, "gpu": 1}
+
+
+def layer_unroll(config: ModelConfig) -> int:
+    """Layers per iteration of the scan over layers: the config's, or the backend's default."""
+    if config.layer_unroll is not None:
+        return config.layer_unroll
+    return AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -160,7 +171,9 @@ def decoder_layers(
         return (x, k_cache, v_cache, layer + 1), None
 
     init = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-    (x, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, init, layers)
+    (x, k_cache, v_cache, _), _ = jax.lax.scan(
+        layer_step, init, layers, unroll=layer_unroll(config)
+    )
     return x, KVCache(k=k_cache, v=v_cache)
 
 
