@@ -29,6 +29,8 @@ def test_bad_names_and_shapes_are_clear_errors():
         get_config("gpt5")
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         get_config("tiny-llama", n_kv_heads=3)
+    with pytest.raises(ValueError, match="layer_unroll must be >= 1"):
+        get_config("tiny-gpt", layer_unroll=0)
 
 
 def test_kv_cache_dtype_sets_the_bytes_and_pages_per_token():

@@ -62,6 +62,17 @@ def test_gpt2_matches_flax_reference(name, tmp_path):
     check_logits_match(model, flax_params, params, cfg, RTOL)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_unrolled_layers_match_flax_reference(unroll, tmp_path):
+    """`layer_unroll` (2 of 3 layers: a loop with a remainder; 3: no loop, every layer's
+    weights sliced statically) computes the same logits as the reference."""
+    hf_config = transformers.GPT2Config(**GPT2_CONFIGS["n_inner"])
+    model, flax_params = random_flax_model(FlaxGPT2LMHeadModel, hf_config)
+    cfg = write_checkpoint(tmp_path, hf_config, flax_to_torch_state_dict(flax_params))
+    params = load_safetensors(str(tmp_path))
+    check_logits_match(model, flax_params, params, cfg.replace(layer_unroll=unroll), RTOL)
+
+
 def test_key_variants_and_shards_load_the_same(tmp_path):
     """Unprefixed `h.0...` names, causal-mask buffers and sharded files give the same params."""
     hf_config = transformers.GPT2Config(**GPT2_CONFIGS["small"])
