@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from models import get_config, init_params
+from models.decoder import layer_unroll
 from orca_jax import Engine, EngineConfig, SamplingParams
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
@@ -28,6 +29,7 @@ _POLICY = flags.DEFINE_string("policy", "paged", "orca or paged.")
 _REQS = flags.DEFINE_integer("num_reqs", 64, "Requests running together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
 _OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
+_UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
@@ -44,7 +46,7 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tup
 
 def main(argv):
     del argv
-    model = get_config(_MODEL.value, dtype=_DTYPE.value)
+    model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
     weights = init_params(model, seed=0)
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
     rng = np.random.default_rng(0)
@@ -52,8 +54,8 @@ def main(argv):
     params = SamplingParams(max_tokens=o, ignore_eos=True)
     pages = n * -(-(p + o) // 16) + 1
     rows = [
-        f"{model.name} {_DTYPE.value}, {_POLICY.value}, {n} requests x ({p} prompt + {o} "
-        "output) tokens; second pass of each engine timed",
+        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, {_POLICY.value}, "
+        f"{n} requests x ({p} prompt + {o} output) tokens; second pass of each engine timed",
         "",
         "| n_workers | async_output | max batch | s | iterations | ms/iteration | output tok/s |",
         "|---|---|---|---|---|---|---|",

@@ -14,7 +14,7 @@
 #   3. the kernel test suite on the GPU (Triton, not interpret)
 #   4. host time per iteration on this machine's CPU (scheduler; whole engine step)
 #   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
-#      if time is left
+#      layers scanned then unrolled, if time is left
 #   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
 #      (calibration.json), if time is left
 #   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
@@ -97,6 +97,9 @@ stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
 stage engine 150 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
   --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
+stage engine_unrolled 80 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 \
+  --num_reqs=128 --prompt_len=128 --output_len=64 --layer_unroll=12 \
+  --out "$OUT/engine_unrolled.md" ${ENGINE_FLAGS:-}
 stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
   --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
 stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
@@ -131,6 +134,8 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   tail -1 "$OUT/host_engine.log" 2>/dev/null
   echo "--- engine (n_workers 1, async_output off / on; n_workers 2)"
   cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
+  echo "--- engine, layers unrolled"
+  cat "$OUT/engine_unrolled.md" 2>/dev/null || tail -3 "$OUT/engine_unrolled.log" 2>/dev/null
   echo "--- simulator calibration (gpt2 bf16)"
   grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
   echo "--- whole step, int8 weights (pallas)"

@@ -42,6 +42,12 @@ _KV_CACHE_DTYPE = flags.DEFINE_enum(
     "KV cache element type: auto (the model's dtype) or fp8 (half of bf16's bytes per token; "
     "fp8 = fp8_e4m3).",
 )
+_LAYER_UNROLL = flags.DEFINE_integer(
+    "layer_unroll",
+    None,
+    "Layers per iteration of the step's loop over layers (default: the backend's; the "
+    "model's layer count unrolls them all: no loop, compile time grows with depth).",
+)
 _ENABLE_LORA = flags.DEFINE_bool(
     "enable_lora", False, "Serve LoRA adapters (requests name one; serve: --lora_modules)."
 )
@@ -125,6 +131,7 @@ def build_llm(**overrides) -> LLM:
         attention_impl=_ATTENTION.value,
         quantization=_QUANTIZATION.value,
         kv_cache_dtype=_KV_CACHE_DTYPE.value,
+        layer_unroll=_LAYER_UNROLL.value,
         enable_lora=_ENABLE_LORA.value,
         max_loras=_MAX_LORAS.value,
         max_lora_rank=_MAX_LORA_RANK.value,

@@ -50,13 +50,15 @@ class LLM:
         attention_impl: str | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str | None = None,
+        layer_unroll: int | None = None,
         speculative_config: Mapping[str, Any] | SpeculativeConfig | None = None,
         **engine_args,
     ):
         """`engine_args`: `EngineConfig` fields. `speculative_config`: vLLM's dict, e.g.
         `{"method": "ngram", "num_speculative_tokens": 3}` (see `engine/speculative.py`).
         `kv_cache_dtype`: "fp8" (or "fp8_e5m2") keeps K/V in 8 bits, twice the tokens per GiB
-        of a bf16 cache."""
+        of a bf16 cache. `layer_unroll`: layers per iteration of the step's loop over layers
+        (`ModelConfig.layer_unroll`; the number of layers unrolls them all)."""
         if isinstance(speculative_config, Mapping):
             speculative_config = SpeculativeConfig.from_dict(speculative_config)
         if params is not None:
@@ -67,6 +69,8 @@ class LLM:
                 config = config.replace(quantization=quantization)
             if kv_cache_dtype is not None:
                 config = config.replace(kv_cache_dtype=kv_cache_dtype)
+            if layer_unroll is not None:
+                config = config.replace(layer_unroll=layer_unroll)
             params = quantize_params(params, config)  # float params of a quantized config
         else:
             loaded = load_model(
@@ -78,6 +82,7 @@ class LLM:
                 attention_impl=attention_impl,
                 quantization=quantization,
                 kv_cache_dtype=kv_cache_dtype,
+                layer_unroll=layer_unroll,
             )
             config, params = loaded.config, loaded.params
             tok = tokenizer if isinstance(tokenizer, Tokenizer) else loaded.tokenizer

@@ -30,6 +30,7 @@ def load_model(
     attention_impl: str | None = None,
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
+    layer_unroll: int | None = None,
 ) -> LoadedModel:
     """Load a model by preset name, or from a model path (vLLM's `--model=DIR`).
 
@@ -47,6 +48,8 @@ def load_model(
       attention_impl: "auto" (the faster one on this backend), "reference" or "pallas".
       quantization: "int8" for weight-only int8 layer kernels (`models/quantize.py`).
       kv_cache_dtype: "auto" (the model's dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2".
+      layer_unroll: layers per iteration of the step's loop over layers (None: the
+        backend's default; the number of layers unrolls them all).
     """
     from models.loaders.gguf_llama import default_model_path, load_gguf
     from models.quantize import quantize_params
@@ -59,8 +62,9 @@ def load_model(
             ("attention_impl", attention_impl),
             ("quantization", quantization),
             ("kv_cache_dtype", kv_cache_dtype),
+            ("layer_unroll", layer_unroll),
         )
-        if v
+        if v is not None and v != ""
     }
     config = model_config(model, **overrides)
     tok = None

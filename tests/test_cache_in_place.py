@@ -6,13 +6,21 @@ from models import get_config, init_kv_cache, init_params, pack_batch, step
 
 
 @pytest.mark.parametrize(
-    "impl,kv_cache_dtype",
-    [("reference", "auto"), ("pallas", "auto"), ("reference", "fp8"), ("pallas", "fp8")],
+    "impl,kv_cache_dtype,unroll",
+    [
+        ("reference", "auto", None),
+        ("pallas", "auto", None),
+        ("reference", "fp8", None),
+        ("pallas", "fp8", None),
+        ("pallas", "auto", 2),  # both layers unrolled: no loop carries the cache
+    ],
 )
-def test_step_aliases_and_never_copies_the_cache(impl, kv_cache_dtype):
+def test_step_aliases_and_never_copies_the_cache(impl, kv_cache_dtype, unroll):
     """fp8 too: its bits live in uint8 because XLA's CPU backend converts a whole fp8 cache
     around a scatter into it (a copy per write, 1000x slower than the write itself)."""
-    cfg = get_config("tiny-llama", attention_impl=impl, kv_cache_dtype=kv_cache_dtype)
+    cfg = get_config(
+        "tiny-llama", attention_impl=impl, kv_cache_dtype=kv_cache_dtype, layer_unroll=unroll
+    )
     kv = init_kv_cache(cfg, 64, 16)
     batch = pack_batch(
         [([1, 2, 3], 0, [1]), ([4], 9, [2])],

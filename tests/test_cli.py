@@ -47,8 +47,13 @@ def test_speculative_config_flag_keeps_the_answer():
     assert bad.returncode != 0 and "not JSON" in bad.stderr, bad.stderr[-500:]
 
 
-def test_kv_cache_dtype_flag():
-    lines = _run("--prompt=What is the capital of France?", "--chat", "--kv-cache-dtype=fp8")
+def test_kv_cache_dtype_and_layer_unroll_flags():
+    lines = _run(
+        "--prompt=What is the capital of France?",
+        "--chat",
+        "--kv-cache-dtype=fp8",
+        "--layer-unroll=2",  # 30 layers: a loop of 15 iterations, two layers each
+    )
     assert "Paris" in lines[-1], lines
     bad = _run_failing("--prompt=hi", "--kv_cache_dtype=fp4")
     assert bad.returncode == 1 and "kv_cache_dtype" in bad.stderr, bad.stderr[-500:]
