@@ -8,10 +8,10 @@ no NaN although the cache is NaN outside the contexts), then median times of our
 shipped `jax.experimental.pallas.ops.gpu.paged_attention` (decode cases; fed one layer of the
 cache in its [K, P, S, H] layout) and the reference, next to a copy bandwidth measured in the
 same run. Effective bandwidth = K/V bytes the batch must read / time; the byte floor adds the
-q and output bytes. Times are device times per call: one jitted call runs the kernel `--reps`
-times back to back (rotating cache layers so small cases do not run from L2), another
-2 x `--reps` times; the difference of their median times over `--reps` leaves the host's
-dispatch and wait out.
+q and output bytes. Times are device times per call: on a GPU the sum of the call's kernel
+durations in a profiler trace of `--iters` x `--reps` calls (rotating cache layers so small
+cases do not run from L2; `device_trace.py`); on the CPU wall-clock differences
+(`time_calls`).
 Prints a markdown table and writes it to --out (default $OUT/attention.md when OUT is set).
 """
 
@@ -24,6 +24,7 @@ import statistics
 import time
 import warnings
 
+import device_trace
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,9 +147,10 @@ def _repeated(fn, arg_sets, reps: int):
 
 
 def time_calls(fn, arg_sets, iters: int, reps: int) -> float:
-    """Device seconds per call of `fn`, with no host dispatch in it: the median time of one
-    jitted call running `fn` 2 * reps times, less that of one running it reps times, over
-    reps (the dispatch and the wait cancel out)."""
+    """Seconds per call of `fn` by the wall clock, with no host dispatch in it: the median
+    time of one jitted call running `fn` 2 * reps times, less that of one running it reps
+    times, over reps (the dispatch and the wait cancel out; about +-10 us of noise on a
+    GPU at these sizes, so `measure` uses the profiler there)."""
     medians = []
     for n in (reps, 2 * reps):
         run = _repeated(fn, arg_sets, n)
@@ -160,6 +162,16 @@ def time_calls(fn, arg_sets, iters: int, reps: int) -> float:
             samples.append(time.perf_counter() - t0)
         medians.append(statistics.median(samples))
     return max(medians[1] - medians[0], 1e-9) / reps
+
+
+def measure(fn, arg_sets, iters: int, reps: int) -> float:
+    """Device seconds per call of `fn`: on an accelerator the sum of its kernels' durations
+    in a profiler trace of iters x reps calls (`device_trace`); on the CPU `time_calls`."""
+    if jax.default_backend() != "cpu":
+        t = device_trace.device_time_per_call(jax.jit(fn), arg_sets, iters * reps)
+        if t is not None:
+            return t
+    return time_calls(fn, arg_sets, iters, reps)
 
 
 def rel_error(out, ref, n: int) -> float:
@@ -209,7 +221,7 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
             err=err,
             kv_bytes=kv_bytes,
             floor=floor_bytes,
-            t=time_calls(ours, arg_sets, iters, reps),
+            t=measure(ours, arg_sets, iters, reps),
         )
     ]
     if sweep and case.sweep:
@@ -222,7 +234,7 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
                     kv_bytes=kv_bytes,
                     floor=floor_bytes,
                     err=rel_error(fn(*poisoned), ref, n),
-                    t=time_calls(fn, arg_sets, iters, reps),
+                    t=measure(fn, arg_sets, iters, reps),
                 )
             )
     if case.decode_only and case.cache_dtype is None:
@@ -241,7 +253,7 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
                 err=ship_err,
                 kv_bytes=kv_bytes,
                 floor=floor_bytes,
-                t=time_calls(ship, ship_sets, iters, reps),
+                t=measure(ship, ship_sets, iters, reps),
             )
         )
     rows.append(
@@ -251,7 +263,7 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
             err=0.0,
             kv_bytes=kv_bytes,
             floor=floor_bytes,
-            t=time_calls(ref_fn, arg_sets, max(3, iters // 10), 1),
+            t=measure(ref_fn, arg_sets, max(3, iters // 10), 1),
         )
     )
     return rows
@@ -262,7 +274,7 @@ def table(rows: list[dict], bws: dict[str, float], device: str) -> str:
     lines = [
         f"Device: {device}. Copy bandwidth (read+write, same run; the fastest is the "
         f"ceiling): {describe(bws)}. bf16 inputs (an fp8 cache where named). Time: device "
-        "time per call (calls back to back inside one jitted call). KV GB/s: K/V bytes the "
+        "time per call (the profiler's kernel durations on a GPU). KV GB/s: K/V bytes the "
         "batch must read / time; x byte floor: time / ((K/V + q + out bytes) / copy "
         "bandwidth).",
         "",
