@@ -87,10 +87,12 @@ def cases(small: bool) -> list[Case]:
     # Most-wanted first (the goals), so a cut-short run still answers them.
     return [
         _decode("decode 128x512", 128, 512, sweep=True),
-        _mixed("mixed 3 prefills + 125x512", 125, 512),
+        _mixed("mixed 3 prefills + 125x512", 125, 512, sweep=True),
         _decode("smollm2 decode 128x512 (N=9,K=3)", 128, 512, **smol),
         _mixed("smollm2 mixed 3 prefills + 125x512", 125, 512, **smol),
-        _decode("decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn"),
+        _decode(
+            "decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn", sweep=True
+        ),
         Case("prefill 8x512", (512,) * 8, (512,) * 8, 4096, 8),
         _decode("decode 32x256", 32, 256, sweep=True),
     ]
@@ -101,9 +103,14 @@ SWEEP = [
     ("block_kv=64", dict(block_kv=64)),
     ("block_kv=256", dict(block_kv=256)),
     ("splits=1", dict(num_kv_splits=1)),
+    ("splits=2", dict(num_kv_splits=2)),
     ("splits=4", dict(num_kv_splits=4)),
+    ("stages=2", dict(num_stages=2)),
     ("stages=4", dict(num_stages=4)),
+    ("warps=2", dict(num_warps=2)),
     ("warps=8", dict(num_warps=8)),
+    ("one_launch", dict(one_launch=True)),
+    ("one_launch splits=4", dict(one_launch=True, num_kv_splits=4)),
 ]
 
 

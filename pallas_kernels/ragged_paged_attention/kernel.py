@@ -62,6 +62,33 @@ def _attention_kernel(
     *refs,  # the aliased input buffers (unused here), then the outputs:
     #   one split:  o [T, N, H] in q's dtype
     #   NS splits:  o [NS, T, N, H] f32 (normalised per split), lse [NS, T, N] f32 (log2)
+    class_spans: tuple[tuple[int, int, int], ...],
+    **kw,
+):
+    """Dispatch each program to its tile class: `class_spans` holds (first tile, tiles,
+    block_q) per class, the classes' tiles laid one after another in `tiles_ref`."""
+    # Program ids are read here, outside any branch (interpret mode lowers them only here).
+    ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
+    refs = (tiles_ref, layer_ref, q_ref, k_ref, v_ref, block_tables_ref, *refs)
+    if len(class_spans) == 1:
+        _attend_tile(*refs, ids=ids, block_q=class_spans[0][2], **kw)
+        return
+    tile = ids[0]
+    for first, count, block_q in class_spans:
+        pl.when((tile >= first) & (tile < first + count))(
+            functools.partial(_attend_tile, *refs, ids=ids, block_q=block_q, **kw)
+        )
+
+
+def _attend_tile(
+    tiles_ref,
+    layer_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    block_tables_ref,
+    *refs,
+    ids: tuple[jax.Array, jax.Array, jax.Array],  # (tile, kv head, kv split) program ids
     block_q: int,
     group: int,
     block_kv: int,
@@ -73,7 +100,7 @@ def _attention_kernel(
     sliding_window: int | None,
 ):
     out_refs = refs[num_aliased:]
-    tile, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    tile, kv_head, split = ids
     T, N, H = q_ref.shape
     P, S = k_ref.shape[2], k_ref.shape[3]
     MB = block_tables_ref.shape[1]
@@ -187,7 +214,7 @@ def _attention_call(
     block_tables,
     aliased,
     *,
-    tile_class,
+    tile_classes,
     num_splits,
     block_kv,
     scale_log2,
@@ -197,7 +224,8 @@ def _attention_call(
     cache_dtype,
     sliding_window,
 ):
-    """One `pallas_call` over the tiles of one class; writes into `aliased` if given."""
+    """One `pallas_call` over the tiles of `tile_classes`, their tables one after another
+    in `tiles`; writes into `aliased` if given."""
     T, N, H = q.shape
     K = k_cache.shape[1]
     if num_splits == 1:
@@ -208,9 +236,13 @@ def _attention_call(
             jax.ShapeDtypeStruct((num_splits, T, N), jnp.float32),
         ]
     inputs = (tiles, layer, q, k_cache, v_cache, block_tables, *aliased)
+    spans, first = [], 0
+    for c in tile_classes:
+        spans.append((first, c.num_tiles, c.block_q))
+        first += c.num_tiles
     kernel = functools.partial(
         _attention_kernel,
-        block_q=tile_class.block_q,
+        class_spans=tuple(spans),
         group=N // K,
         block_kv=block_kv,
         num_splits=num_splits,
@@ -222,12 +254,15 @@ def _attention_call(
     )
     return pl.pallas_call(
         kernel,
-        grid=(tile_class.num_tiles, K, num_splits),
+        grid=(first, K, num_splits),
         out_shape=out_shape,
         input_output_aliases={6 + i: i for i in range(len(aliased))},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_bq{tile_class.block_q}_kv{block_kv}_ns{num_splits}",
+        name=(
+            f"ragged_paged_attention_bq{'_'.join(str(c.block_q) for c in tile_classes)}"
+            f"_kv{block_kv}_ns{num_splits}"
+        ),
     )(*inputs)
 
 
@@ -307,6 +342,7 @@ def _check_shapes(
         "num_kv_splits",
         "num_warps",
         "num_stages",
+        "one_launch",
         "interpret",
         "cache_dtype",
         "sliding_window",
@@ -329,6 +365,7 @@ def ragged_paged_attention(
     num_kv_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    one_launch: bool = False,
     interpret: bool | None = None,
     cache_dtype=None,
     sliding_window: int | None = None,
@@ -339,7 +376,9 @@ def ragged_paged_attention(
     shapes): `block_kv` keys per loop step, a power-of-two multiple of the page size
     (`partition.default_block_kv`); `decode_rows` / `prefill_rows` matmul rows of the
     short-query and long-query tiles; `num_kv_splits` split-K factor
-    (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`. `interpret`
+    (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`; `one_launch`:
+    both tile classes in one `pallas_call` (long-query tiles first, so a mixed batch's
+    prefill programs run beside its decodes instead of after them). `interpret`
     defaults to True when the default backend is the CPU. `cache_dtype`: the values' type
     when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`: a token at
     position p sees keys p - sliding_window + 1 ... p only (chunks before every row's window
@@ -362,6 +401,7 @@ def ragged_paged_attention(
         num_kv_splits=num_kv_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        one_launch=one_launch,
         interpret=interpret,
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
@@ -386,6 +426,7 @@ def _forward(
     num_kv_splits,
     num_warps,
     num_stages,
+    one_launch=False,
     interpret,
     cache_dtype=None,
     sliding_window=None,
@@ -447,9 +488,16 @@ def _forward(
     outs = ()  # with splits, fresh partial buffers (the combine zeroes the padding rows)
     if splits == 1:
         outs = (jnp.zeros_like(q) if out_init is None else out_init,)
-    for tile_class in classes:
-        tiles = part.build_tiles(cu_q_lens, kv_lens, num_reqs, tile_class)
-        outs = call(tiles, aliased=outs, tile_class=tile_class)
+    if one_launch:  # long-query tiles first: the longest programs start first
+        classes = classes[::-1]
+        tiles = jnp.concatenate(
+            [part.build_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in classes]
+        )
+        outs = call(tiles, aliased=outs, tile_classes=classes)
+    else:
+        for tile_class in classes:
+            tiles = part.build_tiles(cu_q_lens, kv_lens, num_reqs, tile_class)
+            outs = call(tiles, aliased=outs, tile_classes=(tile_class,))
     if splits == 1:
         return outs[0]
     return part.combine_splits(*outs, cu_q_lens, num_reqs, q.dtype)

@@ -188,11 +188,13 @@ def test_sliding_window_matches_reference(window, tuning, scenario):
 
 
 # Tuning variants: split-K (with empty splits on short contexts), one page per loop step,
-# and small decode tiles for GQA.
+# small decode tiles for GQA, and both tile classes in one launch (with and without splits).
 VARIANTS = [
     (CONFIGS[0], dict(num_kv_splits=3)),
     (CONFIGS[9], dict(num_kv_splits=2, block_kv=64)),
     (CONFIGS[6], dict(block_kv=16, decode_rows=32, prefill_rows=32)),
+    (CONFIGS[4], dict(one_launch=True)),
+    (CONFIGS[9], dict(one_launch=True, num_kv_splits=2)),
 ]
 
 
@@ -206,8 +208,9 @@ def test_tuning_variants_match_reference(config, tuning, scenario):
     _assert_matches_reference(batch, out)
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("scenario", ["decode", "mixed", "full"])
-def test_writes_every_real_row_and_no_padding_row(scenario):
+def test_writes_every_real_row_and_no_padding_row(scenario, one_launch):
     """Into a NaN-poisoned output buffer: real rows must be written, padding rows untouched."""
     config = CONFIGS[3]
     batch = _make_batch(7, config, scenario)
@@ -221,6 +224,7 @@ def test_writes_every_real_row_and_no_padding_row(scenario):
             num_kv_splits=1,
             num_warps=4,
             num_stages=3,
+            one_launch=one_launch,
             interpret=None,
         )
     )
@@ -415,6 +419,11 @@ def _triton_calls(fn, args):
             dict(T=128, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
             dict(cache_dtype=jnp.float8_e4m3fn),
         ),
+        (  # gpt2's mixed bucket, both tile classes in one launch
+            "one_launch",
+            dict(T=576, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
+            dict(one_launch=True),
+        ),
     ],
 )
 def test_lowers_to_triton_for_h100(name, shape, tuning):
@@ -450,25 +459,32 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
         max_context=shape["MB"] * shape["S"],
         block_kv=part.default_block_kv(dtype, shape["H"], shape["S"]),
     )
-    assert len(calls) == len(classes)
-    for call, tile_class in zip(calls, classes, strict=True):
+    # (programs along the grid's tile axis, tile classes) of each launch
+    if tuning.get("one_launch"):
+        launches = [(sum(c.num_tiles for c in classes), len(classes))]
+    else:
+        launches = [(c.num_tiles, 1) for c in classes]
+    assert len(calls) == len(launches)
+    for call, (num_tiles, num_classes) in zip(calls, launches, strict=True):
         config = call.attributes["mhlo.backend_config"]
         launch = {
             k: ir.IntegerAttr(config[k]).value
             for k in ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
         }
         assert launch == dict(
-            grid_x=tile_class.num_tiles, grid_y=shape["K"], grid_z=splits, num_warps=4, num_stages=3
+            grid_x=num_tiles, grid_y=shape["K"], grid_z=splits, num_warps=4, num_stages=3
         )
         with triton_lowering._new_ir_context():
             module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
             assert module.operation.verify()
             text = str(module)
-        assert text.count("tt.dot ") == 4 and text.count("scf.for ") == 2, text
+        # per class: QK and PV dots in the unmasked and the masked loop
+        assert text.count("tt.dot ") == 4 * num_classes, text
+        assert text.count("scf.for ") == 2 * num_classes, text
         item = 1 if fp8 else 2
         cache_bytes = item * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
         wide = re.findall(r"tt\.addptr .*!tt\.ptr<(?:bf16|i8)>>, tensor<[0-9x]+xi64>", text)
         assert bool(wide) == (cache_bytes > 2**32), "64-bit K/V offsets iff the cache > 4 GiB"
         if fp8:  # byte loads (K and V, unmasked and masked), bitcast to fp8, then widened
-            assert len(re.findall(r"tt\.load .*!tt\.ptr<i8>>", text)) == 4, text
+            assert len(re.findall(r"tt\.load .*!tt\.ptr<i8>>", text)) == 4, text  # one class
             assert len(re.findall(r"tt\.fp_to_fp .*f8E4M3FN.* -> .*bf16", text)) == 4, text
