@@ -20,6 +20,9 @@
 #   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
 #   8. the gpt2 step over an fp8 KV cache (kv_cache_dtype=fp8) against its floor, if time is left
 #   9. gpt2 bf16 steps with and without 4 LoRA adapter slots, if time is left
+#  10. the unrolled gpt2 step under two XLA settings, if time is left: GEMMs through cuBLAS
+#      instead of Triton (per-layer GEMMs at 128 rows take 4-6 us, several times their
+#      bytes), and command buffers off (is the unrolled step's host latency theirs?)
 # GPU_CHECK_ONLY="name ..." runs only the stages named (all when unset).
 # The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
@@ -110,6 +113,12 @@ stage step_fp8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16
   --floor_first --out "$OUT/step_fp8.md" ${STEP_FLAGS:-}
 stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --buckets=128 \
   --context=512 ${LORA_FLAGS:-}
+for variant in "cublas --xla_gpu_enable_triton_gemm=false" "nocmdbuf --xla_gpu_enable_command_buffer="; do
+  set -- $variant
+  XLA_FLAGS="${XLA_FLAGS:-} $2" stage "step_unrolled_$1" 45 "$PY" experiments/bench_step.py \
+    --models=gpt2 --dtype=bfloat16 --attention_impl=pallas --layer_unroll=12 --buckets=16 \
+    --iters=20 --floor_case --floor_first --out "$OUT/step_unrolled_$1.md" ${STEP_FLAGS:-}
+done
 
 {
   echo "--- copy bandwidth"
@@ -142,6 +151,10 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   cat "$OUT/step_int8.md" 2>/dev/null || tail -5 "$OUT/step_int8.log" 2>/dev/null
   echo "--- whole step, fp8 KV cache (pallas)"
   cat "$OUT/step_fp8.md" 2>/dev/null || tail -5 "$OUT/step_fp8.log" 2>/dev/null
+  for v in cublas nocmdbuf; do
+    echo "--- whole step, layers unrolled, XLA variant: $v"
+    head -3 "$OUT/step_unrolled_$v.md" 2>/dev/null || tail -3 "$OUT/step_unrolled_$v.log" 2>/dev/null
+  done
   echo "--- LoRA adapters (gpt2 bf16, 4 slots of rank 16)"
   grep -E "^\|" "$OUT/lora.log" 2>/dev/null || tail -5 "$OUT/lora.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
