@@ -7,24 +7,23 @@
 # under $OUT as it goes; the summary is printed last.
 #   0. the copy bandwidth every floor uses (experiments/bandwidth.py), and torch's
 #      device-to-device copy beside it as an outside check
-#   1. attention: our kernel checked against the jnp reference on the GPU, then timed against
-#      the shipped paged_attention and the copy bandwidth (attention.md)
-#   2. whole gpt2 bf16 step, 128 decodes x 512, Pallas (layers scanned, then unrolled) and
-#      reference, against its floor; then where its device time goes (profile_step.py)
+#   1. attention: our kernel checked against the jnp reference on the GPU, then timed (the
+#      profiler's kernel times) against the shipped paged_attention and the copy bandwidth,
+#      with a tuning sweep (attention.md)
+#   2. whole gpt2 bf16 step, 128 decodes x 512, with the kernel, layers scanned then
+#      unrolled, against its floor; then where its device time goes (profile_step.py)
 #   3. the kernel test suite on the GPU (Triton, not interpret)
-#   4. host time per iteration on this machine's CPU (scheduler; whole engine step)
+#   4. the unrolled step under two XLA settings: GEMMs through cuBLAS instead of Triton
+#      (per-layer GEMMs at 128 rows take 4-6 us, several times their bytes), and command
+#      buffers off (is the unrolled step's extra host latency theirs?)
 #   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
-#      layers scanned then unrolled, if time is left
-#   6. the simulator's cost model fitted to gpt2 bf16 steps and checked against real serving
-#      (calibration.json), if time is left
-#   7. the gpt2 step with weight-only int8 kernels against its floor, if time is left
-#   8. the gpt2 step over an fp8 KV cache (kv_cache_dtype=fp8) against its floor, if time is left
-#   9. gpt2 bf16 steps with and without 4 LoRA adapter slots, if time is left
-#  10. the unrolled gpt2 step under two XLA settings, if time is left: GEMMs through cuBLAS
-#      instead of Triton (per-layer GEMMs at 128 rows take 4-6 us, several times their
-#      bytes), and command buffers off (is the unrolled step's host latency theirs?)
+#      layers scanned then unrolled (which one `AUTO_LAYER_UNROLL` should pick)
+#   6. if time is left: the step with the reference attention; host time per iteration on
+#      this machine's CPU; the simulator's cost model fitted to gpt2 bf16 steps and checked
+#      against real serving (calibration.json); the step with int8 weights and over an fp8
+#      KV cache against their floors; steps with and without 4 LoRA adapter slots
 # GPU_CHECK_ONLY="name ..." runs only the stages named (all when unset).
-# The device returns at most 8 files from $OUT: the logs go back as one logs.tar.gz.
+# The device returns at most 8 files from $OUT: all but summary.txt go back in results.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
 #   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
 #   STEP_FLAGS="--models=tiny-gpt --buckets=16 --iters=1 --floor_model=tiny-gpt --floor_reqs=4
@@ -82,55 +81,49 @@ for _ in range(12):
 t = sorted(ts[2:])[len(ts[2:]) // 2]
 print(f'torch copy_: {2 * x.numel() / t / 1e9:.0f} GB/s read+write (median of 10, 2 GiB)')"
 stage attention 240 "$PY" experiments/bench_attention.py --out "$OUT/attention.md" ${BENCH_FLAGS:-}
-for impl in pallas reference; do
-  stage "step_$impl" 120 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
-    --attention_impl=$impl --buckets=16,128,512 --iters=20 --floor_case --floor_first \
-    --out "$OUT/step_$impl.md" ${STEP_FLAGS:-}
-done
-stage step_unrolled 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
-  --attention_impl=pallas --layer_unroll=12 --buckets=16,128 --iters=20 --floor_case \
-  --floor_first --out "$OUT/step_unrolled.md" ${STEP_FLAGS:-}
+step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), floor case first
+  local name=$1 max=$2
+  shift 2
+  stage "$name" "$max" "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
+    --iters=20 --floor_case --floor_first --out "$OUT/$name.md" "$@" ${STEP_FLAGS:-}
+}
+step step_pallas 120 --attention_impl=pallas --buckets=16,128,512
+step step_unrolled 60 --attention_impl=pallas --layer_unroll=12 --buckets=16,128
 for unroll in 1 12; do
   stage "profile_unroll$unroll" 60 "$PY" experiments/profile_step.py --model=gpt2 \
     --dtype=bfloat16 --attention_impl=pallas --layer_unroll=$unroll ${PROFILE_FLAGS:-}
 done
 stage attention_tests 150 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q \
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
-stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
-stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
-stage engine 150 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 --num_reqs=128 \
-  --prompt_len=128 --output_len=64 --out "$OUT/engine.md" ${ENGINE_FLAGS:-}
-stage engine_unrolled 80 "$PY" experiments/bench_engine.py --model=gpt2 --dtype=bfloat16 \
-  --num_reqs=128 --prompt_len=128 --output_len=64 --layer_unroll=12 \
-  --out "$OUT/engine_unrolled.md" ${ENGINE_FLAGS:-}
-stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
-  --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
-stage step_int8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
-  --quantization=int8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
-  --floor_first --out "$OUT/step_int8.md" ${STEP_FLAGS:-}
-stage step_fp8 60 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
-  --kv_cache_dtype=fp8 --attention_impl=pallas --buckets=128 --iters=20 --floor_case \
-  --floor_first --out "$OUT/step_fp8.md" ${STEP_FLAGS:-}
-stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --buckets=128 \
-  --context=512 ${LORA_FLAGS:-}
 for variant in "cublas --xla_gpu_enable_triton_gemm=false" "nocmdbuf --xla_gpu_enable_command_buffer="; do
   set -- $variant
-  XLA_FLAGS="${XLA_FLAGS:-} $2" stage "step_unrolled_$1" 45 "$PY" experiments/bench_step.py \
-    --models=gpt2 --dtype=bfloat16 --attention_impl=pallas --layer_unroll=12 --buckets=16 \
-    --iters=20 --floor_case --floor_first --out "$OUT/step_unrolled_$1.md" ${STEP_FLAGS:-}
+  XLA_FLAGS="${XLA_FLAGS:-} $2" step "step_unrolled_$1" 45 --attention_impl=pallas \
+    --layer_unroll=12 --buckets=16
 done
+for unroll in 1 12; do
+  stage "engine_unroll$unroll" 100 "$PY" experiments/bench_engine.py --model=gpt2 \
+    --dtype=bfloat16 --num_reqs=128 --prompt_len=128 --output_len=64 --layer_unroll=$unroll \
+    --out "$OUT/engine_unroll$unroll.md" ${ENGINE_FLAGS:-}
+done
+step step_reference 120 --attention_impl=reference --buckets=16,128,512
+stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
+stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
+stage calibrate 120 "$PY" experiments/calibrate_simulator.py --model=gpt2 --dtype=bfloat16 \
+  --policies=orca --rates=100,400 --out "$OUT/calibration.json" ${CAL_FLAGS:-}
+step step_int8 60 --quantization=int8 --attention_impl=pallas --buckets=128
+step step_fp8 60 --kv_cache_dtype=fp8 --attention_impl=pallas --buckets=128
+stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --buckets=128 \
+  --context=512 ${LORA_FLAGS:-}
 
 {
   echo "--- copy bandwidth"
   cat "$OUT/bandwidth.log" 2>/dev/null
   echo "--- attention (ours vs shipped vs reference)"
   cat "$OUT/attention.md" 2>/dev/null || tail -15 "$OUT/attention.log"
-  for impl in pallas reference; do
-    echo "--- whole step ($impl)"
-    cat "$OUT/step_$impl.md" 2>/dev/null || tail -5 "$OUT/step_$impl.log"
+  for name in step_pallas step_unrolled step_reference; do
+    echo "--- whole step ($name)"
+    cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log" 2>/dev/null
   done
-  echo "--- whole step (pallas, layers unrolled)"
-  cat "$OUT/step_unrolled.md" 2>/dev/null || tail -5 "$OUT/step_unrolled.log" 2>/dev/null
   for unroll in 1 12; do
     echo "--- where the step's device time goes (layer_unroll $unroll)"
     head -22 "$OUT/profile_unroll$unroll.log" 2>/dev/null
@@ -141,10 +134,10 @@ done
   echo "--- host (scheduler; whole engine step, device stubbed, no tokenizer)"
   tail -1 "$OUT/host.log" 2>/dev/null
   tail -1 "$OUT/host_engine.log" 2>/dev/null
-  echo "--- engine (n_workers 1, async_output off / on; n_workers 2)"
-  cat "$OUT/engine.md" 2>/dev/null || tail -3 "$OUT/engine.log" 2>/dev/null
-  echo "--- engine, layers unrolled"
-  cat "$OUT/engine_unrolled.md" 2>/dev/null || tail -3 "$OUT/engine_unrolled.log" 2>/dev/null
+  for unroll in 1 12; do
+    echo "--- engine, layer_unroll $unroll (n_workers 1, async_output off / on; n_workers 2)"
+    cat "$OUT/engine_unroll$unroll.md" 2>/dev/null || tail -3 "$OUT/engine_unroll$unroll.log" 2>/dev/null
+  done
   echo "--- simulator calibration (gpt2 bf16)"
   grep -E "^(fit|\| orca)" "$OUT/calibrate.log" 2>/dev/null
   echo "--- whole step, int8 weights (pallas)"
@@ -159,5 +152,7 @@ done
   grep -E "^\|" "$OUT/lora.log" 2>/dev/null || tail -5 "$OUT/lora.log" 2>/dev/null
   echo "total $(($(date +%s) - start)) s"
 } >>"$summary"
-(cd "$OUT" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
+# At most 8 files come back: everything but the summary travels in one archive.
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name results.tar.gz -printf '%P\n' |
+  tar czf results.tar.gz -T - && find . -maxdepth 1 -type f ! -name summary.txt ! -name results.tar.gz -delete)
 cat "$summary"
