@@ -17,7 +17,10 @@ Design, point by point against GPU_NOTES.md:
 - Two tile classes (`partition.plan_tile_classes`): short queries (decodes) get 16-row
   tiles, long ones (prefill chunks) 64-row tiles, so decodes do not pay for 63 empty matmul
   rows while prefills reuse each K/V chunk across many queries. One `pallas_call` per class;
-  the second writes into the first's output buffers (aliased), so nothing is merged.
+  the second writes into the first's output buffers (aliased), so nothing is merged. Or,
+  with `one_launch`, one call whose tile axis holds both classes' tiles (long-query tiles
+  first) and a branch per class in the kernel, so a mixed batch's prefill programs run
+  beside its decodes rather than after them.
 - Loop step: `block_kv` keys (128 for 16-bit inputs with H <= 64, i.e. 8 pages of 16; see
   `partition.default_block_kv`). The step's page ids are gathered from the block table and
   each key row is loaded through its page: one [block_kv, H] tile per load. Online softmax
