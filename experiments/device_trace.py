@@ -52,6 +52,19 @@ def kernel_events(path: str) -> list[KernelEvent]:
     ]
 
 
+def host_events(path: str) -> list[KernelEvent]:
+    """Every event on the host planes: Python functions (the profiler's Python tracer) and
+    the runtime's own (dispatch, transfers, waits). Events nest, so durations overlap."""
+    data = jax.profiler.ProfileData.from_file(path)
+    return [
+        KernelEvent(e.name, e.start_ns, e.duration_ns)
+        for plane in data.planes
+        if plane.name.startswith("/host:")
+        for line in plane.lines
+        for e in line.events
+    ]
+
+
 def family(name: str) -> str:
     """A kernel's name without XLA's numbering (`loop_add_fusion_12` -> `loop_add_fusion`),
     so that the same op of every unrolled layer counts as one."""

@@ -17,7 +17,8 @@
 #      (per-layer GEMMs at 128 rows take 4-6 us, several times their bytes), and command
 #      buffers off (is the unrolled step's extra host latency theirs?)
 #   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
-#      layers scanned then unrolled (which one `AUTO_LAYER_UNROLL` should pick)
+#      layers scanned then unrolled (which one `AUTO_LAYER_UNROLL` should pick); then where
+#      an engine iteration's time goes, device kernels against host work (profile_engine.py)
 #   6. if time is left: the step with the reference attention; host time per iteration on
 #      this machine's CPU; the simulator's cost model fitted to gpt2 bf16 steps and checked
 #      against real serving (calibration.json); the step with int8 weights and over an fp8
@@ -31,7 +32,8 @@
 #   --prompt_len=16 --output_len=8" CAL_FLAGS="--model=tiny-gpt --dtype=float32 --iters=2
 #   --num_requests=10 --policies=orca --rates=50" LORA_FLAGS="--model=tiny-gpt
 #   --dtype=float32 --buckets=16 --context=32" PROFILE_FLAGS="--model=tiny-gpt --dtype=float32
-#   --reqs=4 --context=32 --steps=2" OUT=/tmp/o bash experiments/gpu_check.sh
+#   --reqs=4 --context=32 --steps=2" PROFILE_ENGINE_FLAGS="--model=tiny-gpt --dtype=float32
+#   --num_reqs=8 --prompt_len=16 --output_len=8" OUT=/tmp/o bash experiments/gpu_check.sh
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -105,6 +107,8 @@ for unroll in 1 12; do
     --dtype=bfloat16 --num_reqs=128 --prompt_len=128 --output_len=64 --layer_unroll=$unroll \
     --out "$OUT/engine_unroll$unroll.md" ${ENGINE_FLAGS:-}
 done
+stage profile_engine 60 "$PY" experiments/profile_engine.py --model=gpt2 --dtype=bfloat16 \
+  ${PROFILE_ENGINE_FLAGS:-}
 step step_reference 120 --attention_impl=reference --buckets=16,128,512
 stage host 40 "$PY" experiments/bench_host.py --policy=orca ${HOST_FLAGS:-}
 stage host_engine 40 "$PY" experiments/bench_host.py --policy=orca --engine --notext ${HOST_FLAGS:-}
@@ -119,7 +123,7 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   echo "--- copy bandwidth"
   cat "$OUT/bandwidth.log" 2>/dev/null
   echo "--- attention (ours vs shipped vs reference)"
-  cat "$OUT/attention.md" 2>/dev/null || tail -15 "$OUT/attention.log"
+  cat "$OUT/attention.md" 2>/dev/null || tail -15 "$OUT/attention.log" 2>/dev/null
   for name in step_pallas step_unrolled step_reference; do
     echo "--- whole step ($name)"
     cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log" 2>/dev/null
@@ -128,6 +132,8 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
     echo "--- where the step's device time goes (layer_unroll $unroll)"
     head -22 "$OUT/profile_unroll$unroll.log" 2>/dev/null
   done
+  echo "--- where an engine iteration's time goes (gpt2 bf16, 128 requests)"
+  head -24 "$OUT/profile_engine.log" 2>/dev/null
   echo "--- kernel tests on the GPU"
   grep -E "passed|failed|error" "$OUT/attention_tests.log" 2>/dev/null | tail -3
   grep -E "^(FAILED|ERROR)" "$OUT/attention_tests.log" 2>/dev/null | head -10

@@ -1,0 +1,102 @@
+"""Where an engine iteration's wall time goes: the device's kernels against the host's work.
+
+  PYTHONPATH=. python experiments/profile_engine.py --model=gpt2 --dtype=bfloat16   # on a GPU
+
+Serves R requests of P prompt tokens, O output tokens each (EOS ignored), twice on one
+engine: the first pass compiles, the second runs under `jax.profiler`. Prints the wall time
+per iteration, the device's busy time per iteration (the sum of its kernels' durations;
+`device_trace.py`), and the host events that take the most time per iteration (Python
+functions and the runtime's dispatch, transfers and waits; they nest, so their times
+overlap). Busy time far under the wall time means the device waits for the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import time
+
+import device_trace
+import numpy as np
+from absl import app, flags
+
+from models import get_config, init_params
+from models.decoder import layer_unroll
+from orca_jax import Engine, EngineConfig, SamplingParams
+
+_MODEL = flags.DEFINE_string("model", "gpt2", "Model preset (random weights).")
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter / cache dtype.")
+_REQS = flags.DEFINE_integer("num_reqs", 128, "Requests running together.")
+_PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
+_OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
+_UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
+_ASYNC = flags.DEFINE_bool("async_output", True, "EngineConfig.async_output.")
+_TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
+
+
+def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> int:
+    """Serve every prompt to completion; the iterations taken."""
+    start = engine.num_iterations
+    for p in prompts:
+        engine.add_request(p, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return engine.num_iterations - start
+
+
+def main(argv):
+    del argv
+    model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
+    n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.vocab_size, p).tolist() for _ in range(n)]
+    params = SamplingParams(max_tokens=o, ignore_eos=True)
+    config = EngineConfig(
+        max_batch_size=n,
+        num_kv_blocks=n * -(-(p + o) // 16) + 1,
+        max_model_len=p + o,
+        max_num_batched_tokens=max(n, 512),
+        async_output=_ASYNC.value,
+        warmup=False,
+    )
+    engine = Engine(model, init_params(model, seed=0), None, config)
+    serve(engine, prompts, params)  # compiles the shapes this workload meets
+    iters, wall = 0, 0.0
+
+    def run():
+        nonlocal iters, wall
+        t0 = time.perf_counter()
+        iters = serve(engine, prompts, params)
+        wall = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as logdir:
+        path = device_trace.trace(run, logdir)
+        kernels = device_trace.kernel_events(path)
+        host = device_trace.host_events(path)
+    span = 0.0
+    if kernels:
+        span = max(e.start_ns + e.duration_ns for e in kernels) - min(e.start_ns for e in kernels)
+    busy = sum(e.duration_ns for e in kernels)
+    lines = [
+        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, async_output "
+        f"{_ASYNC.value}: {n} requests x ({p} prompt + {o} output), {iters} iterations traced",
+        f"wall {wall / iters * 1e3:.3f} ms per iteration (under the profiler); "
+        f"device kernels {len(kernels) / iters:.0f} per iteration, busy "
+        f"{busy / iters / 1e6:.3f} ms per iteration over a span of {span / iters / 1e6:.3f} ms"
+        + (f" ({100 * busy / span:.0f}% busy)" if span else " (no device plane: the CPU)"),
+        "",
+        "| host event | per iteration | ms per iteration |",
+        "|---|---|---|",
+    ]
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for e in host:
+        total[e.name] += e.duration_ns
+        count[e.name] += 1
+    for name, t in sorted(total.items(), key=lambda kv: -kv[1])[: _TOP.value]:
+        lines.append(f"| {name[:90]} | {count[name] / iters:.1f} | {t / iters / 1e6:.3f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
