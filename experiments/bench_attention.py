@@ -90,11 +90,9 @@ def cases(small: bool) -> list[Case]:
         _mixed("mixed 3 prefills + 125x512", 125, 512, sweep=True),
         _decode("smollm2 decode 128x512 (N=9,K=3)", 128, 512, **smol),
         _mixed("smollm2 mixed 3 prefills + 125x512", 125, 512, **smol),
-        _decode(
-            "decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn", sweep=True
-        ),
+        _decode("decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn"),
         Case("prefill 8x512", (512,) * 8, (512,) * 8, 4096, 8),
-        _decode("decode 32x256", 32, 256, sweep=True),
+        _decode("decode 32x256", 32, 256),
     ]
 
 

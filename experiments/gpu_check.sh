@@ -95,7 +95,7 @@ for unroll in 1 12; do
   stage "profile_unroll$unroll" 60 "$PY" experiments/profile_step.py --model=gpt2 \
     --dtype=bfloat16 --attention_impl=pallas --layer_unroll=$unroll ${PROFILE_FLAGS:-}
 done
-stage attention_tests 150 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q \
+stage attention_tests 120 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q \
   -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
 for variant in "cublas --xla_gpu_enable_triton_gemm=false" "nocmdbuf --xla_gpu_enable_command_buffer="; do
   set -- $variant
