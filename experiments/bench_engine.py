@@ -14,14 +14,12 @@ schedules and packs one batch while the device runs the other.
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
+import engine_workload as workload
 from absl import app, flags
 
 from models import get_config, init_params
 from models.decoder import layer_unroll
-from orca_jax import Engine, EngineConfig, SamplingParams
+from orca_jax import Engine
 
 _MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
@@ -33,26 +31,13 @@ _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; 
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
-def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
-    """Seconds to serve every prompt to completion, and iterations taken."""
-    start_iters = engine.num_iterations
-    t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    return time.perf_counter() - t0, engine.num_iterations - start_iters
-
-
 def main(argv):
     del argv
     model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
     weights = init_params(model, seed=0)
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, model.vocab_size, p).tolist() for _ in range(n)]
-    params = SamplingParams(max_tokens=o, ignore_eos=True)
-    pages = n * -(-(p + o) // 16) + 1
+    prompts = workload.prompts(model.vocab_size, n, p)
+    params = workload.sampling(o)
     rows = [
         f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, {_POLICY.value}, "
         f"{n} requests x ({p} prompt + {o} output) tokens; second pass of each engine timed",
@@ -62,19 +47,18 @@ def main(argv):
     ]
     configs = ((1, False, n), (1, True, n), (2, True, -(-n // 2)))
     for n_workers, async_output, max_batch in configs:
-        config = EngineConfig(
+        config = workload.engine_config(
+            n,
+            p,
+            o,
             policy=_POLICY.value,
             max_batch_size=max_batch,
-            num_kv_blocks=pages,
-            max_model_len=p + o,
-            max_num_batched_tokens=max(n, 512),
             n_workers=n_workers,
             async_output=async_output,
-            warmup=False,
         )
         engine = Engine(model, weights, None, config)
-        run(engine, prompts, params)  # compiles the shapes this workload meets
-        sec, iters = run(engine, prompts, params)
+        workload.serve(engine, prompts, params)  # compiles the shapes this workload meets
+        sec, iters = workload.serve(engine, prompts, params)
         rows.append(
             f"| {n_workers} | {async_output} | {max_batch} | {sec:.3f} | {iters} | "
             f"{1e3 * sec / iters:.3f} | "

@@ -58,6 +58,18 @@ def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
     return statistics.median(times), cache
 
 
+def model_config(name: str):
+    """The preset `name` with this run's dtype, attention, quantization, cache and unroll."""
+    return get_config(
+        name,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTN.value,
+        quantization=_QUANT.value,
+        kv_cache_dtype=_KV_DTYPE.value,
+        layer_unroll=_UNROLL.value,
+    )
+
+
 def main(argv):
     del argv
     page = _PAGE.value
@@ -85,14 +97,7 @@ def main(argv):
         ]
     )
     for name in _MODELS.value:
-        cfg = get_config(
-            name,
-            dtype=_DTYPE.value,
-            attention_impl=_ATTN.value,
-            quantization=_QUANT.value,
-            kv_cache_dtype=_KV_DTYPE.value,
-            layer_unroll=_UNROLL.value,
-        )
+        cfg = model_config(name)
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
             context = min(_CONTEXT.value, cfg.max_seq_len - 1)
@@ -112,14 +117,7 @@ def main(argv):
 def floor_rows(page: int) -> list[str]:
     """R decoding requests of context C: step time vs its memory-bandwidth floor."""
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
-    cfg = get_config(
-        name,
-        dtype=_DTYPE.value,
-        attention_impl=_ATTN.value,
-        quantization=_QUANT.value,
-        kv_cache_dtype=_KV_DTYPE.value,
-        layer_unroll=_UNROLL.value,
-    )
+    cfg = model_config(name)
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(reqs, ctx, page)
     cache = init_kv_cache(cfg, num_pages, page)

@@ -38,31 +38,40 @@ def trace(run: Callable[[], object], logdir: str) -> str:
     return sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))[-1]
 
 
-def kernel_events(path: str) -> list[KernelEvent]:
-    """Every kernel (and memcpy / memset) that ran on a device: the events of the device
-    planes' stream lines, not the lines derived from them (modules, ops)."""
-    data = jax.profiler.ProfileData.from_file(path)
-    return [
-        KernelEvent(e.name, e.start_ns, e.duration_ns)
-        for plane in data.planes
-        if plane.name.startswith("/device:")
-        for line in plane.lines
-        if line.name.startswith("Stream")
-        for e in line.events
-    ]
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """A trace's events, read once: the devices' kernels (and memcpy / memset), from their
+    planes' stream lines rather than the lines derived from them (modules, ops); and the
+    host's events, Python functions (the profiler's Python tracer) and the runtime's own
+    (dispatch, transfers, waits), which nest, so their durations overlap."""
+
+    kernels: list[KernelEvent]
+    host: list[KernelEvent]
 
 
-def host_events(path: str) -> list[KernelEvent]:
-    """Every event on the host planes: Python functions (the profiler's Python tracer) and
-    the runtime's own (dispatch, transfers, waits). Events nest, so durations overlap."""
+def read(path: str) -> Trace:
     data = jax.profiler.ProfileData.from_file(path)
-    return [
-        KernelEvent(e.name, e.start_ns, e.duration_ns)
-        for plane in data.planes
-        if plane.name.startswith("/host:")
-        for line in plane.lines
-        for e in line.events
-    ]
+
+    def events(plane_prefix: str, line_prefix: str) -> list[KernelEvent]:
+        return [
+            KernelEvent(e.name, e.start_ns, e.duration_ns)
+            for plane in data.planes
+            if plane.name.startswith(plane_prefix)
+            for line in plane.lines
+            if line.name.startswith(line_prefix)
+            for e in line.events
+        ]
+
+    return Trace(kernels=events("/device:", "Stream"), host=events("/host:", ""))
+
+
+def busy_and_span(kernels: Sequence[KernelEvent]) -> tuple[float, float]:
+    """(ns the device was busy: the sum of kernel durations, ns from the first kernel's
+    start to the last one's end); (0, 0) without kernels."""
+    if not kernels:
+        return 0.0, 0.0
+    end = max(e.start_ns + e.duration_ns for e in kernels)
+    return sum(e.duration_ns for e in kernels), end - min(e.start_ns for e in kernels)
 
 
 def family(name: str) -> str:
@@ -91,7 +100,7 @@ def device_time_per_call(fn: Callable, arg_sets: Sequence[tuple], calls: int) ->
         return [fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)]
 
     with tempfile.TemporaryDirectory() as logdir:
-        events = kernel_events(trace(run, logdir))
+        events = read(trace(run, logdir)).kernels
     if not events:
         return None
     return sum(per_call(events, calls).values())

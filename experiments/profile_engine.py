@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import collections
 import tempfile
-import time
 
 import device_trace
-import numpy as np
+import engine_workload as workload
 from absl import app, flags
 
 from models import get_config, init_params
 from models.decoder import layer_unroll
-from orca_jax import Engine, EngineConfig, SamplingParams
+from orca_jax import Engine
 
 _MODEL = flags.DEFINE_string("model", "gpt2", "Model preset (random weights).")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter / cache dtype.")
@@ -34,49 +33,26 @@ _ASYNC = flags.DEFINE_bool("async_output", True, "EngineConfig.async_output.")
 _TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
 
 
-def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> int:
-    """Serve every prompt to completion; the iterations taken."""
-    start = engine.num_iterations
-    for p in prompts:
-        engine.add_request(p, params)
-    while engine.has_unfinished_requests():
-        engine.step()
-    return engine.num_iterations - start
-
-
 def main(argv):
     del argv
     model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, model.vocab_size, p).tolist() for _ in range(n)]
-    params = SamplingParams(max_tokens=o, ignore_eos=True)
-    config = EngineConfig(
-        max_batch_size=n,
-        num_kv_blocks=n * -(-(p + o) // 16) + 1,
-        max_model_len=p + o,
-        max_num_batched_tokens=max(n, 512),
-        async_output=_ASYNC.value,
-        warmup=False,
-    )
+    prompts = workload.prompts(model.vocab_size, n, p)
+    params = workload.sampling(o)
+    config = workload.engine_config(n, p, o, async_output=_ASYNC.value)
     engine = Engine(model, init_params(model, seed=0), None, config)
-    serve(engine, prompts, params)  # compiles the shapes this workload meets
-    iters, wall = 0, 0.0
+    workload.serve(engine, prompts, params)  # compiles the shapes this workload meets
+    wall, iters = 0.0, 0
 
     def run():
-        nonlocal iters, wall
-        t0 = time.perf_counter()
-        iters = serve(engine, prompts, params)
-        wall = time.perf_counter() - t0
+        nonlocal wall, iters
+        wall, iters = workload.serve(engine, prompts, params)
 
     with tempfile.TemporaryDirectory() as logdir:
         path = device_trace.trace(run, logdir)
-        kernels = device_trace.kernel_events(path)
-        host = device_trace.host_events(path)
-    span = 0.0
-    if kernels:
-        span = max(e.start_ns + e.duration_ns for e in kernels) - min(e.start_ns for e in kernels)
-    busy = sum(e.duration_ns for e in kernels)
+        trace = device_trace.read(path)
+    kernels, host = trace.kernels, trace.host
+    busy, span = device_trace.busy_and_span(kernels)
     lines = [
         f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, async_output "
         f"{_ASYNC.value}: {n} requests x ({p} prompt + {o} output), {iters} iterations traced",

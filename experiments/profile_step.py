@@ -55,11 +55,10 @@ def trace_steps(params, cfg, cache, batch, steps: int, logdir: str) -> str:
 
 
 def report(path: str, steps: int, top: int) -> list[str]:
-    events = device_trace.kernel_events(path)
+    events = device_trace.read(path).kernels
     if not events:
         return ["no device kernels in the trace (the CPU has no device plane)"]
-    busy = sum(e.duration_ns for e in events)
-    span = max(e.start_ns + e.duration_ns for e in events) - min(e.start_ns for e in events)
+    busy, span = device_trace.busy_and_span(events)
     by_family: dict[str, list[float]] = collections.defaultdict(list)
     for e in events:
         by_family[device_trace.family(e.name)].append(e.duration_ns)

@@ -429,7 +429,7 @@ def _forward(
     num_kv_splits,
     num_warps,
     num_stages,
-    one_launch=False,
+    one_launch,
     interpret,
     cache_dtype=None,
     sliding_window=None,
