@@ -18,6 +18,7 @@ import engine_workload as workload
 from absl import app, flags
 
 from models import get_config, init_params
+from models.config import parse_attention_options
 from models.decoder import layer_unroll
 from orca_jax import Engine
 
@@ -28,18 +29,27 @@ _REQS = flags.DEFINE_integer("num_reqs", 64, "Requests running together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
 _OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
 _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
+_OPTIONS = flags.DEFINE_string(
+    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
+)
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
 def main(argv):
     del argv
-    model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
+    model = get_config(
+        _MODEL.value,
+        dtype=_DTYPE.value,
+        layer_unroll=_UNROLL.value,
+        attention_options=parse_attention_options(_OPTIONS.value),
+    )
     weights = init_params(model, seed=0)
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
     prompts = workload.prompts(model.vocab_size, n, p)
     params = workload.sampling(o)
     rows = [
-        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, {_POLICY.value}, "
+        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, attention options "
+        f"{dict(model.attention_options)}, {_POLICY.value}, "
         f"{n} requests x ({p} prompt + {o} output) tokens; second pass of each engine timed",
         "",
         "| n_workers | async_output | max batch | s | iterations | ms/iteration | output tok/s |",

@@ -18,6 +18,7 @@ from bandwidth import copy_bandwidths, describe
 from step_shapes import decode_batch, prefill_batch, time_step
 
 from models import get_config, init_kv_cache, init_params, step
+from models.config import parse_attention_options
 from models.decoder import layer_unroll
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt", "gpt2"], "Presets to time.")
@@ -32,6 +33,9 @@ _KV_DTYPE = flags.DEFINE_enum(
 )
 _UNROLL = flags.DEFINE_integer(
     "layer_unroll", None, "Layers per scan iteration (ModelConfig.layer_unroll); unset: auto."
+)
+_OPTIONS = flags.DEFINE_string(
+    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
 )
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
@@ -67,6 +71,7 @@ def model_config(name: str):
         quantization=_QUANT.value,
         kv_cache_dtype=_KV_DTYPE.value,
         layer_unroll=_UNROLL.value,
+        attention_options=parse_attention_options(_OPTIONS.value),
     )
 
 
@@ -130,7 +135,7 @@ def floor_rows(page: int) -> list[str]:
     floor = (weight_bytes + kv_bytes) / bw
     return [
         f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
-        f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} "
+        f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} options {dict(cfg.attention_options)} "
         f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",

@@ -10,9 +10,11 @@
 #   1. attention: our kernel checked against the jnp reference on the GPU, then timed (the
 #      profiler's kernel times) against the shipped paged_attention and the copy bandwidth,
 #      with a tuning sweep (attention.md)
-#   2. whole gpt2 bf16 step, 128 decodes x 512, with the kernel, layers scanned then
-#      unrolled, against its floor; then where its device time goes (profile_step.py)
-#   3. the kernel test suite on the GPU (Triton, not interpret)
+#   2. whole gpt2 bf16 step, 128 decodes x 512, with the kernel, against its floor: layers
+#      scanned (and smaller buckets); then the floor case alone with layers unrolled, under
+#      each kernel option that cuts kernels per layer (fuse_kv_write, one_launch, split-K);
+#      then where the device time goes, scanned and unrolled+fused (profile_step.py)
+#   3. the kernel tests on the GPU (Triton, not interpret), mixed batches (TEST_FLAGS)
 #   4. the unrolled step under two XLA settings: GEMMs through cuBLAS instead of Triton
 #      (per-layer GEMMs at 128 rows take 4-6 us, several times their bytes), and command
 #      buffers off (is the unrolled step's extra host latency theirs?)
@@ -89,18 +91,31 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
   stage "$name" "$max" "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
     --iters=20 --floor_case --floor_first --out "$OUT/$name.md" "$@" ${STEP_FLAGS:-}
 }
-step step_pallas 120 --attention_impl=pallas --buckets=16,128,512
-step step_unrolled 60 --attention_impl=pallas --layer_unroll=12 --buckets=16,128
-for unroll in 1 12; do
-  stage "profile_unroll$unroll" 60 "$PY" experiments/profile_step.py --model=gpt2 \
-    --dtype=bfloat16 --attention_impl=pallas --layer_unroll=$unroll ${PROFILE_FLAGS:-}
+step step_pallas 100 --attention_impl=pallas --buckets=16,128,512
+# The 1.4x goal: the floor case alone under each kernel option that cuts kernels per layer
+# (`--attention_options`): the K/V write in the kernel (no scatters), both tile classes in
+# one launch (no empty prefill-class launch), split-K; layers unrolled and scanned.
+for variant in "unrolled" "unrolled_fused fuse_kv_write=true" \
+  "unrolled_fused_1launch fuse_kv_write=true,one_launch=true" \
+  "unrolled_fused_split4 fuse_kv_write=true,num_kv_splits=4" "scanned_fused fuse_kv_write=true"; do
+  set -- $variant
+  unroll=12
+  [[ $1 == scanned* ]] && unroll=1
+  step "step_$1" 50 --attention_impl=pallas --layer_unroll=$unroll --buckets= \
+    --attention_options="${2:-}"
 done
-stage attention_tests 120 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py -q \
-  -p no:cacheprovider -W ignore::DeprecationWarning ${TEST_FLAGS:-}
+for variant in "scanned 1" "unrolled_fused 12 fuse_kv_write=true"; do
+  set -- $variant
+  stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
+    --attention_impl=pallas --layer_unroll=$2 --attention_options="${3:-}" ${PROFILE_FLAGS:-}
+done
+stage attention_tests 100 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py \
+  tests/kernels/test_fused_kv_write.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  ${TEST_FLAGS:--k mixed}
 for variant in "cublas --xla_gpu_enable_triton_gemm=false" "nocmdbuf --xla_gpu_enable_command_buffer="; do
   set -- $variant
   XLA_FLAGS="${XLA_FLAGS:-} $2" step "step_unrolled_$1" 45 --attention_impl=pallas \
-    --layer_unroll=12 --buckets=16
+    --layer_unroll=12 --buckets=
 done
 for unroll in 1 12; do
   stage "engine_unroll$unroll" 100 "$PY" experiments/bench_engine.py --model=gpt2 \
@@ -124,13 +139,17 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   cat "$OUT/bandwidth.log" 2>/dev/null
   echo "--- attention (ours vs shipped vs reference)"
   cat "$OUT/attention.md" 2>/dev/null || tail -15 "$OUT/attention.log" 2>/dev/null
-  for name in step_pallas step_unrolled step_reference; do
+  for name in step_pallas step_reference; do
     echo "--- whole step ($name)"
     cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log" 2>/dev/null
   done
-  for unroll in 1 12; do
-    echo "--- where the step's device time goes (layer_unroll $unroll)"
-    head -22 "$OUT/profile_unroll$unroll.log" 2>/dev/null
+  for v in unrolled unrolled_fused unrolled_fused_1launch unrolled_fused_split4 scanned_fused; do
+    echo "--- whole step, floor case: $v"
+    head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
+  done
+  for v in scanned unrolled_fused; do
+    echo "--- where the step's device time goes ($v)"
+    head -22 "$OUT/profile_$v.log" 2>/dev/null
   done
   echo "--- where an engine iteration's time goes (gpt2 bf16, 128 requests)"
   head -24 "$OUT/profile_engine.log" 2>/dev/null

@@ -20,6 +20,7 @@ import engine_workload as workload
 from absl import app, flags
 
 from models import get_config, init_params
+from models.config import parse_attention_options
 from models.decoder import layer_unroll
 from orca_jax import Engine
 
@@ -29,13 +30,21 @@ _REQS = flags.DEFINE_integer("num_reqs", 128, "Requests running together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
 _OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
 _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
+_OPTIONS = flags.DEFINE_string(
+    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
+)
 _ASYNC = flags.DEFINE_bool("async_output", True, "EngineConfig.async_output.")
 _TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
 
 
 def main(argv):
     del argv
-    model = get_config(_MODEL.value, dtype=_DTYPE.value, layer_unroll=_UNROLL.value)
+    model = get_config(
+        _MODEL.value,
+        dtype=_DTYPE.value,
+        layer_unroll=_UNROLL.value,
+        attention_options=parse_attention_options(_OPTIONS.value),
+    )
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
     prompts = workload.prompts(model.vocab_size, n, p)
     params = workload.sampling(o)
@@ -54,7 +63,8 @@ def main(argv):
     kernels, host = trace.kernels, trace.host
     busy, span = device_trace.busy_and_span(kernels)
     lines = [
-        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, async_output "
+        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, attention options "
+        f"{dict(model.attention_options)}, async_output "
         f"{_ASYNC.value}: {n} requests x ({p} prompt + {o} output), {iters} iterations traced",
         f"wall {wall / iters * 1e3:.3f} ms per iteration (under the profiler); "
         f"device kernels {len(kernels) / iters:.0f} per iteration, busy "

@@ -24,12 +24,16 @@ from absl import app, flags
 from step_shapes import decode_batch
 
 from models import get_config, init_kv_cache, init_params, step
+from models.config import parse_attention_options
 from models.decoder import layer_unroll
 
 _MODEL = flags.DEFINE_string("model", "gpt2", "Preset.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter / cache dtype.")
 _ATTN = flags.DEFINE_string("attention_impl", "pallas", "reference or pallas.")
 _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
+_OPTIONS = flags.DEFINE_string(
+    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
+)
 _REQS = flags.DEFINE_integer("reqs", 128, "Decoding requests.")
 _CONTEXT = flags.DEFINE_integer("context", 512, "Cached tokens per request.")
 _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
@@ -91,6 +95,7 @@ def main(argv):
         dtype=_DTYPE.value,
         attention_impl=_ATTN.value,
         layer_unroll=_UNROLL.value,
+        attention_options=parse_attention_options(_OPTIONS.value),
     )
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(_REQS.value, _CONTEXT.value, _PAGE.value)
@@ -99,7 +104,8 @@ def main(argv):
         path = trace_steps(params, cfg, cache, batch, _STEPS.value, logdir)
         lines = [
             f"{jax.devices()[0].device_kind}: {_MODEL.value} {_DTYPE.value} {_ATTN.value} "
-            f"layer_unroll {layer_unroll(cfg)}, decode {_REQS.value} x {_CONTEXT.value}, "
+            f"layer_unroll {layer_unroll(cfg)}, attention options {dict(cfg.attention_options)}, "
+            f"decode {_REQS.value} x {_CONTEXT.value}, "
             f"{_STEPS.value} steps back to back",
             *report(path, _STEPS.value, _TOP.value),
         ]

@@ -20,7 +20,41 @@ Quantization = Literal["int8"] | None  # weight-only, per output channel (models
 # widens them to the compute dtype as it reads. "fp8" means fp8_e4m3.
 KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+# What `ModelConfig.attention_options` may set: the Pallas kernel's tuning keywords, and
+# "fuse_kv_write" (the kernel stores the step's K/V into the pages itself, so no scatter
+# kernels run; `ragged_paged_attention(new_kv=)`).
+ATTENTION_OPTIONS = (
+    "block_kv",
+    "decode_rows",
+    "prefill_rows",
+    "num_kv_splits",
+    "num_warps",
+    "num_stages",
+    "one_launch",
+    "fuse_kv_write",
+)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def parse_attention_options(text: str) -> dict[str, int | bool]:
+    """Attention options from a flag's text, e.g. `one_launch=true,num_kv_splits=4`; an
+    empty text is none. Values are integers, or true / false."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or name not in ATTENTION_OPTIONS:
+            raise ValueError(
+                f"attention option {item!r}: want name=value, name one of "
+                f"{', '.join(ATTENTION_OPTIONS)}"
+            )
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            options[name] = low == "true"
+        elif low.lstrip("-").isdigit():
+            options[name] = int(low)
+        else:
+            raise ValueError(f"attention option {item!r}: the value must be an integer or bool")
+    return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +90,20 @@ class ModelConfig:
     # at once (compile time then grows with depth); None: this backend's default
     # (`models/decoder.py: AUTO_LAYER_UNROLL`).
     layer_unroll: int | None = None
+    # The Pallas attention kernel's options (names in ATTENTION_OPTIONS) as sorted (name,
+    # value) pairs; a dict is accepted and sorted. Each one set here overrides the
+    # backend's default (`models/attention.py: KERNEL_OPTIONS`).
+    attention_options: tuple[tuple[str, int | bool], ...] = ()
 
     def __post_init__(self) -> None:
+        options = self.attention_options
+        options = options.items() if isinstance(options, dict) else options
+        object.__setattr__(self, "attention_options", tuple(sorted(tuple(o) for o in options)))
+        for name, _ in self.attention_options:
+            if name not in ATTENTION_OPTIONS:
+                raise ValueError(
+                    f"unknown attention option {name!r}; known: {', '.join(ATTENTION_OPTIONS)}"
+                )
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization must be None or int8; got {self.quantization!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:

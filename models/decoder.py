@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from models.attention import paged_attention
+from models.attention import plan_attention, write_and_attend
 from models.batch import RaggedBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 from models.layers import Params, dense, mlp, norm, rope
 from models.lora import lora_delta
 from models.quantize import quantize_params
-from pallas_kernels.ragged_paged_attention import cache_codec
 
 # Layers per scan iteration when `ModelConfig.layer_unroll` is None, per backend. CPU: 1
 # (one compiled layer body; the loop costs nothing next to a CPU layer).
@@ -117,14 +116,6 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
     return treedef.unflatten([init(p, s, k) for (p, s), k in zip(leaves, keys, strict=True)])
 
 
-def _write_kv(
-    cache: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array, cache_dtype: str
-) -> jax.Array:
-    """Scatter new K or V rows [T, K, H] into layer `layer` of cache [L, K, P, S, H]."""
-    S = cache.shape[3]
-    return cache.at[layer, :, slots // S, slots % S].set(cache_codec.encode(new, cache_dtype))
-
-
 def embed(params: Params, batch: RaggedBatch, config: ModelConfig) -> jax.Array:
     """Token (and learned position) embeddings of the packed tokens: [T, D]."""
     x = params["embed"]["tokens"][batch.input_ids]  # [T, D]
@@ -143,6 +134,7 @@ def decoder_layers(
 ) -> tuple[jax.Array, KVCache]:
     """The stacked layers `layers` (leading axis l) over x, with their l layers of cache."""
     sm_scale = config.head_dim**-0.5
+    plan = plan_attention(batch, config, kv_cache.k.shape[3])  # once for every layer
 
     def layer_step(carry, p):
         x, k_cache, v_cache, layer = carry
@@ -163,9 +155,9 @@ def decoder_layers(
         if config.position == "rope":
             q = rope(q, batch.positions, config.rope_theta)
             k = rope(k, batch.positions, config.rope_theta)
-        k_cache = _write_kv(k_cache, layer, batch.slot_mapping, k, config.cache_dtype)
-        v_cache = _write_kv(v_cache, layer, batch.slot_mapping, v, config.cache_dtype)
-        attn = paged_attention(q, k_cache, v_cache, layer, batch, config, sm_scale, mesh)  # [T,N,H]
+        attn, k_cache, v_cache = write_and_attend(
+            q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
+        )  # [T, N, H]
         x = x + linear("o", p["o"], attn, "TNH,NHD->TD")
         x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config, linear)
         return (x, k_cache, v_cache, layer + 1), None

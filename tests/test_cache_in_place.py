@@ -6,20 +6,28 @@ from models import get_config, init_kv_cache, init_params, pack_batch, step
 
 
 @pytest.mark.parametrize(
-    "impl,kv_cache_dtype,unroll",
+    # (The kernel storing K/V itself, fuse_kv_write, is not here: interpret mode runs the
+    # kernel as loops that carry the aliased cache twice, so the CPU copies it; on the GPU
+    # the Triton call aliases the cache operands to its outputs, which the lowering test in
+    # tests/kernels checks.)
+    "impl,kv_cache_dtype,unroll,options",
     [
-        ("reference", "auto", None),
-        ("pallas", "auto", None),
-        ("reference", "fp8", None),
-        ("pallas", "fp8", None),
-        ("pallas", "auto", 2),  # both layers unrolled: no loop carries the cache
+        ("reference", "auto", None, {}),
+        ("pallas", "auto", None, {}),
+        ("reference", "fp8", None, {}),
+        ("pallas", "fp8", None, {}),
+        ("pallas", "auto", 2, {}),  # both layers unrolled: no loop carries the cache
     ],
 )
-def test_step_aliases_and_never_copies_the_cache(impl, kv_cache_dtype, unroll):
+def test_step_aliases_and_never_copies_the_cache(impl, kv_cache_dtype, unroll, options):
     """fp8 too: its bits live in uint8 because XLA's CPU backend converts a whole fp8 cache
     around a scatter into it (a copy per write, 1000x slower than the write itself)."""
     cfg = get_config(
-        "tiny-llama", attention_impl=impl, kv_cache_dtype=kv_cache_dtype, layer_unroll=unroll
+        "tiny-llama",
+        attention_impl=impl,
+        kv_cache_dtype=kv_cache_dtype,
+        layer_unroll=unroll,
+        attention_options=options,
     )
     kv = init_kv_cache(cfg, 64, 16)
     batch = pack_batch(

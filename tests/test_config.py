@@ -49,3 +49,28 @@ def test_kv_cache_dtype_sets_the_bytes_and_pages_per_token():
     assert cache.k.nbytes == 4 * 16 * fp8.kv_bytes_per_token() // 2
     with pytest.raises(ValueError, match="kv_cache_dtype must be auto, fp8"):
         get_config("gpt2", kv_cache_dtype="int4")
+
+
+def test_attention_options_are_checked_sorted_and_hashable():
+    cfg = get_config("tiny-gpt", attention_options={"one_launch": True, "fuse_kv_write": True})
+    assert cfg.attention_options == (("fuse_kv_write", True), ("one_launch", True))
+    assert cfg == get_config(
+        "tiny-gpt", attention_options=(("one_launch", True), ("fuse_kv_write", True))
+    )
+    hash(cfg)  # a jit static argument
+    with pytest.raises(ValueError, match="unknown attention option 'splits'"):
+        get_config("tiny-gpt", attention_options={"splits": 4})
+
+
+def test_attention_options_from_a_flag():
+    from models.config import parse_attention_options
+
+    assert parse_attention_options("") == {}
+    assert parse_attention_options("one_launch=true, num_kv_splits=4") == {
+        "one_launch": True,
+        "num_kv_splits": 4,
+    }
+    with pytest.raises(ValueError, match="want name=value"):
+        parse_attention_options("one_launch")
+    with pytest.raises(ValueError, match="integer or bool"):
+        parse_attention_options("block_kv=big")

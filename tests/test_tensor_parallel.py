@@ -28,13 +28,17 @@ def _two_steps(params, cache, batches, cfg, mesh=None):
         ("tiny-gpt", "reference", 4),
         ("tiny-llama", "reference", 2),
         ("tiny-llama", "pallas", 2),
+        ("tiny-llama", "pallas_fused", 2),  # the kernel stores K/V into its shard's pages
         ("tiny-llama", "fp8", 2),  # reference attention over an fp8 cache
     ],
 )
 def test_sharded_step_matches_one_device(name, impl, tp):
-    fp8 = impl == "fp8"
+    fp8, fused = impl == "fp8", impl == "pallas_fused"
     cfg = get_config(
-        name, attention_impl="reference" if fp8 else impl, kv_cache_dtype="fp8" if fp8 else "auto"
+        name,
+        attention_impl={"fp8": "reference", "pallas_fused": "pallas"}.get(impl, impl),
+        kv_cache_dtype="fp8" if fp8 else "auto",
+        attention_options={"fuse_kv_write": fused},
     )
     params = init_params(cfg, seed=5)
     batches = mixed_batches(cfg, np.random.default_rng(tp))

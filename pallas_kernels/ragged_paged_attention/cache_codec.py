@@ -49,6 +49,16 @@ def encode(x: jax.Array, cache_dtype) -> jax.Array:
     return lax.bitcast_convert_type(jnp.clip(x, -big, big).astype(cache_dtype), BITS)
 
 
+def round_trip(x: jax.Array, cache_dtype) -> jax.Array:
+    """`x` as it reads back from the cache (`decode(encode(x))`), in x's dtype: fp8 rounds
+    and saturates; a cache in x's own dtype changes nothing."""
+    cache_dtype = jnp.dtype(cache_dtype)
+    if cache_dtype not in FP8_DTYPES:
+        return x.astype(cache_dtype).astype(x.dtype)
+    big = float(jnp.finfo(cache_dtype).max)
+    return jnp.clip(x, -big, big).astype(cache_dtype).astype(x.dtype)
+
+
 def decode(stored: jax.Array, cache_dtype, dtype) -> jax.Array:
     """Loaded cache values in the compute dtype `dtype` (works inside Pallas kernels)."""
     if stored.dtype == BITS:

@@ -11,9 +11,10 @@ Design, point by point against GPU_NOTES.md:
   heads of one kv head; its matmul rows are `M = block_q * G'` (G' = G rounded up to a power
   of two), so each K/V chunk is loaded once for the G heads sharing it. A tiny jnp pass
   (`partition.build_tiles`) turns `cu_q_lens` into a tile table (request, first token,
-  token count, first position). The kernel gathers its q rows straight from `q [T, N, H]`
-  and stores its output rows straight into `[T, N, H]` under a mask: no query round trip
-  through HBM outside the kernel.
+  token count, first position, the request's first new position); a decoder builds it once
+  per step for all layers (`partition.tile_tables`, passed as `tiles=`). The kernel gathers
+  its q rows straight from `q [T, N, H]` and stores its output rows straight into
+  `[T, N, H]` under a mask: no query round trip through HBM outside the kernel.
 - Two tile classes (`partition.plan_tile_classes`): short queries (decodes) get 16-row
   tiles, long ones (prefill chunks) 64-row tiles, so decodes do not pay for 63 empty matmul
   rows while prefills reuse each K/V chunk across many queries. One `pallas_call` per class;
@@ -33,6 +34,13 @@ Design, point by point against GPU_NOTES.md:
   (`partition.combine_splits`, which also zeroes padding rows). With one split the kernel
   stores final rows in the output dtype into a zero-initialised [T, N, H] buffer (aliased),
   so padding rows stay zero and no pass over the output follows.
+- The step's K/V write (`new_kv=`): the kernel also takes the step's new K/V rows
+  `[T, K, H]`, reads keys before each request's first new position from the cache and its
+  new keys straight from those rows (a third loop, in chunks of at most the tile's token
+  count), and split 0 of each tile stores the tile's own tokens' rows into their pages
+  (the caches are aliased outputs). No program reads a slot any program writes, so no
+  ordering is needed, and the two scatter kernels a layer otherwise runs before attention
+  go away. fp8 caches get saturated fp8 bits, and attention uses the rounded values.
 
 Grid: (tile slots, K, kv splits); empty tile slots exit at once.
 """
@@ -50,36 +58,41 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import cache_codec
 from pallas_kernels.ragged_paged_attention import partition as part
+from pallas_kernels.ragged_paged_attention.checks import check_new_kv, check_shapes
 
 _LOG2E = math.log2(math.e)
-_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _attention_kernel(
-    tiles_ref,  # i32[NT, 4] (request, first packed token, token count, first position)
+    tiles_ref,  # i32[NT, 5] (request, first packed token, token count, first position, NEW0)
     layer_ref,  # i32[1]
     q_ref,  # [T, N, H]
     k_ref,  # [L, K, P, S, H] in q's dtype, or u8 bits of `cache_dtype` (fp8)
     v_ref,  # [L, K, P, S, H]
     block_tables_ref,  # i32[R, MB]
-    *refs,  # the aliased input buffers (unused here), then the outputs:
+    *refs,  # with `write_new`: the new K and V [T, K, H]; then the aliased input buffers
+    #   (unused here); then the outputs:
     #   one split:  o [T, N, H] in q's dtype
     #   NS splits:  o [NS, T, N, H] f32 (normalised per split), lse [NS, T, N] f32 (log2)
-    class_spans: tuple[tuple[int, int, int], ...],
+    #   with `write_new`, then the caches (k_ref and v_ref's buffers, aliased)
+    class_spans: tuple[tuple[int, int, int, int], ...],
     **kw,
 ):
     """Dispatch each program to its tile class: `class_spans` holds (first tile, tiles,
-    block_q) per class, the classes' tiles laid one after another in `tiles_ref`."""
+    block_q, block_new) per class, the classes' tiles laid one after another in `tiles_ref`."""
     # Program ids are read here, outside any branch (interpret mode lowers them only here).
     ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
     refs = (tiles_ref, layer_ref, q_ref, k_ref, v_ref, block_tables_ref, *refs)
     if len(class_spans) == 1:
-        _attend_tile(*refs, ids=ids, block_q=class_spans[0][2], **kw)
+        _, _, block_q, block_new = class_spans[0]
+        _attend_tile(*refs, ids=ids, block_q=block_q, block_new=block_new, **kw)
         return
     tile = ids[0]
-    for first, count, block_q in class_spans:
+    for first, count, block_q, block_new in class_spans:
         pl.when((tile >= first) & (tile < first + count))(
-            functools.partial(_attend_tile, *refs, ids=ids, block_q=block_q, **kw)
+            functools.partial(
+                _attend_tile, *refs, ids=ids, block_q=block_q, block_new=block_new, **kw
+            )
         )
 
 
@@ -93,6 +106,7 @@ def _attend_tile(
     *refs,
     ids: tuple[jax.Array, jax.Array, jax.Array],  # (tile, kv head, kv split) program ids
     block_q: int,
+    block_new: int,
     group: int,
     block_kv: int,
     num_splits: int,
@@ -101,8 +115,23 @@ def _attend_tile(
     num_aliased: int,
     cache_dtype,
     sliding_window: int | None,
+    write_new: bool,
 ):
+    """One (tile, kv head, kv split) program.
+
+    Keys come from two places. Cache keys: positions [0, cache_end) through the block
+    table, in `block_kv` chunks. With `write_new`, cache_end is the request's first new
+    position (NEW0) and the step's new keys, [NEW0, kv_end), are read from the new K/V
+    rows `[T, K, H]` in `block_new` chunks, as the cache will hold them (fp8 rounded); the
+    tile also stores its own tokens' K/V into their pages. No program reads a slot that any
+    program writes, so the order of programs does not matter. Without `write_new` the
+    caller has written the new K/V already and every key comes from the cache.
+    """
+    if write_new:
+        k_new_ref, v_new_ref, *refs = refs
     out_refs = refs[num_aliased:]
+    if write_new:
+        *out_refs, k_out_ref, v_out_ref = out_refs
     tile, kv_head, split = ids
     T, N, H = q_ref.shape
     P, S = k_ref.shape[2], k_ref.shape[3]
@@ -117,6 +146,7 @@ def _attend_tile(
     def _():
         q_start = tiles_ref[tile, part.Q_START]
         pos0 = tiles_ref[tile, part.POS0]
+        new0 = tiles_ref[tile, part.NEW0]
         layer = layer_ref[0]
 
         rows = lax.broadcasted_iota(jnp.int32, (M, 1), 0)
@@ -132,14 +162,20 @@ def _attend_tile(
         q = q_ref[jnp.minimum(tok, T - 1), jnp.minimum(head, N - 1), hd]  # [M, H]
 
         kv_end = pos0 + count  # keys [0, kv_end) are visible to the tile's last token
-        n_chunks = lax.div(kv_end + block_kv - 1, block_kv)
-        first = 0  # chunks before it are outside every row's sliding window
+        cache_end = new0 if write_new else kv_end  # keys [0, cache_end) are in the cache
+        first = 0  # cache chunks before it are outside every row's sliding window
         if sliding_window is not None:
             first = lax.div(jnp.maximum(pos0 - (sliding_window - 1), 0), block_kv)
-        span = n_chunks - first
-        lo = first + lax.div(split * span, num_splits)
-        hi = first + lax.div((split + 1) * span, num_splits)
-        full = lax.div(pos0 + 1, block_kv)  # chunks before this one precede every row
+        # The chunks to visit, cache chunks first, then new-key chunks; splits divide them.
+        n_cache = jnp.maximum(lax.div(cache_end + block_kv - 1, block_kv) - first, 0)
+        n_new = lax.div(kv_end - new0 + block_new - 1, block_new) if write_new else 0
+        span = n_cache + n_new
+        lo = lax.div(split * span, num_splits)
+        hi = lax.div((split + 1) * span, num_splits)
+        c_lo = first + jnp.minimum(lo, n_cache)
+        c_hi = first + jnp.minimum(hi, n_cache)
+        # cache chunks before this one are whole and precede every row: no masks
+        full = jnp.minimum(lax.div(pos0 + 1, block_kv), lax.div(cache_end, block_kv))
         key = lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
         pages_per_step = block_kv // S
 
@@ -148,15 +184,9 @@ def _attend_tile(
             page = jnp.clip(block_tables_ref[req, col], 0, P - 1)  # [BK, 1]
             return layer, kv_head, page, lax.rem(key, S), hd  # -> [BK, H]
 
-        def step(c, carry, masked: bool):
+        def attend(carry, k, v, key_pos, masked: bool):
+            """Online-softmax update with keys k, values v [BK, H] at positions key_pos."""
             m, l, acc = carry  # [M], [M], [M, H] f32
-            idx = kv_index(c)
-            if masked:
-                key_ok = c * block_kv + key < kv_end  # [BK, 1]
-                k = plgpu.load(k_ref.at[idx], mask=key_ok, other=0)  # [BK, H]
-            else:
-                k = k_ref[idx]
-            k = cache_codec.decode(k, cache_dtype, q.dtype)  # fp8 bits widen in registers
             s = lax.dot_general(
                 q,
                 k,
@@ -165,18 +195,15 @@ def _attend_tile(
                 preferred_element_type=jnp.float32,
             )  # [M, BK]
             s = s * scale_log2
-            key_pos = c * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
             if masked:
                 s = jnp.where(key_pos <= pos, s, -jnp.inf)
-            if sliding_window is not None:  # in both loops: the window's start cuts any chunk
+            if sliding_window is not None:  # in every loop: the window's start cuts any chunk
                 s = jnp.where(key_pos > pos - sliding_window, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing seen yet
             alpha = jnp.exp2(m - m_safe)
             p = jnp.exp2(s - m_safe[:, None])  # [M, BK]
             l = l * alpha + jnp.sum(p, axis=1)
-            v = plgpu.load(v_ref.at[idx], mask=key_ok, other=0) if masked else v_ref[idx]
-            v = cache_codec.decode(v, cache_dtype, q.dtype)
             pv = lax.dot_general(
                 p.astype(v.dtype),
                 v,
@@ -186,14 +213,46 @@ def _attend_tile(
             )  # [M, H]
             return m_new, l, acc * alpha[:, None] + pv
 
+        def cache_step(c, carry, masked: bool):
+            idx = kv_index(c)
+            if masked:
+                key_ok = c * block_kv + key < cache_end  # [BK, 1]
+                k = plgpu.load(k_ref.at[idx], mask=key_ok, other=0)  # [BK, H]
+                v = plgpu.load(v_ref.at[idx], mask=key_ok, other=0)
+            else:
+                k, v = k_ref[idx], v_ref[idx]
+            k = cache_codec.decode(k, cache_dtype, q.dtype)  # fp8 bits widen in registers
+            v = cache_codec.decode(v, cache_dtype, q.dtype)
+            key_pos = c * block_kv + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+            if masked and write_new:  # slots from NEW0 on are not read: hide them as future
+                key_pos = jnp.where(key_pos < cache_end, key_pos, jnp.iinfo(jnp.int32).max)
+            return attend(carry, k, v, key_pos, masked)
+
         carry = (
             jnp.full((M,), -jnp.inf, jnp.float32),
             jnp.zeros((M,), jnp.float32),
             jnp.zeros((M, H), jnp.float32),
         )
-        mid = jnp.clip(full, lo, hi)
-        carry = lax.fori_loop(lo, mid, functools.partial(step, masked=False), carry)
-        m, l, acc = lax.fori_loop(mid, hi, functools.partial(step, masked=True), carry)
+        mid = jnp.clip(full, c_lo, c_hi)
+        carry = lax.fori_loop(c_lo, mid, functools.partial(cache_step, masked=False), carry)
+        carry = lax.fori_loop(mid, c_hi, functools.partial(cache_step, masked=True), carry)
+        if write_new:
+            new_key = lax.broadcasted_iota(jnp.int32, (block_new, 1), 0)
+
+            def new_step(j, carry):
+                key_col = new0 + j * block_new + new_key  # [BN, 1] positions
+                key_ok = key_col < kv_end
+                src = (jnp.clip(q_start + key_col - pos0, 0, T - 1), kv_head, hd)  # packed rows
+                k = plgpu.load(k_new_ref.at[src], mask=key_ok, other=0)  # [BN, H]
+                v = plgpu.load(v_new_ref.at[src], mask=key_ok, other=0)
+                k = cache_codec.round_trip(k, cache_dtype)  # what the cache will hold
+                v = cache_codec.round_trip(v, cache_dtype)
+                key_pos = new0 + j * block_new + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
+                return attend(carry, k, v, key_pos, masked=True)
+
+            n_lo, n_hi = jnp.maximum(lo - n_cache, 0), jnp.maximum(hi - n_cache, 0)
+            carry = lax.fori_loop(n_lo, n_hi, new_step, carry)
+        m, l, acc = carry
 
         o = acc / jnp.where(l == 0.0, 1.0, l)[:, None]  # [M, H]
         # Rows that are not ours point past the end, so even interpret mode drops them.
@@ -207,6 +266,21 @@ def _attend_tile(
             lse = jnp.where(l == 0.0, -jnp.inf, m + jnp.log2(jnp.where(l == 0.0, 1.0, l)))
             plgpu.store(lse_ref.at[split, out_tok[:, 0], head[:, 0]], lse, mask=row_ok[:, 0])
 
+        if write_new:
+
+            @pl.when(split == 0)
+            def _():
+                # The tile's own tokens' K/V into their slots (page P, past the end, drops).
+                t = lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+                ok = t < count
+                col = jnp.minimum(lax.div(pos0 + t, S), MB - 1)
+                page = jnp.where(ok, jnp.clip(block_tables_ref[req, col], 0, P - 1), P)
+                dst = (layer, kv_head, page, lax.rem(pos0 + t, S), hd)  # -> [BQ, H]
+                src = (jnp.minimum(q_start + t, T - 1), kv_head, hd)
+                for new_ref, out_ref in ((k_new_ref, k_out_ref), (v_new_ref, v_out_ref)):
+                    rows = cache_codec.encode(new_ref[src], cache_dtype)
+                    plgpu.store(out_ref.at[dst], rows, mask=ok)
+
 
 def _attention_call(
     tiles,
@@ -215,6 +289,7 @@ def _attention_call(
     k_cache,
     v_cache,
     block_tables,
+    new_kv,
     aliased,
     *,
     tile_classes,
@@ -228,7 +303,8 @@ def _attention_call(
     sliding_window,
 ):
     """One `pallas_call` over the tiles of `tile_classes`, their tables one after another
-    in `tiles`; writes into `aliased` if given."""
+    in `tiles`; writes into `aliased` if given. With `new_kv` (k, v [T, K, H]) it also
+    stores them into the caches and returns those after the output(s)."""
     T, N, H = q.shape
     K = k_cache.shape[1]
     if num_splits == 1:
@@ -238,11 +314,19 @@ def _attention_call(
             jax.ShapeDtypeStruct((num_splits, T, N, H), jnp.float32),
             jax.ShapeDtypeStruct((num_splits, T, N), jnp.float32),
         ]
-    inputs = (tiles, layer, q, k_cache, v_cache, block_tables, *aliased)
+    inputs = (tiles, layer, q, k_cache, v_cache, block_tables, *new_kv, *aliased)
+    aliases = {6 + len(new_kv) + i: i for i in range(len(aliased))}
+    if new_kv:  # the caches are written in place
+        aliases |= {3: len(out_shape), 4: len(out_shape) + 1}
+        out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache)]
     spans, first = [], 0
     for c in tile_classes:
-        spans.append((first, c.num_tiles, c.block_q))
+        # new keys of a request number at most its q_len, so short-query tiles use small chunks
+        block_new = min(block_kv, max(16, part.next_pow2(c.max_q)))
+        spans.append((first, c.num_tiles, c.block_q, block_new))
         first += c.num_tiles
+    if tiles.shape != (first, part.NUM_TILE_FIELDS):
+        raise ValueError(f"tile table {tiles.shape}; this launch plans {first} tile slots")
     kernel = functools.partial(
         _attention_kernel,
         class_spans=tuple(spans),
@@ -254,85 +338,20 @@ def _attention_call(
         num_aliased=len(aliased),
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
+        write_new=bool(new_kv),
     )
     return pl.pallas_call(
         kernel,
         grid=(first, K, num_splits),
         out_shape=out_shape,
-        input_output_aliases={6 + i: i for i in range(len(aliased))},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=(
             f"ragged_paged_attention_bq{'_'.join(str(c.block_q) for c in tile_classes)}"
-            f"_kv{block_kv}_ns{num_splits}"
+            f"_kv{block_kv}_ns{num_splits}{'_write' if new_kv else ''}"
         ),
     )(*inputs)
-
-
-def _geometry_problem(head_dim: int, page_size: int, dtype, cache_dtype=None) -> str | None:
-    """Why the kernel cannot take this head dim / page size / dtypes, or None."""
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        return f"head dim must be a power of two in [16, 256] for Triton; got {head_dim}"
-    if page_size not in (16, 32, 64):
-        return f"page size must be 16, 32 or 64; got {page_size}"
-    if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
-        return f"q dtype must be one of f32, bf16, f16; got {jnp.dtype(dtype)}"
-    cache_dtype = jnp.dtype(dtype if cache_dtype is None else cache_dtype)
-    if cache_dtype != jnp.dtype(dtype) and cache_dtype not in cache_codec.FP8_DTYPES:
-        return (
-            f"cache dtype {cache_dtype} must match q dtype {jnp.dtype(dtype)} or be "
-            "float8_e4m3fn / float8_e5m2"
-        )
-    return None
-
-
-def supports(head_dim: int, page_size: int, dtype, cache_dtype=None) -> bool:
-    """Whether the kernel handles this geometry (what `_check_shapes` accepts of it)."""
-    return _geometry_problem(head_dim, page_size, dtype, cache_dtype) is None
-
-
-def _check_shapes(
-    q, k_cache, v_cache, layer, kv_lens, block_tables, cu_q_lens, num_reqs, block_kv, cache_dtype
-):
-    """Trace-time shape and dtype checks (values are checked by `validate_metadata`);
-    returns the cache values' dtype (`cache_codec.value_dtype`)."""
-    if q.ndim != 3 or k_cache.ndim != 5:
-        raise ValueError(
-            f"want q [T, N, H] and caches [L, K, P, S, H]; got {q.shape}, {k_cache.shape}"
-        )
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(
-            f"k_cache {k_cache.shape} {k_cache.dtype} and v_cache "
-            f"{v_cache.shape} {v_cache.dtype} differ"
-        )
-    T, N, H = q.shape
-    _, K, _, S, Hk = k_cache.shape
-    R = kv_lens.shape[0]
-    if Hk != H:
-        raise ValueError(f"head dim of q ({H}) and of the cache ({Hk}) differ")
-    cache_dtype = cache_codec.value_dtype(k_cache.dtype, cache_dtype)
-    if (problem := _geometry_problem(H, S, q.dtype, cache_dtype)) is not None:
-        raise ValueError(problem)
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if block_kv is not None and (block_kv < S or block_kv & (block_kv - 1)):
-        raise ValueError(f"block_kv must be a power of two >= page size {S}; got {block_kv}")
-    want = {
-        "layer": ((), layer),
-        "kv_lens": ((R,), kv_lens),
-        "cu_q_lens": ((R + 1,), cu_q_lens),
-        "num_reqs": ((), num_reqs),
-    }
-    for name, (shape, x) in want.items():
-        if x.shape != shape or x.dtype != jnp.int32:
-            raise ValueError(f"{name} must be i32{list(shape)}; got {x.dtype}{list(x.shape)}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != R or block_tables.dtype != jnp.int32:
-        raise ValueError(
-            f"block_tables must be i32[{R}, MB]; got {block_tables.dtype}{list(block_tables.shape)}"
-        )
-    if T < 1:
-        raise ValueError("need at least one token")
-    return cache_dtype
 
 
 @functools.partial(
@@ -362,6 +381,8 @@ def ragged_paged_attention(
     num_reqs: jax.Array,  # i32[]
     *,
     sm_scale: float,
+    new_kv: tuple[jax.Array, jax.Array] | None = None,  # this step's K, V [T, K, H]
+    tiles: tuple[jax.Array, ...] | None = None,  # `partition.tile_tables` of this batch
     block_kv: int | None = None,
     decode_rows: int = 16,
     prefill_rows: int = 64,
@@ -372,20 +393,27 @@ def ragged_paged_attention(
     interpret: bool | None = None,
     cache_dtype=None,
     sliding_window: int | None = None,
-) -> jax.Array:  # [T, N, H]; rows of padding tokens are zero
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """Attention of every packed query token over its own request's paged context.
 
-    Args mirror `ragged_paged_attention_ref`. Tuning (all static; None picks from the
-    shapes): `block_kv` keys per loop step, a power-of-two multiple of the page size
-    (`partition.default_block_kv`); `decode_rows` / `prefill_rows` matmul rows of the
-    short-query and long-query tiles; `num_kv_splits` split-K factor
-    (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`; `one_launch`:
-    both tile classes in one `pallas_call` (long-query tiles first, so a mixed batch's
-    prefill programs run beside its decodes instead of after them). `interpret`
-    defaults to True when the default backend is the CPU. `cache_dtype`: the values' type
-    when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`: a token at
-    position p sees keys p - sliding_window + 1 ... p only (chunks before every row's window
-    are skipped).
+    Args mirror `ragged_paged_attention_ref`. `new_kv`: the step's new K and V rows (q's
+    dtype), not yet in the cache: the kernel stores each real token's rows into its slot
+    (page `block_tables[r, pos // S]`, slot `pos % S`; padding tokens write nothing) and
+    attends to them, and returns `(out, k_cache, v_cache)`; inside a jit that donates the
+    cache the write is in place, with no scatter kernels. Without it the cache must hold
+    them already and only `out` is returned. `tiles`: the batch's `tile_tables`, computed
+    once for all layers (`partition.tile_tables`; None: computed here).
+
+    Tuning (all static; None picks from the shapes): `block_kv` keys per loop step, a
+    power-of-two multiple of the page size (`partition.default_block_kv`); `decode_rows` /
+    `prefill_rows` matmul rows of the short-query and long-query tiles; `num_kv_splits`
+    split-K factor (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`;
+    `one_launch`: both tile classes in one `pallas_call` (long-query tiles first, so a
+    mixed batch's prefill programs run beside its decodes instead of after them).
+    `interpret` defaults to True when the default backend is the CPU. `cache_dtype`: the
+    values' type when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`:
+    a token at position p sees keys p - sliding_window + 1 ... p only (chunks before every
+    row's window are skipped).
     """
     return _forward(
         q,
@@ -398,6 +426,8 @@ def ragged_paged_attention(
         num_reqs,
         None,
         sm_scale=sm_scale,
+        new_kv=new_kv,
+        tiles=tiles,
         block_kv=block_kv,
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
@@ -431,6 +461,8 @@ def _forward(
     num_stages,
     one_launch,
     interpret,
+    new_kv=None,
+    tiles=None,
     cache_dtype=None,
     sliding_window=None,
 ):
@@ -440,7 +472,7 @@ def _forward(
     (default zeros), leaving padding rows as they were: tests pass a NaN buffer to prove
     that every real row, and no padding row, is written.
     """
-    cache_dtype = _check_shapes(
+    cache_dtype = check_shapes(
         q,
         k_cache,
         v_cache,
@@ -459,6 +491,7 @@ def _forward(
     T, N, H = q.shape
     _, K, _, S, _ = k_cache.shape
     R, MB = block_tables.shape
+    new_kv = check_new_kv(new_kv, q, k_cache)
     block_kv = block_kv or part.default_block_kv(q.dtype, H, S)
     splits = num_kv_splits or part.plan_num_splits(
         num_tokens=T, num_rows=R, num_kv_heads=K, max_context=MB * S, block_kv=block_kv
@@ -472,13 +505,20 @@ def _forward(
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
     )
+    launches = part.plan_launches(classes, one_launch)
+    if tiles is None:
+        tiles = tuple(part.launch_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in launches)
+    if len(tiles) != len(launches):
+        raise ValueError(
+            f"{len(tiles)} tile tables for {len(launches)} launches: make them with "
+            "partition.tile_tables() and this call's decode_rows, prefill_rows and one_launch"
+        )
     call = functools.partial(
         _attention_call,
         layer=layer.reshape(1),
         q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
         block_tables=block_tables,
+        new_kv=new_kv,
         num_splits=splits,
         block_kv=block_kv,
         scale_log2=sm_scale * _LOG2E,
@@ -491,16 +531,10 @@ def _forward(
     outs = ()  # with splits, fresh partial buffers (the combine zeroes the padding rows)
     if splits == 1:
         outs = (jnp.zeros_like(q) if out_init is None else out_init,)
-    if one_launch:  # long-query tiles first: the longest programs start first
-        classes = classes[::-1]
-        tiles = jnp.concatenate(
-            [part.build_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in classes]
-        )
-        outs = call(tiles, aliased=outs, tile_classes=classes)
-    else:
-        for tile_class in classes:
-            tiles = part.build_tiles(cu_q_lens, kv_lens, num_reqs, tile_class)
-            outs = call(tiles, aliased=outs, tile_classes=(tile_class,))
-    if splits == 1:
-        return outs[0]
-    return part.combine_splits(*outs, cu_q_lens, num_reqs, q.dtype)
+    for launch, table in zip(launches, tiles, strict=True):
+        outs = call(table, k_cache=k_cache, v_cache=v_cache, aliased=outs, tile_classes=launch)
+        if new_kv:  # the next launch reads (and writes) the caches this one wrote into
+            *outs, k_cache, v_cache = outs
+        outs = tuple(outs)
+    out = outs[0] if splits == 1 else part.combine_splits(*outs, cu_q_lens, num_reqs, q.dtype)
+    return (out, k_cache, v_cache) if new_kv else out

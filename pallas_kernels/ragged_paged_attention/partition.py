@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Columns of the tile table handed to the kernel (one row per tile slot).
-REQ, Q_START, Q_COUNT, POS0 = range(4)
-NUM_TILE_FIELDS = 4
+# Columns of the tile table handed to the kernel (one row per tile slot): the request, its
+# tile's first packed token, token count and first position, and the position of the
+# request's first new token (where its keys stop being in the cache before this step).
+REQ, Q_START, Q_COUNT, POS0, NEW0 = range(5)
+NUM_TILE_FIELDS = 5
 
 # A grid with fewer (tile, kv head) programs than this gets kv splits (an H100 has 132 SMs,
 # and about 5 decode programs fit on one: 90 registers x 128 threads, 39 KB shared memory).
@@ -101,12 +103,33 @@ def plan_num_splits(
     return int(max(1, splits))
 
 
+def plan_launches(
+    classes: tuple[TileClass, ...], one_launch: bool
+) -> tuple[tuple[TileClass, ...], ...]:
+    """The tile classes of each kernel launch: one launch per class, or all in one with the
+    long-query class first (its programs are the longest, so they should start first)."""
+    if one_launch:
+        return (classes[::-1],)
+    return tuple((c,) for c in classes)
+
+
+def launch_tiles(
+    cu_q_lens: jax.Array,  # i32[R+1]
+    kv_lens: jax.Array,  # i32[R]
+    num_reqs: jax.Array,  # i32[]
+    classes: tuple[TileClass, ...],
+) -> jax.Array:  # i32[sum of NT, 5]
+    """The tile table of one launch: its classes' tables one after another."""
+    tables = [build_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in classes]
+    return tables[0] if len(tables) == 1 else jnp.concatenate(tables)
+
+
 def build_tiles(
     cu_q_lens: jax.Array,  # i32[R+1]
     kv_lens: jax.Array,  # i32[R]
     num_reqs: jax.Array,  # i32[]
     tile_class: TileClass,
-) -> jax.Array:  # i32[NT, 4]: (request, first packed token, token count, first position)
+) -> jax.Array:  # i32[NT, 5]: request, first packed token, token count, first position, NEW0
     """The tile table of one class: tile i covers tokens [start, start + count) of `req`.
 
     Tiles never straddle two requests; unused slots have count 0 (their programs exit).
@@ -126,8 +149,41 @@ def build_tiles(
         cu_q_lens[req] + j * c.block_q,
         jnp.where(i < ends[-1], count, 0),
         kv_lens[req] - q_lens[req] + j * c.block_q,
+        kv_lens[req] - q_lens[req],
     )
     return jnp.stack(tiles, axis=1).astype(jnp.int32)
+
+
+def tile_tables(
+    cu_q_lens: jax.Array,  # i32[R+1]
+    kv_lens: jax.Array,  # i32[R]
+    num_reqs: jax.Array,  # i32[]
+    *,
+    num_tokens: int,
+    num_heads: int,
+    num_kv_heads: int,
+    decode_rows: int = 16,
+    prefill_rows: int = 64,
+    one_launch: bool = False,
+) -> tuple[jax.Array, ...]:  # one i32[NT, 5] table per launch
+    """The kernel's work list for one batch, independent of layer and of the K/V values.
+
+    A decoder computes this once per step and passes it (`tiles=`) to every layer's call,
+    so the small integer passes that cut the batch into tiles (a cumsum and a few
+    compares, each its own GPU kernel) run once rather than once per layer. The tuning
+    arguments must be those of the calls that take it.
+    """
+    classes = plan_tile_classes(
+        num_tokens=num_tokens,
+        num_rows=kv_lens.shape[0],
+        group_pow2=next_pow2(num_heads // num_kv_heads),
+        decode_rows=decode_rows,
+        prefill_rows=prefill_rows,
+    )
+    return tuple(
+        launch_tiles(cu_q_lens, kv_lens, num_reqs, launch)
+        for launch in plan_launches(classes, one_launch)
+    )
 
 
 def combine_splits(

@@ -355,9 +355,10 @@ def test_tiles_cover_every_real_token_once(group_pow2):
                 part.build_tiles(jnp.asarray(cu), jnp.asarray(kv), jnp.int32(len(q_lens)), c)
             )
             assert tiles.shape == (c.num_tiles, part.NUM_TILE_FIELDS)
-            for req, start, count, pos0 in tiles[tiles[:, part.Q_COUNT] > 0]:
+            for req, start, count, pos0, new0 in tiles[tiles[:, part.Q_COUNT] > 0]:
                 assert cu[req] <= start and start + count <= cu[req + 1] and count <= c.block_q
-                assert pos0 == kv[req] - (cu[req + 1] - cu[req]) + (start - cu[req])
+                assert new0 == kv[req] - (cu[req + 1] - cu[req])
+                assert pos0 == new0 + (start - cu[req])
                 seen[start : start + count] += 1
         np.testing.assert_array_equal(seen, np.arange(num_tokens) < cu[-1], err_msg=q_lens)
 
@@ -376,7 +377,9 @@ H100 = jax.sharding.AbstractDevice(
 
 
 def _triton_calls(fn, args):
-    """Lower `fn` for an abstract H100 (no GPU needed); the Triton custom calls it emits."""
+    """Lower `fn` for an abstract H100 (no GPU needed); the Triton custom calls it emits, as
+    (op text, launch ints, Triton IR bytes), read while the module is alive (an op outlives
+    its module only as a dangling pointer)."""
     from jax._src.lib.mlir import ir  # noqa: PLC0415
     from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh  # noqa: PLC0415
 
@@ -392,10 +395,17 @@ def _triton_calls(fn, args):
                     if child.operation.name == "stablehlo.custom_call":
                         target = ir.StringAttr(child.attributes["call_target_name"]).value
                         if target == "__gpu$xla.gpu.triton":
-                            calls.append(child)
+                            config = child.attributes["mhlo.backend_config"]
+                            launch = {
+                                k: ir.IntegerAttr(config[k]).value
+                                for k in ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
+                            }
+                            triton_ir = ir.StringAttr(config["ir"]).value_bytes
+                            calls.append((str(child), launch, triton_ir))
                     walk(child.operation)
 
-    walk(lowered.compiler_ir("stablehlo").operation)
+    module = lowered.compiler_ir("stablehlo")
+    walk(module.operation)
     return calls
 
 
@@ -424,6 +434,16 @@ def _triton_calls(fn, args):
             dict(T=576, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
             dict(one_launch=True),
         ),
+        (  # gpt2's decode bucket, the kernel storing the step's K/V itself
+            "fused_kv_write",
+            dict(T=128, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
+            dict(fused=True),
+        ),
+        (  # and into an fp8 cache, both classes in one launch, split-K
+            "fused_kv_write_fp8",
+            dict(T=576, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
+            dict(fused=True, one_launch=True, num_kv_splits=2, cache_dtype=jnp.float8_e4m3fn),
+        ),
     ],
 )
 def test_lowers_to_triton_for_h100(name, shape, tuning):
@@ -441,9 +461,17 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     dtype = jnp.bfloat16
+    tuning = dict(tuning)
+    fused = tuning.pop("fused", False)  # new K/V [T, K, H] in, stored by the kernel
     fp8 = "cache_dtype" in tuning  # the caches hold fp8 bits as uint8
     args = _abstract_args(**shape, dtype=dtype, cache_dtype=jnp.uint8 if fp8 else dtype)
-    fn = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False, **tuning)
+    call = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False, **tuning)
+    if fused:
+        new = jax.ShapeDtypeStruct((shape["T"], shape["K"], shape["H"]), dtype)
+        args = (*args, new, new)
+        fn = lambda *a: call(*a[:8], new_kv=a[8:])  # noqa: E731
+    else:
+        fn = call
     calls = _triton_calls(fn, args)
     classes = part.plan_tile_classes(
         num_tokens=shape["T"],
@@ -465,26 +493,38 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     else:
         launches = [(c.num_tiles, 1) for c in classes]
     assert len(calls) == len(launches)
-    for call, (num_tiles, num_classes) in zip(calls, launches, strict=True):
-        config = call.attributes["mhlo.backend_config"]
-        launch = {
-            k: ir.IntegerAttr(config[k]).value
-            for k in ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
-        }
+    for (op_text, launch, triton_ir), (num_tiles, num_classes) in zip(calls, launches, strict=True):
+        # fused: the caches (operands 3 and 4) are the call's last two outputs, in place
+        aliased = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", op_text)
+        n_out = (1 if splits == 1 else 2) + 2 * fused
+        if fused:
+            assert {(str(n_out - 2), "3"), (str(n_out - 1), "4")} <= set(aliased), aliased
         assert launch == dict(
             grid_x=num_tiles, grid_y=shape["K"], grid_z=splits, num_warps=4, num_stages=3
         )
         with triton_lowering._new_ir_context():
-            module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+            module = ir.Module.parse(triton_ir)
             assert module.operation.verify()
             text = str(module)
-        # per class: QK and PV dots in the unmasked and the masked loop
-        assert text.count("tt.dot ") == 4 * num_classes, text
-        assert text.count("scf.for ") == 2 * num_classes, text
+        # per class: QK and PV dots in the unmasked and the masked loop (and the new keys')
+        loops = 3 if fused else 2
+        assert text.count("tt.dot ") == 2 * loops * num_classes, text
+        assert text.count("scf.for ") == loops * num_classes, text
+        # per class: the output (and, fused, K and V rows into the cache; with splits, lse)
+        stores = (1 + (splits > 1) + 2 * fused) * num_classes
+        assert text.count("tt.store ") == stores, text
         item = 1 if fp8 else 2
         cache_bytes = item * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
         wide = re.findall(r"tt\.addptr .*!tt\.ptr<(?:bf16|i8)>>, tensor<[0-9x]+xi64>", text)
         assert bool(wide) == (cache_bytes > 2**32), "64-bit K/V offsets iff the cache > 4 GiB"
-        if fp8:  # byte loads (K and V, unmasked and masked), bitcast to fp8, then widened
-            assert len(re.findall(r"tt\.load .*!tt\.ptr<i8>>", text)) == 4, text  # one class
-            assert len(re.findall(r"tt\.fp_to_fp .*f8E4M3FN.* -> .*bf16", text)) == 4, text
+        if fp8:  # byte loads (K and V, unmasked and masked), bitcast to fp8, then widened;
+            # fused: the new K/V rounded to fp8 and back, and their bits stored (a store
+            # into a ref lowers as a swap: a load, dead, then the store)
+            per_class = 4 + 2 * fused
+            assert len(re.findall(r"tt\.load .*!tt\.ptr<i8>>", text)) == per_class * num_classes
+            widen = re.findall(r"tt\.fp_to_fp .*f8E4M3FN.* -> .*bf16", text)
+            assert len(widen) == per_class * num_classes, text
+            narrow = re.findall(r"tt\.fp_to_fp .* -> tensor<[0-9x]+xf8E4M3FN>", text)
+            assert len(narrow) == 4 * fused * num_classes, text  # round trip and store, K and V
+            i8_stores = re.findall(r"tt\.store .*!tt\.ptr<i8>>", text)
+            assert len(i8_stores) == 2 * fused * num_classes, text
