@@ -7,6 +7,7 @@ Llama style: RoPE, RMSNorm, SwiGLU, grouped-query attention, optionally tied emb
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Literal
 
 Norm = Literal["layernorm", "rmsnorm"]
@@ -36,11 +37,15 @@ ATTENTION_OPTIONS = (
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
-def parse_attention_options(text: str) -> dict[str, int | bool]:
-    """Attention options from a flag's text, e.g. `one_launch=true,num_kv_splits=4`; an
-    empty text is none. Values are integers, or true / false."""
-    options = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+def parse_attention_options(
+    options: str | Mapping[str, int | bool] | None,
+) -> dict[str, int | bool]:
+    """Attention options from a flag's text, e.g. `one_launch=true,num_kv_splits=4` (values
+    are integers, or true / false), or a mapping as it is; None or "" is none."""
+    if options is None or isinstance(options, Mapping):
+        return dict(options or {})
+    parsed = {}
+    for item in filter(None, (part.strip() for part in options.split(","))):
         name, eq, value = item.partition("=")
         if not eq or name not in ATTENTION_OPTIONS:
             raise ValueError(
@@ -49,12 +54,12 @@ def parse_attention_options(text: str) -> dict[str, int | bool]:
             )
         low = value.strip().lower()
         if low in ("true", "false"):
-            options[name] = low == "true"
+            parsed[name] = low == "true"
         elif low.lstrip("-").isdigit():
-            options[name] = int(low)
+            parsed[name] = int(low)
         else:
             raise ValueError(f"attention option {item!r}: the value must be an integer or bool")
-    return options
+    return parsed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import sys
 
 from absl import flags
 
+from models.config import parse_attention_options
 from orca_jax import distributed
 from orca_jax.engine.speculative import SpeculativeConfig
 from orca_jax.llm import LLM
@@ -48,6 +49,24 @@ _LAYER_UNROLL = flags.DEFINE_integer(
     "Layers per iteration of the step's loop over layers (default: the backend's; the "
     "model's layer count unrolls them all: no loop, compile time grows with depth).",
 )
+_ATTENTION_OPTIONS = flags.DEFINE_string(
+    "attention_options",
+    None,
+    "The Pallas attention kernel's options over the backend's defaults, e.g. "
+    "fuse_kv_write=true,one_launch=true,num_kv_splits=4 (models/config.py).",
+)
+
+
+@flags.validator("attention_options")
+def _check_attention_options(text: str | None) -> bool:
+    """A bad --attention_options is a flag error (one line), not a traceback at start-up."""
+    try:
+        parse_attention_options(text)
+    except ValueError as e:
+        raise flags.ValidationError(str(e)) from None
+    return True
+
+
 _ENABLE_LORA = flags.DEFINE_bool(
     "enable_lora", False, "Serve LoRA adapters (requests name one; serve: --lora_modules)."
 )
@@ -132,6 +151,7 @@ def build_llm(**overrides) -> LLM:
         quantization=_QUANTIZATION.value,
         kv_cache_dtype=_KV_CACHE_DTYPE.value,
         layer_unroll=_LAYER_UNROLL.value,
+        attention_options=_ATTENTION_OPTIONS.value,
         enable_lora=_ENABLE_LORA.value,
         max_loras=_MAX_LORAS.value,
         max_lora_rank=_MAX_LORA_RANK.value,

@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from models import ModelConfig
+from models.config import parse_attention_options
 from models.layers import Params
 from models.quantize import quantize_params
 from orca_jax.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
@@ -51,6 +52,7 @@ class LLM:
         quantization: str | None = None,
         kv_cache_dtype: str | None = None,
         layer_unroll: int | None = None,
+        attention_options: str | Mapping[str, int | bool] | None = None,
         speculative_config: Mapping[str, Any] | SpeculativeConfig | None = None,
         **engine_args,
     ):
@@ -58,7 +60,9 @@ class LLM:
         `{"method": "ngram", "num_speculative_tokens": 3}` (see `engine/speculative.py`).
         `kv_cache_dtype`: "fp8" (or "fp8_e5m2") keeps K/V in 8 bits, twice the tokens per GiB
         of a bf16 cache. `layer_unroll`: layers per iteration of the step's loop over layers
-        (`ModelConfig.layer_unroll`; the number of layers unrolls them all)."""
+        (`ModelConfig.layer_unroll`; the number of layers unrolls them all).
+        `attention_options`: the Pallas kernel's options (`ModelConfig.attention_options`),
+        a dict or "fuse_kv_write=true,one_launch=true"."""
         if isinstance(speculative_config, Mapping):
             speculative_config = SpeculativeConfig.from_dict(speculative_config)
         if params is not None:
@@ -71,6 +75,9 @@ class LLM:
                 config = config.replace(kv_cache_dtype=kv_cache_dtype)
             if layer_unroll is not None:
                 config = config.replace(layer_unroll=layer_unroll)
+            if attention_options:
+                options = parse_attention_options(attention_options)
+                config = config.replace(attention_options=options)
             params = quantize_params(params, config)  # float params of a quantized config
         else:
             loaded = load_model(
@@ -83,6 +90,7 @@ class LLM:
                 quantization=quantization,
                 kv_cache_dtype=kv_cache_dtype,
                 layer_unroll=layer_unroll,
+                attention_options=attention_options,
             )
             config, params = loaded.config, loaded.params
             tok = tokenizer if isinstance(tokenizer, Tokenizer) else loaded.tokenizer

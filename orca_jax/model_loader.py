@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models import ModelConfig, RandomWeights, get_config
+from models.config import parse_attention_options
 from models.layers import Params
 
 
@@ -31,6 +33,7 @@ def load_model(
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
     layer_unroll: int | None = None,
+    attention_options: str | Mapping[str, int | bool] | None = None,
 ) -> LoadedModel:
     """Load a model by preset name, or from a model path (vLLM's `--model=DIR`).
 
@@ -50,6 +53,9 @@ def load_model(
       kv_cache_dtype: "auto" (the model's dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2".
       layer_unroll: layers per iteration of the step's loop over layers (None: the
         backend's default; the number of layers unrolls them all).
+      attention_options: the Pallas kernel's options over the backend's defaults, as a
+        dict or a flag's text ("fuse_kv_write=true,one_launch=true"; see
+        `models.config.ATTENTION_OPTIONS`).
     """
     from models.loaders.gguf_llama import default_model_path, load_gguf
     from models.quantize import quantize_params
@@ -63,6 +69,7 @@ def load_model(
             ("quantization", quantization),
             ("kv_cache_dtype", kv_cache_dtype),
             ("layer_unroll", layer_unroll),
+            ("attention_options", parse_attention_options(attention_options) or None),
         )
         if v is not None and v != ""
     }

@@ -57,3 +57,6 @@ def test_kv_cache_dtype_and_layer_unroll_flags():
     assert "Paris" in lines[-1], lines
     bad = _run_failing("--prompt=hi", "--kv_cache_dtype=fp4")
     assert bad.returncode == 1 and "kv_cache_dtype" in bad.stderr, bad.stderr[-500:]
+    bad = _run_failing("--prompt=hi", "--attention-options=splits=4")
+    assert bad.returncode == 1 and "attention option 'splits=4'" in bad.stderr, bad.stderr[-500:]
+    assert "Traceback" not in bad.stderr

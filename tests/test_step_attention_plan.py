@@ -86,3 +86,26 @@ def test_tile_tables_are_built_once_per_step(one_launch):
     outside = [e for e in closed.jaxpr.eqns if e.primitive.name != "scan"]
     names = [e.primitive.name for e in _walk(outside)]
     assert names.count("cumsum") == 2  # the decode-tile and the prefill-tile tables
+
+
+def test_llm_takes_attention_options():
+    """`LLM(attention_options=...)` (the CLI's --attention_options) reaches the step: the
+    kernel writing K/V itself, both tile classes in one launch, serves the same greedy
+    tokens as the jnp reference attention."""
+    from orca_jax import LLM, SamplingParams
+
+    cfg = get_config("tiny-gpt")
+    params = init_params(cfg, seed=4)
+    kw = dict(params=params, warmup=False, max_batch_size=4, block_size=16, max_model_len=64)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], list(range(20, 40))]
+    fused = LLM(
+        config=cfg.replace(attention_impl="pallas"),
+        attention_options="fuse_kv_write=true,one_launch=true",
+        **kw,
+    )
+    options = dict(fused.engine.model_config.attention_options)
+    assert options == {"fuse_kv_write": True, "one_launch": True}
+    got = [o.token_ids for o in fused.generate(prompts, sp, use_tqdm=False)]
+    ref = LLM(config=cfg.replace(attention_impl="reference"), **kw)
+    assert got == [o.token_ids for o in ref.generate(prompts, sp, use_tqdm=False)]
