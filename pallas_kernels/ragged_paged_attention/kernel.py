@@ -32,8 +32,9 @@ Design, point by point against GPU_NOTES.md:
   long decodes), grid axis 2 splits each tile's kv range into balanced pieces; each writes
   an f32 partial and its log-sum-exp, merged by one fused jnp pass
   (`partition.combine_splits`, which also zeroes padding rows). With one split the kernel
-  stores final rows in the output dtype into a zero-initialised [T, N, H] buffer (aliased),
-  so padding rows stay zero and no pass over the output follows.
+  stores final rows in the output dtype straight into [T, N, H], and the first launch's
+  padding tiles (`partition.padding_class`) store zeros in the padding tokens' rows, so no
+  kernel zeroes the output first and no pass over it follows.
 - The step's K/V write (`new_kv=`): the kernel also takes the step's new K/V rows
   `[T, K, H]`, reads keys before each request's first new position from the cache and its
   new keys straight from those rows (a third loop, in chunks of at most the tile's token
@@ -75,25 +76,66 @@ def _attention_kernel(
     #   one split:  o [T, N, H] in q's dtype
     #   NS splits:  o [NS, T, N, H] f32 (normalised per split), lse [NS, T, N] f32 (log2)
     #   with `write_new`, then the caches (k_ref and v_ref's buffers, aliased)
-    class_spans: tuple[tuple[int, int, int, int], ...],
+    class_spans: tuple[tuple[int, int, int, int, bool], ...],
     **kw,
 ):
     """Dispatch each program to its tile class: `class_spans` holds (first tile, tiles,
-    block_q, block_new) per class, the classes' tiles laid one after another in `tiles_ref`."""
+    block_q, block_new, padding) per class, the classes' tiles laid one after another in
+    `tiles_ref`. Tile slots in no span (padding tiles under split-K) exit at once."""
     # Program ids are read here, outside any branch (interpret mode lowers them only here).
     ids = (pl.program_id(0), pl.program_id(1), pl.program_id(2))
     refs = (tiles_ref, layer_ref, q_ref, k_ref, v_ref, block_tables_ref, *refs)
-    if len(class_spans) == 1:
-        _, _, block_q, block_new = class_spans[0]
-        _attend_tile(*refs, ids=ids, block_q=block_q, block_new=block_new, **kw)
-        return
     tile = ids[0]
-    for first, count, block_q, block_new in class_spans:
-        pl.when((tile >= first) & (tile < first + count))(
-            functools.partial(
-                _attend_tile, *refs, ids=ids, block_q=block_q, block_new=block_new, **kw
-            )
+    for first, count, block_q, block_new, padding in class_spans:
+        fn = functools.partial(
+            _zero_tile if padding else _attend_tile,
+            *refs,
+            ids=ids,
+            block_q=block_q,
+            block_new=block_new,
+            **kw,
         )
+        if len(class_spans) == 1:
+            fn()
+        else:
+            pl.when((tile >= first) & (tile < first + count))(fn)
+
+
+def _zero_tile(
+    tiles_ref,
+    layer_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    block_tables_ref,
+    *refs,
+    ids,
+    block_q,
+    group,
+    num_aliased,
+    write_new,
+    **_,
+):
+    """A padding tile's program: zero its padding tokens' output rows for its kv head's
+    query heads (only with one kv split, where the output holds final rows)."""
+    if write_new:
+        refs = refs[2:]  # the new K and V
+    o_ref = refs[num_aliased]
+    tile, kv_head, _ = ids
+    T, N, H = q_ref.shape
+    gp = part.next_pow2(group)
+    n = -tiles_ref[tile, part.Q_COUNT]
+
+    @pl.when(n > 0)
+    def _():
+        rows = lax.broadcasted_iota(jnp.int32, (block_q * gp, 1), 0)
+        t, g = lax.div(rows, gp), lax.rem(rows, gp)
+        ok = (t < n) & (g < group)  # [M, 1]
+        tok = jnp.where(ok, tiles_ref[tile, part.Q_START] + t, T)  # past the end: dropped
+        head = jnp.minimum(kv_head * group + g, N - 1)
+        hd = lax.broadcasted_iota(jnp.int32, (1, H), 1)
+        zeros = jnp.zeros((block_q * gp, H), o_ref.dtype)
+        plgpu.store(o_ref.at[tok, head, hd], zeros, mask=ok)
 
 
 def _attend_tile(
@@ -323,7 +365,8 @@ def _attention_call(
     for c in tile_classes:
         # new keys of a request number at most its q_len, so short-query tiles use small chunks
         block_new = min(block_kv, max(16, part.next_pow2(c.max_q)))
-        spans.append((first, c.num_tiles, c.block_q, block_new))
+        if not (c.padding and num_splits > 1):  # split partials: the combine zeroes padding
+            spans.append((first, c.num_tiles, c.block_q, block_new, c.padding))
         first += c.num_tiles
     if tiles.shape != (first, part.NUM_TILE_FIELDS):
         raise ValueError(f"tile table {tiles.shape}; this launch plans {first} tile slots")
@@ -468,9 +511,9 @@ def _forward(
 ):
     """`ragged_paged_attention`, writing real tokens' rows into `out_init` when given.
 
-    With one kv split the kernels store the final rows in place into `out_init` [T, N, H]
-    (default zeros), leaving padding rows as they were: tests pass a NaN buffer to prove
-    that every real row, and no padding row, is written.
+    With one kv split the kernels store the final rows, and zeros in padding rows, in place
+    into `out_init` [T, N, H] (default: a buffer the first launch creates): tests pass a
+    NaN buffer to prove that every row is written.
     """
     cache_dtype = check_shapes(
         q,
@@ -505,7 +548,7 @@ def _forward(
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
     )
-    launches = part.plan_launches(classes, one_launch)
+    launches = part.plan_launches(classes, one_launch, T)
     if tiles is None:
         tiles = tuple(part.launch_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in launches)
     if len(tiles) != len(launches):
@@ -528,9 +571,9 @@ def _forward(
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
     )
-    outs = ()  # with splits, fresh partial buffers (the combine zeroes the padding rows)
-    if splits == 1:
-        outs = (jnp.zeros_like(q) if out_init is None else out_init,)
+    # The first launch makes the output (its padding tiles zero the padding rows); with
+    # splits, fresh partial buffers whose padding rows the combine zeroes.
+    outs = () if out_init is None else (out_init,)
     for launch, table in zip(launches, tiles, strict=True):
         outs = call(table, k_cache=k_cache, v_cache=v_cache, aliased=outs, tile_classes=launch)
         if new_kv:  # the next launch reads (and writes) the caches this one wrote into

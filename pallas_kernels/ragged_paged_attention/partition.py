@@ -38,12 +38,21 @@ def cdiv(a, b):
 
 @dataclasses.dataclass(frozen=True)
 class TileClass:
-    """Requests with `min_q < q_len <= max_q` are cut into tiles of `block_q` tokens."""
+    """Requests with `min_q < q_len <= max_q` are cut into tiles of `block_q` tokens.
+
+    A `padding` class instead cuts the bucket's padding tokens, [real tokens, max_q), into
+    tiles whose programs store zero output rows (so the output needs no zeroing pass)."""
 
     block_q: int
     min_q: int
     max_q: int
     num_tiles: int  # static grid size: an upper bound on the tiles this class can need
+    padding: bool = False
+
+
+def padding_class(num_tokens: int, block_q: int) -> TileClass:
+    """Tiles of `block_q` padding tokens: enough for a bucket of padding only."""
+    return TileClass(block_q, 0, num_tokens, cdiv(num_tokens, block_q), padding=True)
 
 
 def default_block_kv(dtype, head_dim: int, page_size: int) -> int:
@@ -104,13 +113,16 @@ def plan_num_splits(
 
 
 def plan_launches(
-    classes: tuple[TileClass, ...], one_launch: bool
+    classes: tuple[TileClass, ...], one_launch: bool, num_tokens: int
 ) -> tuple[tuple[TileClass, ...], ...]:
     """The tile classes of each kernel launch: one launch per class, or all in one with the
-    long-query class first (its programs are the longest, so they should start first)."""
+    long-query class first (its programs are the longest, so they should start first). The
+    first launch also zeroes the padding rows (a padding class after its own), so it can
+    create the output buffer rather than fill one that a zeroing kernel made."""
+    pad = padding_class(num_tokens, classes[0].block_q)
     if one_launch:
-        return (classes[::-1],)
-    return tuple((c,) for c in classes)
+        return ((*classes[::-1], pad),)
+    return ((classes[0], pad), *((c,) for c in classes[1:]))
 
 
 def launch_tiles(
@@ -133,8 +145,15 @@ def build_tiles(
     """The tile table of one class: tile i covers tokens [start, start + count) of `req`.
 
     Tiles never straddle two requests; unused slots have count 0 (their programs exit).
+    A padding class's tile i holds padding tokens [start, start + n) as count -n.
     """
     c = tile_class
+    if c.padding:
+        i = jnp.arange(c.num_tiles, dtype=jnp.int32)  # [NT]
+        start = cu_q_lens[num_reqs] + i * c.block_q
+        count = -jnp.clip(c.max_q - start, 0, c.block_q)
+        zero = jnp.zeros_like(i)
+        return jnp.stack((zero, start, count, zero, zero), axis=1).astype(jnp.int32)
     R = kv_lens.shape[0]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]  # [R]
     live = (jnp.arange(R) < num_reqs) & (q_lens > c.min_q) & (q_lens <= c.max_q)
@@ -182,7 +201,7 @@ def tile_tables(
     )
     return tuple(
         launch_tiles(cu_q_lens, kv_lens, num_reqs, launch)
-        for launch in plan_launches(classes, one_launch)
+        for launch in plan_launches(classes, one_launch, num_tokens)
     )
 
 

@@ -210,8 +210,9 @@ def test_tuning_variants_match_reference(config, tuning, scenario):
 
 @pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("scenario", ["decode", "mixed", "full"])
-def test_writes_every_real_row_and_no_padding_row(scenario, one_launch):
-    """Into a NaN-poisoned output buffer: real rows must be written, padding rows untouched."""
+def test_writes_every_row_once(scenario, one_launch):
+    """Into a NaN-poisoned output buffer: real rows get their attention, padding rows zeros
+    (from the padding tiles: no kernel zeroes the output first)."""
     config = CONFIGS[3]
     batch = _make_batch(7, config, scenario)
     forward = jax.jit(
@@ -232,7 +233,8 @@ def test_writes_every_real_row_and_no_padding_row(scenario, one_launch):
     out = np.asarray(forward(*batch.args(), poison), np.float32)
     n = batch.num_real_tokens
     assert not np.isnan(out[:n]).any(), "a real token's row was not written"
-    assert np.isnan(out[n:]).all(), "a padding row was written"
+    np.testing.assert_array_equal(out[n:], 0.0, err_msg="a padding row was not zeroed")
+    _assert_matches_reference(batch, out)
 
 
 def test_inside_scan_over_layers():
@@ -327,7 +329,8 @@ def test_validate_metadata():
 
 @pytest.mark.parametrize("group_pow2", [1, 4, 16])
 def test_tiles_cover_every_real_token_once(group_pow2):
-    """The static tile-slot bounds hold on adversarial batches; tiles carry right positions."""
+    """The static tile-slot bounds hold on adversarial batches; tiles carry right positions;
+    the padding class covers the rest of the bucket."""
     rng = np.random.default_rng(group_pow2)
     num_tokens, num_rows = 96, 24
     classes = part.plan_tile_classes(
@@ -361,6 +364,16 @@ def test_tiles_cover_every_real_token_once(group_pow2):
                 assert pos0 == new0 + (start - cu[req])
                 seen[start : start + count] += 1
         np.testing.assert_array_equal(seen, np.arange(num_tokens) < cu[-1], err_msg=q_lens)
+        # the padding class: every padding token once, as negative counts
+        pad = part.padding_class(num_tokens, classes[0].block_q)
+        tiles = np.asarray(
+            part.build_tiles(jnp.asarray(cu), jnp.asarray(kv), jnp.int32(len(q_lens)), pad)
+        )
+        assert tiles.shape == (pad.num_tiles, part.NUM_TILE_FIELDS)
+        assert (tiles[:, part.Q_COUNT] <= 0).all()
+        for _, start, count, _, _ in tiles[tiles[:, part.Q_COUNT] < 0]:
+            seen[start : start - count] += 1
+        np.testing.assert_array_equal(seen, 1, err_msg=q_lens)
 
 
 def test_plan_num_splits():
@@ -487,13 +500,19 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
         max_context=shape["MB"] * shape["S"],
         block_kv=part.default_block_kv(dtype, shape["H"], shape["S"]),
     )
-    # (programs along the grid's tile axis, tile classes) of each launch
-    if tuning.get("one_launch"):
-        launches = [(sum(c.num_tiles for c in classes), len(classes))]
-    else:
-        launches = [(c.num_tiles, 1) for c in classes]
+    # (programs along the grid's tile axis, attending tile classes, zeroing padding) per launch
+    launches = [
+        (
+            sum(c.num_tiles for c in launch),
+            sum(not c.padding for c in launch),
+            splits == 1 and any(c.padding for c in launch),
+        )
+        for launch in part.plan_launches(classes, tuning.get("one_launch", False), shape["T"])
+    ]
     assert len(calls) == len(launches)
-    for (op_text, launch, triton_ir), (num_tiles, num_classes) in zip(calls, launches, strict=True):
+    for (op_text, launch, triton_ir), (num_tiles, num_classes, zeroes) in zip(
+        calls, launches, strict=True
+    ):
         # fused: the caches (operands 3 and 4) are the call's last two outputs, in place
         aliased = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", op_text)
         n_out = (1 if splits == 1 else 2) + 2 * fused
@@ -511,7 +530,8 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
         assert text.count("tt.dot ") == 2 * loops * num_classes, text
         assert text.count("scf.for ") == loops * num_classes, text
         # per class: the output (and, fused, K and V rows into the cache; with splits, lse)
-        stores = (1 + (splits > 1) + 2 * fused) * num_classes
+        # (the padding tiles' zeros: one store more)
+        stores = (1 + (splits > 1) + 2 * fused) * num_classes + zeroes
         assert text.count("tt.store ") == stores, text
         item = 1 if fp8 else 2
         cache_bytes = item * shape["L"] * shape["K"] * shape["P"] * shape["S"] * shape["H"]
