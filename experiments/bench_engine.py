@@ -32,6 +32,9 @@ _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; 
 _OPTIONS = flags.DEFINE_string(
     "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
 )
+_ADD_NORM = flags.DEFINE_bool(
+    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
+)
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
@@ -42,6 +45,7 @@ def main(argv):
         dtype=_DTYPE.value,
         layer_unroll=_UNROLL.value,
         attention_options=parse_attention_options(_OPTIONS.value),
+        fused_add_norm=_ADD_NORM.value,
     )
     weights = init_params(model, seed=0)
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value

@@ -37,6 +37,9 @@ _UNROLL = flags.DEFINE_integer(
 _OPTIONS = flags.DEFINE_string(
     "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
 )
+_ADD_NORM = flags.DEFINE_bool(
+    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
+)
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
     "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
@@ -72,6 +75,7 @@ def model_config(name: str):
         kv_cache_dtype=_KV_DTYPE.value,
         layer_unroll=_UNROLL.value,
         attention_options=parse_attention_options(_OPTIONS.value),
+        fused_add_norm=_ADD_NORM.value,
     )
 
 
@@ -136,6 +140,7 @@ def floor_rows(page: int) -> list[str]:
     return [
         f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
         f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} options {dict(cfg.attention_options)} "
+        f"fused_add_norm {cfg.fused_add_norm} "
         f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",

@@ -12,12 +12,14 @@
 #      with a tuning sweep (attention.md)
 #   2. whole gpt2 bf16 step, 128 decodes x 512, with the kernel, against its floor: layers
 #      scanned (and smaller buckets); then the floor case alone with layers unrolled, under
-#      each kernel option that cuts kernels per layer (fuse_kv_write, one_launch, split-K);
-#      then where the device time goes, scanned and unrolled+fused (profile_step.py)
+#      each option that cuts kernels per layer (fuse_kv_write, one_launch, split-K,
+#      fused_add_norm); then where the device time goes, scanned and unrolled with the
+#      K/V write and the add+norm fused (profile_step.py)
 #   3. the kernel tests on the GPU (Triton, not interpret), mixed batches (TEST_FLAGS)
-#   4. the unrolled step under two XLA settings: GEMMs through cuBLAS instead of Triton
-#      (per-layer GEMMs at 128 rows take 4-6 us, several times their bytes), and command
-#      buffers off (is the unrolled step's extra host latency theirs?)
+#   4. the step under XLA settings: GEMMs through cuBLAS instead of Triton (per-layer GEMMs
+#      at 128 rows take 4-6 us, several times their bytes), command buffers off (is the
+#      unrolled step's extra host latency theirs?), and scanned layers with cuBLAS reading
+#      the stacked weights in place (dynamic-slice fusion: no weight copies)
 #   5. engine throughput, host work overlapped (async_output, n_workers=2) or not, gpt2 bf16,
 #      layers scanned then unrolled (which one `AUTO_LAYER_UNROLL` should pick); then where
 #      an engine iteration's time goes, device kernels against host work (profile_engine.py)
@@ -95,27 +97,37 @@ step step_pallas 100 --attention_impl=pallas --buckets=16,128,512
 # The 1.4x goal: the floor case alone under each kernel option that cuts kernels per layer
 # (`--attention_options`): the K/V write in the kernel (no scatters), both tile classes in
 # one launch (no empty prefill-class launch), split-K; layers unrolled and scanned.
+# The residual add and its norm as one kernel (--fused_add_norm) on top.
 for variant in "unrolled" "unrolled_fused fuse_kv_write=true" \
   "unrolled_fused_1launch fuse_kv_write=true,one_launch=true" \
-  "unrolled_fused_split4 fuse_kv_write=true,num_kv_splits=4" "scanned_fused fuse_kv_write=true"; do
+  "unrolled_fused_split4 fuse_kv_write=true,num_kv_splits=4" \
+  "unrolled_fused_addnorm fuse_kv_write=true --fused_add_norm" "scanned_fused fuse_kv_write=true"; do
   set -- $variant
   unroll=12
   [[ $1 == scanned* ]] && unroll=1
   step "step_$1" 50 --attention_impl=pallas --layer_unroll=$unroll --buckets= \
-    --attention_options="${2:-}"
+    --attention_options="${2:-}" ${3:-}
 done
-for variant in "scanned 1" "unrolled_fused 12 fuse_kv_write=true"; do
+for variant in "scanned 1" "unrolled_fused 12 fuse_kv_write=true --fused_add_norm"; do
   set -- $variant
   stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
-    --attention_impl=pallas --layer_unroll=$2 --attention_options="${3:-}" ${PROFILE_FLAGS:-}
+    --attention_impl=pallas --layer_unroll=$2 --attention_options="${3:-}" ${4:-} \
+    ${PROFILE_FLAGS:-}
 done
 stage attention_tests 100 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py \
-  tests/kernels/test_fused_kv_write.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  ${TEST_FLAGS:--k mixed}
-for variant in "cublas --xla_gpu_enable_triton_gemm=false" "nocmdbuf --xla_gpu_enable_command_buffer="; do
+  tests/kernels/test_fused_kv_write.py tests/kernels/test_add_norm.py -q -p no:cacheprovider \
+  -W ignore::DeprecationWarning ${TEST_FLAGS:--k "mixed or add_norm"}
+# XLA settings (floor case): GEMMs through cuBLAS, unrolled; command buffers off, unrolled;
+# scanned with cuBLAS GEMMs reading each layer's weights in place (dynamic-slice fusion)
+# instead of Triton GEMMs behind a copy of the slice (290 us a step on the H200)
+for variant in "unrolled_cublas 12 --xla_gpu_enable_triton_gemm=false" \
+  "unrolled_nocmdbuf 12 --xla_gpu_enable_command_buffer=" \
+  "scanned_cublas_dsf 1 --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true"; do
   set -- $variant
-  XLA_FLAGS="${XLA_FLAGS:-} $2" step "step_unrolled_$1" 45 --attention_impl=pallas \
-    --layer_unroll=12 --buckets=
+  name=$1 unroll=$2
+  shift 2
+  XLA_FLAGS="${XLA_FLAGS:-} $*" step "step_$name" 45 --attention_impl=pallas \
+    --layer_unroll=$unroll --buckets=
 done
 for unroll in 1 12; do
   stage "engine_unroll$unroll" 100 "$PY" experiments/bench_engine.py --model=gpt2 \
@@ -143,7 +155,8 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
     echo "--- whole step ($name)"
     cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log" 2>/dev/null
   done
-  for v in unrolled unrolled_fused unrolled_fused_1launch unrolled_fused_split4 scanned_fused; do
+  for v in unrolled unrolled_fused unrolled_fused_1launch unrolled_fused_split4 \
+    unrolled_fused_addnorm scanned_fused; do
     echo "--- whole step, floor case: $v"
     head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
   done
@@ -169,9 +182,9 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   cat "$OUT/step_int8.md" 2>/dev/null || tail -5 "$OUT/step_int8.log" 2>/dev/null
   echo "--- whole step, fp8 KV cache (pallas)"
   cat "$OUT/step_fp8.md" 2>/dev/null || tail -5 "$OUT/step_fp8.log" 2>/dev/null
-  for v in cublas nocmdbuf; do
-    echo "--- whole step, layers unrolled, XLA variant: $v"
-    head -3 "$OUT/step_unrolled_$v.md" 2>/dev/null || tail -3 "$OUT/step_unrolled_$v.log" 2>/dev/null
+  for v in unrolled_cublas unrolled_nocmdbuf scanned_cublas_dsf; do
+    echo "--- whole step, floor case, XLA variant: $v"
+    head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
   done
   echo "--- LoRA adapters (gpt2 bf16, 4 slots of rank 16)"
   grep -E "^\|" "$OUT/lora.log" 2>/dev/null || tail -5 "$OUT/lora.log" 2>/dev/null

@@ -33,6 +33,9 @@ _UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; 
 _OPTIONS = flags.DEFINE_string(
     "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
 )
+_ADD_NORM = flags.DEFINE_bool(
+    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
+)
 _ASYNC = flags.DEFINE_bool("async_output", True, "EngineConfig.async_output.")
 _TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
 
@@ -44,6 +47,7 @@ def main(argv):
         dtype=_DTYPE.value,
         layer_unroll=_UNROLL.value,
         attention_options=parse_attention_options(_OPTIONS.value),
+        fused_add_norm=_ADD_NORM.value,
     )
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
     prompts = workload.prompts(model.vocab_size, n, p)

@@ -10,6 +10,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Literal
 
+from pallas_kernels.ragged_paged_attention.checks import TUNING_ARGS
+
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 PositionEmbedding = Literal["learned", "rope"]
@@ -24,16 +26,7 @@ KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m
 # What `ModelConfig.attention_options` may set: the Pallas kernel's tuning keywords, and
 # "fuse_kv_write" (the kernel stores the step's K/V into the pages itself, so no scatter
 # kernels run; `ragged_paged_attention(new_kv=)`).
-ATTENTION_OPTIONS = (
-    "block_kv",
-    "decode_rows",
-    "prefill_rows",
-    "num_kv_splits",
-    "num_warps",
-    "num_stages",
-    "one_launch",
-    "fuse_kv_write",
-)
+ATTENTION_OPTIONS = (*TUNING_ARGS, "fuse_kv_write")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
@@ -99,6 +92,10 @@ class ModelConfig:
     # value) pairs; a dict is accepted and sorted. Each one set here overrides the
     # backend's default (`models/attention.py: KERNEL_OPTIONS`).
     attention_options: tuple[tuple[str, int | bool], ...] = ()
+    # Each residual add and the norm after it as one Pallas kernel (`pallas_kernels/add_norm`)
+    # instead of XLA's ops; None: this backend's default (`models/decoder.py:
+    # AUTO_FUSED_ADD_NORM`). Unsharded steps only (with tensor parallelism XLA's ops run).
+    fused_add_norm: bool | None = None
 
     def __post_init__(self) -> None:
         options = self.attention_options

@@ -25,6 +25,9 @@ from models.quantize import quantize_params
 # Layers per scan iteration when `ModelConfig.layer_unroll` is None, per backend. CPU: 1
 # (one compiled layer body; the loop costs nothing next to a CPU layer).
 AUTO_LAYER_UNROLL = {"cpu": 1, "gpu": 1}
+# Whether `ModelConfig.fused_add_norm=None` fuses each residual add with the norm after it
+# (one Pallas kernel instead of two XLA kernels). Off until a GPU measures the step both ways.
+AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
 
 
 def layer_unroll(config: ModelConfig) -> int:
@@ -32,6 +35,27 @@ def layer_unroll(config: ModelConfig) -> int:
     if config.layer_unroll is not None:
         return config.layer_unroll
     return AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
+
+
+def _add_norm(config: ModelConfig, mesh: Mesh | None):
+    """(x, delta, norm params) -> (x + delta, norm(x + delta)): XLA's ops, or one kernel."""
+    fused = config.fused_add_norm
+    if fused is None:
+        fused = AUTO_FUSED_ADD_NORM.get(jax.default_backend(), False)
+    if not fused or mesh is not None:  # (sharded: XLA partitions its own ops)
+
+        def add_norm(x, delta, p):
+            x = x + delta
+            return x, norm(p, x, config)
+
+        return add_norm
+    from pallas_kernels.add_norm.kernel import add_norm as kernel
+
+    def add_norm(x, delta, p):
+        layernorm = config.norm == "layernorm"
+        return kernel(x, delta, p["scale"], p.get("bias"), eps=config.norm_eps, layernorm=layernorm)
+
+    return add_norm
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -135,9 +159,12 @@ def decoder_layers(
     """The stacked layers `layers` (leading axis l) over x, with their l layers of cache."""
     sm_scale = config.head_dim**-0.5
     plan = plan_attention(batch, config, kv_cache.k.shape[3])  # once for every layer
+    add_norm = _add_norm(config, mesh)
 
     def layer_step(carry, p):
-        x, k_cache, v_cache, layer = carry
+        # delta: the last layer's MLP output, added to the residual stream here together
+        # with this layer's first norm (vLLM's fused_add_rms_norm pattern)
+        x, delta, k_cache, v_cache, layer = carry
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
@@ -148,7 +175,7 @@ def decoder_layers(
             delta = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return y + delta.reshape(y.shape)
 
-        h = norm(p["attn_norm"], x, config)  # [T, D]
+        x, h = add_norm(x, delta, p["attn_norm"])  # [T, D] each
         q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]
         k = linear("k", p["k"], h, "TD,DKH->TKH")  # [T, K, H]
         v = linear("v", p["v"], h, "TD,DKH->TKH")  # [T, K, H]
@@ -158,15 +185,15 @@ def decoder_layers(
         attn, k_cache, v_cache = write_and_attend(
             q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
         )  # [T, N, H]
-        x = x + linear("o", p["o"], attn, "TNH,NHD->TD")
-        x = x + mlp(p["mlp"], norm(p["mlp_norm"], x, config), config, linear)
-        return (x, k_cache, v_cache, layer + 1), None
+        x, h = add_norm(x, linear("o", p["o"], attn, "TNH,NHD->TD"), p["mlp_norm"])
+        delta = mlp(p["mlp"], h, config, linear)  # [T, D]
+        return (x, delta, k_cache, v_cache, layer + 1), None
 
-    init = (x, kv_cache.k, kv_cache.v, jnp.int32(0))
-    (x, k_cache, v_cache, _), _ = jax.lax.scan(
+    init = (x, jnp.zeros_like(x), kv_cache.k, kv_cache.v, jnp.int32(0))
+    (x, delta, k_cache, v_cache, _), _ = jax.lax.scan(
         layer_step, init, layers, unroll=layer_unroll(config)
     )
-    return x, KVCache(k=k_cache, v=v_cache)
+    return x + delta, KVCache(k=k_cache, v=v_cache)
 
 
 def logits_of(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:

@@ -9,20 +9,16 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from pallas_kernels.add_norm.reference import norm_ref
 
 Params = dict
 
 
 def norm(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
     """LayerNorm or RMSNorm over the last axis, computed in f32."""
-    xf = x.astype(jnp.float32)
-    if config.norm == "layernorm":
-        xf = xf - xf.mean(-1, keepdims=True)
-    y = xf * jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + config.norm_eps)
-    y = y * p["scale"].astype(jnp.float32)
-    if "bias" in p:
-        y = y + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return norm_ref(
+        x, p["scale"], p.get("bias"), eps=config.norm_eps, layernorm=config.norm == "layernorm"
+    )
 
 
 def dense(p: Params, x: jax.Array, spec: str) -> jax.Array:

@@ -109,3 +109,23 @@ def test_llm_takes_attention_options():
     got = [o.token_ids for o in fused.generate(prompts, sp, use_tqdm=False)]
     ref = LLM(config=cfg.replace(attention_impl="reference"), **kw)
     assert got == [o.token_ids for o in ref.generate(prompts, sp, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("name,unroll", [("tiny-gpt", None), ("tiny-llama", 2)])
+def test_fused_add_norm_step_matches_xla_ops(name, unroll):
+    """`fused_add_norm`: every residual add and its norm as one Pallas kernel (LayerNorm for
+    GPT-2, RMSNorm for Llama), same logits as XLA's ops; the layer body holds two."""
+    base = get_config(name, layer_unroll=unroll)
+    fused = base.replace(fused_add_norm=True)
+    params = init_params(base, seed=6)
+    batches = mixed_batches(base, np.random.default_rng(2))
+    want, _ = _two_steps(base, params, batches)
+    got, _ = _two_steps(fused, params, batches)
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g - w).max() / np.abs(w).max() < 1e-5
+    cache = init_kv_cache(base, NUM_PAGES, PAGE)
+    jaxpr = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batches[1], fused)
+    names = [str(e.params.get("name", "")) for e in _walk(jaxpr.jaxpr.eqns)]
+    kind = "layer" if base.norm == "layernorm" else "rms"
+    calls = sum(n.startswith(f"add_{kind}norm") for n in names)
+    assert calls == 2, names  # the scan body's (unrolling happens when lowered)

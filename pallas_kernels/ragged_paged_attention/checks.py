@@ -9,6 +9,16 @@ import jax.numpy as jnp
 from pallas_kernels.ragged_paged_attention import cache_codec
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The kernel's tuning keywords (static: each value compiles its own kernel).
+TUNING_ARGS = (
+    "block_kv",
+    "decode_rows",
+    "prefill_rows",
+    "num_kv_splits",
+    "num_warps",
+    "num_stages",
+    "one_launch",
+)
 
 
 def geometry_problem(head_dim: int, page_size: int, dtype, cache_dtype=None) -> str | None:

@@ -59,7 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import cache_codec
 from pallas_kernels.ragged_paged_attention import partition as part
-from pallas_kernels.ragged_paged_attention.checks import check_new_kv, check_shapes
+from pallas_kernels.ragged_paged_attention.checks import TUNING_ARGS, check_new_kv, check_shapes
 
 _LOG2E = math.log2(math.e)
 
@@ -399,19 +399,7 @@ def _attention_call(
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "sm_scale",
-        "block_kv",
-        "decode_rows",
-        "prefill_rows",
-        "num_kv_splits",
-        "num_warps",
-        "num_stages",
-        "one_launch",
-        "interpret",
-        "cache_dtype",
-        "sliding_window",
-    ),
+    static_argnames=("sm_scale", *TUNING_ARGS, "interpret", "cache_dtype", "sliding_window"),
 )
 def ragged_paged_attention(
     q: jax.Array,  # [T, N, H]
