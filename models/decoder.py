@@ -37,23 +37,33 @@ def layer_unroll(config: ModelConfig) -> int:
     return AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
 
 
-def _add_norm(config: ModelConfig, mesh: Mesh | None):
-    """(x, delta, norm params) -> (x + delta, norm(x + delta)): XLA's ops, or one kernel."""
+def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
+    """add_norm(x, delta, name, layer) -> (x + delta, norm `name` of layer `layer` of it):
+    XLA's ops on the layer's norm params, or one kernel reading them from the stacked
+    `layers` (a row sliced out first would cost a copy kernel, as the kernel's operand)."""
     fused = config.fused_add_norm
     if fused is None:
         fused = AUTO_FUSED_ADD_NORM.get(jax.default_backend(), False)
     if not fused or mesh is not None:  # (sharded: XLA partitions its own ops)
 
-        def add_norm(x, delta, p):
+        def add_norm(x, delta, p, name, layer):
             x = x + delta
-            return x, norm(p, x, config)
+            return x, norm(p[name], x, config)
 
         return add_norm
     from pallas_kernels.add_norm.kernel import add_norm as kernel
 
-    def add_norm(x, delta, p):
-        layernorm = config.norm == "layernorm"
-        return kernel(x, delta, p["scale"], p.get("bias"), eps=config.norm_eps, layernorm=layernorm)
+    def add_norm(x, delta, p, name, layer):
+        stacked = layers[name]
+        return kernel(
+            x,
+            delta,
+            stacked["scale"],
+            stacked.get("bias"),
+            layer,
+            eps=config.norm_eps,
+            layernorm=config.norm == "layernorm",
+        )
 
     return add_norm
 
@@ -159,7 +169,7 @@ def decoder_layers(
     """The stacked layers `layers` (leading axis l) over x, with their l layers of cache."""
     sm_scale = config.head_dim**-0.5
     plan = plan_attention(batch, config, kv_cache.k.shape[3])  # once for every layer
-    add_norm = _add_norm(config, mesh)
+    add_norm = _add_norm(config, layers, mesh)
 
     def layer_step(carry, p):
         # delta: the last layer's MLP output, added to the residual stream here together
@@ -175,7 +185,7 @@ def decoder_layers(
             delta = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return y + delta.reshape(y.shape)
 
-        x, h = add_norm(x, delta, p["attn_norm"])  # [T, D] each
+        x, h = add_norm(x, delta, p, "attn_norm", layer)  # [T, D] each
         q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]
         k = linear("k", p["k"], h, "TD,DKH->TKH")  # [T, K, H]
         v = linear("v", p["v"], h, "TD,DKH->TKH")  # [T, K, H]
@@ -185,7 +195,7 @@ def decoder_layers(
         attn, k_cache, v_cache = write_and_attend(
             q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
         )  # [T, N, H]
-        x, h = add_norm(x, linear("o", p["o"], attn, "TNH,NHD->TD"), p["mlp_norm"])
+        x, h = add_norm(x, linear("o", p["o"], attn, "TNH,NHD->TD"), p, "mlp_norm", layer)
         delta = mlp(p["mlp"], h, config, linear)  # [T, D]
         return (x, delta, k_cache, v_cache, layer + 1), None
 

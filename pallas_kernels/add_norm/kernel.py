@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _kernel(x_ref, delta_ref, scale_ref, *refs, block_rows, width, eps, layernorm):
+def _kernel(layer_ref, x_ref, delta_ref, scale_ref, *refs, block_rows, width, eps, layernorm):
     bias_ref = refs[0] if len(refs) == 3 else None
     y_ref, h_ref = refs[-2:]
     T, D = x_ref.shape
@@ -40,10 +40,10 @@ def _kernel(x_ref, delta_ref, scale_ref, *refs, block_rows, width, eps, layernor
     if layernorm:
         yf = jnp.where(ok, yf - jnp.sum(yf, axis=1, keepdims=True) / D, 0.0)
     inv = lax.rsqrt(jnp.sum(yf * yf, axis=1, keepdims=True) / D + eps)  # [BR, 1]
-    cols = jnp.minimum(col, D - 1)
-    h = yf * inv * plgpu.load(scale_ref.at[cols]).astype(jnp.float32)
+    at = (layer_ref[0], jnp.minimum(col, D - 1))  # row `layer` of the stacked [L, D] params
+    h = yf * inv * plgpu.load(scale_ref.at[at]).astype(jnp.float32)
     if bias_ref is not None:
-        h = h + plgpu.load(bias_ref.at[cols]).astype(jnp.float32)
+        h = h + plgpu.load(bias_ref.at[at]).astype(jnp.float32)
     # masked-off rows and columns point past the end, so even interpret mode drops them
     out = (jnp.where(row < T, row, T), jnp.where(col < D, col, D))
     plgpu.store(y_ref.at[out], y, mask=ok)
@@ -56,8 +56,9 @@ def _kernel(x_ref, delta_ref, scale_ref, *refs, block_rows, width, eps, layernor
 def add_norm(
     x: jax.Array,  # [T, D]
     delta: jax.Array,  # [T, D]
-    scale: jax.Array,  # [D]
-    bias: jax.Array | None,  # [D] or None
+    scale: jax.Array,  # [D], or [L, D] with `layer`
+    bias: jax.Array | None,  # like scale, or None
+    layer: jax.Array | int = 0,  # i32[]: which row of stacked [L, D] params
     *,
     eps: float,
     layernorm: bool,
@@ -66,7 +67,11 @@ def add_norm(
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # (x + delta, norm(x + delta)), [T, D] in x's dtype
     """`reference.add_norm_ref` in one kernel: LayerNorm (`layernorm`, with `bias`) or
-    RMSNorm of the residual sum. `block_rows` rows per program (a power of two)."""
+    RMSNorm of the residual sum. `block_rows` rows per program (a power of two).
+
+    A decoder scanning stacked layers passes the whole `[L, D]` norm params and the layer
+    index: a row sliced out beforehand would be copied into its own buffer (a kernel of its
+    own) before the call, as any custom call's operand is."""
     if x.ndim != 2 or delta.shape != x.shape or delta.dtype != x.dtype:
         raise ValueError(
             f"want x and delta [T, D] alike; got {x.shape} {x.dtype}, {delta.shape} {delta.dtype}"
@@ -75,14 +80,17 @@ def add_norm(
     if jnp.dtype(x.dtype) not in _DTYPES:
         raise ValueError(f"dtype must be f32, bf16 or f16; got {x.dtype}")
     for name, p in (("scale", scale), ("bias", bias)):
-        if p is not None and p.shape != (D,):
-            raise ValueError(f"{name} must be [{D}]; got {list(p.shape)}")
+        if p is not None and (p.ndim not in (1, 2) or p.shape[-1] != D or p.shape != scale.shape):
+            raise ValueError(f"{name} must be [{D}] or [L, {D}], both alike; got {list(p.shape)}")
+    scale = scale.reshape(-1, D)  # [L, D]
+    bias = None if bias is None else bias.reshape(-1, D)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if block_rows < 1 or block_rows & (block_rows - 1):
         raise ValueError(f"block_rows must be a power of two; got {block_rows}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     width = 1 << max(0, (D - 1).bit_length())  # D rounded up to a power of two
-    inputs = (x, delta, scale) if bias is None else (x, delta, scale, bias)
+    inputs = (layer, x, delta, scale) if bias is None else (layer, x, delta, scale, bias)
     return pl.pallas_call(
         functools.partial(
             _kernel, block_rows=block_rows, width=width, eps=eps, layernorm=layernorm

@@ -49,13 +49,34 @@ def test_matches_reference(T, D, block_rows, dtype, layernorm):
         np.testing.assert_allclose(np.asarray(shifted, np.float32), h, atol=20 * TOL[dtype])
 
 
+@pytest.mark.parametrize("layernorm", [True, False])
+def test_stacked_params_row_by_layer(layernorm):
+    """A decoder passes every layer's norm params [L, D] and the layer index (traced, as in
+    a scan), not a sliced row."""
+    x, delta, _, _ = _inputs(0, 16, 768, jnp.bfloat16, layernorm)
+    rng = np.random.default_rng(1)
+    scale = jnp.asarray(1 + 0.1 * rng.standard_normal((3, 768)), jnp.bfloat16)
+    bias = jnp.asarray(0.1 * rng.standard_normal((3, 768)), jnp.bfloat16) if layernorm else None
+    kw = dict(eps=1e-5, layernorm=layernorm)
+    f = jax.jit(lambda layer: add_norm(x, delta, scale, bias, layer, **kw))
+    for layer in range(3):
+        _, h = f(jnp.int32(layer))
+        row_bias = None if bias is None else bias[layer]
+        _, want = add_norm_ref(x, delta, scale[layer], row_bias, **kw)
+        np.testing.assert_allclose(
+            np.asarray(h, np.float32), np.asarray(want, np.float32), atol=TOL[jnp.bfloat16]
+        )
+
+
 def test_checks():
     x = jnp.zeros((8, 64))
     f = functools.partial(add_norm, eps=1e-5, layernorm=False)
     with pytest.raises(ValueError, match="alike"):
         f(x, jnp.zeros((8, 32)), jnp.ones(64), None)
-    with pytest.raises(ValueError, match=r"scale must be \[64\]"):
+    with pytest.raises(ValueError, match=r"scale must be \[64\] or \[L, 64\]"):
         f(x, x, jnp.ones(32), None)
+    with pytest.raises(ValueError, match="both alike"):
+        f(x, x, jnp.ones((2, 64)), jnp.ones(64))
     with pytest.raises(ValueError, match="power of two"):
         f(x, x, jnp.ones(64), None, block_rows=3)
     with pytest.raises(ValueError, match="dtype"):
