@@ -38,9 +38,9 @@ def layer_unroll(config: ModelConfig) -> int:
 
 
 def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
-    """add_norm(x, delta, name, layer) -> (x + delta, norm `name` of layer `layer` of it):
-    XLA's ops on the layer's norm params, or one kernel reading them from the stacked
-    `layers` (a row sliced out first would cost a copy kernel, as the kernel's operand)."""
+    """add_norm(x, delta, p, name, layer) -> (x + delta, the norm `name` of it): XLA's ops on
+    the layer's params `p[name]`, or one kernel reading row `layer` of the stacked
+    `layers[name]` (a row sliced out first would cost a copy kernel, as a kernel operand)."""
     fused = config.fused_add_norm
     if fused is None:
         fused = AUTO_FUSED_ADD_NORM.get(jax.default_backend(), False)
@@ -182,8 +182,8 @@ def decoder_layers(
             y = dense(lp, h, spec)
             if lora is None or name not in lora:
                 return y
-            delta = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
-            return y + delta.reshape(y.shape)
+            extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
+            return y + extra.reshape(y.shape)
 
         x, h = add_norm(x, delta, p, "attn_norm", layer)  # [T, D] each
         q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]
