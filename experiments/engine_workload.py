@@ -11,7 +11,26 @@ import time
 
 import numpy as np
 
+from models import ModelConfig, get_config
+from models.config import parse_attention_options
 from orca_jax import Engine, EngineConfig, SamplingParams
+
+
+def model_config(
+    name: str,
+    dtype: str,
+    layer_unroll: int | None,
+    attention_options: str,
+    fused_add_norm: bool | None,
+) -> ModelConfig:
+    """The preset `name` as the scripts' flags set it (`--attention_options` as text)."""
+    return get_config(
+        name,
+        dtype=dtype,
+        layer_unroll=layer_unroll,
+        attention_options=parse_attention_options(attention_options),
+        fused_add_norm=fused_add_norm,
+    )
 
 
 def prompts(vocab_size: int, num_reqs: int, prompt_len: int) -> list[list[int]]:

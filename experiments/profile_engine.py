@@ -19,8 +19,7 @@ import device_trace
 import engine_workload as workload
 from absl import app, flags
 
-from models import get_config, init_params
-from models.config import parse_attention_options
+from models import init_params
 from models.decoder import layer_unroll
 from orca_jax import Engine
 
@@ -42,12 +41,8 @@ _TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
 
 def main(argv):
     del argv
-    model = get_config(
-        _MODEL.value,
-        dtype=_DTYPE.value,
-        layer_unroll=_UNROLL.value,
-        attention_options=parse_attention_options(_OPTIONS.value),
-        fused_add_norm=_ADD_NORM.value,
+    model = workload.model_config(
+        _MODEL.value, _DTYPE.value, _UNROLL.value, _OPTIONS.value, _ADD_NORM.value
     )
     n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
     prompts = workload.prompts(model.vocab_size, n, p)

@@ -102,25 +102,12 @@ def _attention_kernel(
 
 
 def _zero_tile(
-    tiles_ref,
-    layer_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    block_tables_ref,
-    *refs,
-    ids,
-    block_q,
-    group,
-    num_aliased,
-    write_new,
-    **_,
+    tiles_ref, layer_ref, q_ref, *refs, ids, block_q, group, num_aliased, write_new, **_
 ):
     """A padding tile's program: zero its padding tokens' output rows for its kv head's
     query heads (only with one kv split, where the output holds final rows)."""
-    if write_new:
-        refs = refs[2:]  # the new K and V
-    o_ref = refs[num_aliased]
+    # refs: k and v caches, block tables, (new k and v), aliased inputs, then the output
+    o_ref = refs[3 + 2 * write_new + num_aliased]
     tile, kv_head, _ = ids
     T, N, H = q_ref.shape
     gp = part.next_pow2(group)
