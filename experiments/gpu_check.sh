@@ -15,7 +15,8 @@
 #      each option that cuts kernels per layer (fuse_kv_write, one_launch, split-K,
 #      fused_add_norm); then where the device time goes, scanned and unrolled with the
 #      K/V write and the add+norm fused (profile_step.py)
-#   3. the kernel tests on the GPU (Triton, not interpret), mixed batches (TEST_FLAGS)
+#   3. the kernel tests on the GPU (Triton, not interpret), mixed batches (TEST_FLAGS), and
+#      the step's cache in place with the kernel writing K/V (the GPU-only cases)
 #   4. the step under XLA settings: GEMMs through cuBLAS instead of Triton (per-layer GEMMs
 #      at 128 rows take 4-6 us, several times their bytes), command buffers off (is the
 #      unrolled step's extra host latency theirs?), and scanned layers with cuBLAS reading
@@ -115,8 +116,9 @@ for variant in "scanned 1" "unrolled_fused 12 fuse_kv_write=true --fused_add_nor
     ${PROFILE_FLAGS:-}
 done
 stage attention_tests 100 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py \
-  tests/kernels/test_fused_kv_write.py tests/kernels/test_add_norm.py -q -p no:cacheprovider \
-  -W ignore::DeprecationWarning ${TEST_FLAGS:--k "mixed or add_norm"}
+  tests/kernels/test_fused_kv_write.py tests/kernels/test_add_norm.py \
+  tests/test_cache_in_place.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  ${TEST_FLAGS:--k "mixed or add_norm or never_copies"}
 # XLA settings (floor case): GEMMs through cuBLAS, unrolled; command buffers off, unrolled;
 # scanned with cuBLAS GEMMs reading each layer's weights in place (dynamic-slice fusion)
 # instead of Triton GEMMs behind a copy of the slice (290 us a step on the H200)
