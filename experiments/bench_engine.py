@@ -21,33 +21,20 @@ from models import init_params
 from models.decoder import layer_unroll
 from orca_jax import Engine
 
-_MODEL = flags.DEFINE_string("model", "tiny-gpt", "Model preset (random weights).")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
+_FLAGS = workload.define_flags(model="tiny-gpt", dtype="float32", num_reqs=64)
 _POLICY = flags.DEFINE_string("policy", "paged", "orca or paged.")
-_REQS = flags.DEFINE_integer("num_reqs", 64, "Requests running together.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
-_OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
-_UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
-_OPTIONS = flags.DEFINE_string(
-    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
-)
-_ADD_NORM = flags.DEFINE_bool(
-    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
-)
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 
 
 def main(argv):
     del argv
-    model = workload.model_config(
-        _MODEL.value, _DTYPE.value, _UNROLL.value, _OPTIONS.value, _ADD_NORM.value
-    )
+    model = _FLAGS.model_config()
     weights = init_params(model, seed=0)
-    n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
+    n, p, o = _FLAGS.num_reqs.value, _FLAGS.prompt_len.value, _FLAGS.output_len.value
     prompts = workload.prompts(model.vocab_size, n, p)
     params = workload.sampling(o)
     rows = [
-        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, attention options "
+        f"{model.name} {model.dtype}, layer_unroll {layer_unroll(model)}, attention options "
         f"{dict(model.attention_options)}, {_POLICY.value}, "
         f"{n} requests x ({p} prompt + {o} output) tokens; second pass of each engine timed",
         "",

@@ -7,29 +7,62 @@ folder on the path).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
+from absl import flags
 
 from models import ModelConfig, get_config
 from models.config import parse_attention_options
 from orca_jax import Engine, EngineConfig, SamplingParams
 
 
-def model_config(
-    name: str,
-    dtype: str,
-    layer_unroll: int | None,
-    attention_options: str,
-    fused_add_norm: bool | None,
-) -> ModelConfig:
-    """The preset `name` as the scripts' flags set it (`--attention_options` as text)."""
-    return get_config(
-        name,
-        dtype=dtype,
-        layer_unroll=layer_unroll,
-        attention_options=parse_attention_options(attention_options),
-        fused_add_norm=fused_add_norm,
+@dataclasses.dataclass(frozen=True)
+class WorkloadFlags:
+    """The flags both engine scripts take: the model and the workload's shape."""
+
+    model: flags.FlagHolder
+    dtype: flags.FlagHolder
+    num_reqs: flags.FlagHolder
+    prompt_len: flags.FlagHolder
+    output_len: flags.FlagHolder
+    layer_unroll: flags.FlagHolder
+    attention_options: flags.FlagHolder
+    fused_add_norm: flags.FlagHolder
+
+    def model_config(self) -> ModelConfig:
+        """The preset as the flags set it (`--attention_options` as text)."""
+        return get_config(
+            self.model.value,
+            dtype=self.dtype.value,
+            layer_unroll=self.layer_unroll.value,
+            attention_options=parse_attention_options(self.attention_options.value),
+            fused_add_norm=self.fused_add_norm.value,
+        )
+
+
+def define_flags(model: str, dtype: str, num_reqs: int) -> WorkloadFlags:
+    """Define the shared flags, with a script's own defaults for model, dtype and requests."""
+    return WorkloadFlags(
+        model=flags.DEFINE_string("model", model, "Model preset (random weights)."),
+        dtype=flags.DEFINE_string("dtype", dtype, "Parameter / cache dtype."),
+        num_reqs=flags.DEFINE_integer("num_reqs", num_reqs, "Requests running together."),
+        prompt_len=flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request."),
+        output_len=flags.DEFINE_integer("output_len", 64, "Tokens generated per request."),
+        layer_unroll=flags.DEFINE_integer(
+            "layer_unroll", None, "ModelConfig.layer_unroll; unset: auto."
+        ),
+        attention_options=flags.DEFINE_string(
+            "attention_options",
+            "",
+            "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true.",
+        ),
+        fused_add_norm=flags.DEFINE_bool(
+            "fused_add_norm",
+            None,
+            "ModelConfig.fused_add_norm (residual add + norm in one kernel).",
+        ),
     )
 
 

@@ -23,28 +23,15 @@ from models import init_params
 from models.decoder import layer_unroll
 from orca_jax import Engine
 
-_MODEL = flags.DEFINE_string("model", "gpt2", "Model preset (random weights).")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter / cache dtype.")
-_REQS = flags.DEFINE_integer("num_reqs", 128, "Requests running together.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per request.")
-_OUTPUT = flags.DEFINE_integer("output_len", 64, "Tokens generated per request.")
-_UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
-_OPTIONS = flags.DEFINE_string(
-    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
-)
-_ADD_NORM = flags.DEFINE_bool(
-    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
-)
+_FLAGS = workload.define_flags(model="gpt2", dtype="bfloat16", num_reqs=128)
 _ASYNC = flags.DEFINE_bool("async_output", True, "EngineConfig.async_output.")
 _TOP = flags.DEFINE_integer("top", 25, "Host events listed.")
 
 
 def main(argv):
     del argv
-    model = workload.model_config(
-        _MODEL.value, _DTYPE.value, _UNROLL.value, _OPTIONS.value, _ADD_NORM.value
-    )
-    n, p, o = _REQS.value, _PROMPT.value, _OUTPUT.value
+    model = _FLAGS.model_config()
+    n, p, o = _FLAGS.num_reqs.value, _FLAGS.prompt_len.value, _FLAGS.output_len.value
     prompts = workload.prompts(model.vocab_size, n, p)
     params = workload.sampling(o)
     config = workload.engine_config(n, p, o, async_output=_ASYNC.value)
@@ -62,7 +49,7 @@ def main(argv):
     kernels, host = trace.kernels, trace.host
     busy, span = device_trace.busy_and_span(kernels)
     lines = [
-        f"{model.name} {_DTYPE.value}, layer_unroll {layer_unroll(model)}, attention options "
+        f"{model.name} {model.dtype}, layer_unroll {layer_unroll(model)}, attention options "
         f"{dict(model.attention_options)}, async_output "
         f"{_ASYNC.value}: {n} requests x ({p} prompt + {o} output), {iters} iterations traced",
         f"wall {wall / iters * 1e3:.3f} ms per iteration (under the profiler); "

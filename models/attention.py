@@ -59,9 +59,8 @@ def plan_attention(
         num_tokens=batch.input_ids.shape[0],
         num_heads=config.n_heads,
         num_kv_heads=config.n_kv_heads,
-        decode_rows=opts.get("decode_rows", 16),
-        prefill_rows=opts.get("prefill_rows", 64),
-        one_launch=opts.get("one_launch", False),
+        # the tile-shaping options the calls get, else the kernel's own defaults
+        **{k: opts[k] for k in ("decode_rows", "prefill_rows", "one_launch") if k in opts},
     )
 
 

@@ -516,14 +516,15 @@ def _forward(
     )
     if out_init is not None and splits != 1:
         raise ValueError("out_init needs a single kv split")
-    classes = part.plan_tile_classes(
+    launches = part.plan_launches(
         num_tokens=T,
         num_rows=R,
-        group_pow2=part.next_pow2(N // K),
+        num_heads=N,
+        num_kv_heads=K,
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
+        one_launch=one_launch,
     )
-    launches = part.plan_launches(classes, one_launch, T)
     if tiles is None:
         tiles = tuple(part.launch_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in launches)
     if len(tiles) != len(launches):

@@ -113,12 +113,27 @@ def plan_num_splits(
 
 
 def plan_launches(
-    classes: tuple[TileClass, ...], one_launch: bool, num_tokens: int
+    *,
+    num_tokens: int,
+    num_rows: int,
+    num_heads: int,
+    num_kv_heads: int,
+    decode_rows: int = 16,
+    prefill_rows: int = 64,
+    one_launch: bool = False,
 ) -> tuple[tuple[TileClass, ...], ...]:
-    """The tile classes of each kernel launch: one launch per class, or all in one with the
-    long-query class first (its programs are the longest, so they should start first). The
-    first launch also zeroes the padding rows (a padding class after its own), so it can
-    create the output buffer rather than fill one that a zeroing kernel made."""
+    """The tile classes (`plan_tile_classes`) of each kernel launch: one launch per class, or
+    all in one with the long-query class first (its programs are the longest, so they should
+    start first). The first launch also zeroes the padding rows (a padding class after its
+    own), so it can create the output buffer rather than fill one that a zeroing kernel
+    made."""
+    classes = plan_tile_classes(
+        num_tokens=num_tokens,
+        num_rows=num_rows,
+        group_pow2=next_pow2(num_heads // num_kv_heads),
+        decode_rows=decode_rows,
+        prefill_rows=prefill_rows,
+    )
     pad = padding_class(num_tokens, classes[0].block_q)
     if one_launch:
         return ((*classes[::-1], pad),)
@@ -192,17 +207,16 @@ def tile_tables(
     compares, each its own GPU kernel) run once rather than once per layer. The tuning
     arguments must be those of the calls that take it.
     """
-    classes = plan_tile_classes(
+    launches = plan_launches(
         num_tokens=num_tokens,
         num_rows=kv_lens.shape[0],
-        group_pow2=next_pow2(num_heads // num_kv_heads),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
+        one_launch=one_launch,
     )
-    return tuple(
-        launch_tiles(cu_q_lens, kv_lens, num_reqs, launch)
-        for launch in plan_launches(classes, one_launch, num_tokens)
-    )
+    return tuple(launch_tiles(cu_q_lens, kv_lens, num_reqs, launch) for launch in launches)
 
 
 def combine_splits(

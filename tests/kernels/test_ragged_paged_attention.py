@@ -486,12 +486,12 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     else:
         fn = call
     calls = _triton_calls(fn, args)
-    classes = part.plan_tile_classes(
+    planned = part.plan_launches(
         num_tokens=shape["T"],
         num_rows=shape["R"],
-        group_pow2=part.next_pow2(shape["N"] // shape["K"]),
-        decode_rows=16,
-        prefill_rows=64,
+        num_heads=shape["N"],
+        num_kv_heads=shape["K"],
+        one_launch=tuning.get("one_launch", False),
     )
     splits = tuning.get("num_kv_splits") or part.plan_num_splits(
         num_tokens=shape["T"],
@@ -507,7 +507,7 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
             sum(not c.padding for c in launch),
             splits == 1 and any(c.padding for c in launch),
         )
-        for launch in part.plan_launches(classes, tuning.get("one_launch", False), shape["T"])
+        for launch in planned
     ]
     assert len(calls) == len(launches)
     for (op_text, launch, triton_ir), (num_tiles, num_classes, zeroes) in zip(
