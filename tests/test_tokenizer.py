@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import regex
 import transformers
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers.implementations import ByteLevelBPETokenizer
 from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
@@ -374,6 +374,11 @@ def test_detokenize_incrementally_holds_offsets_until_complete(gpt2):
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
 def test_stream_round_trips_any_text(gpt2, text):
+    # Text that spells a special token encodes to its one id, which decoding skips (vLLM's
+    # skip_special_tokens): not a round trip by design. Hypothesis draws string constants
+    # from the code under test, so it does try "<|endoftext|>".
+    specials = [t.content for t in gpt2.backend_tokenizer.get_added_tokens_decoder().values()]
+    assume(not any(t in text for t in specials))
     deltas = _stream(gpt2, gpt2.encode(text), prompt_ids=gpt2.encode("prompt "))
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas if "\ufffd" not in text)
