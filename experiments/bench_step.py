@@ -40,6 +40,9 @@ _OPTIONS = flags.DEFINE_string(
 _ADD_NORM = flags.DEFINE_bool(
     "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
 )
+_LINEAR = flags.DEFINE_bool(
+    "fused_linear", None, "ModelConfig.fused_linear (GEMM + bias + activation in one kernel)."
+)
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
     "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
@@ -76,6 +79,7 @@ def model_config(name: str):
         layer_unroll=_UNROLL.value,
         attention_options=parse_attention_options(_OPTIONS.value),
         fused_add_norm=_ADD_NORM.value,
+        fused_linear=_LINEAR.value,
     )
 
 
@@ -140,7 +144,7 @@ def floor_rows(page: int) -> list[str]:
     return [
         f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
         f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} options {dict(cfg.attention_options)} "
-        f"fused_add_norm {cfg.fused_add_norm} "
+        f"fused_add_norm {cfg.fused_add_norm} fused_linear {cfg.fused_linear} "
         f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",

@@ -10,13 +10,14 @@
 #   1. attention: our kernel checked against the jnp reference on the GPU, then timed (the
 #      profiler's kernel times) against the shipped paged_attention and the copy bandwidth,
 #      with a tuning sweep (attention.md)
-#   2. whole gpt2 bf16 step, 128 decodes x 512, with the kernel, against its floor: layers
-#      scanned (and smaller buckets); then the floor case alone with layers unrolled, under
-#      each option that cuts kernels per layer (fuse_kv_write, one_launch, split-K,
-#      fused_add_norm); then where the device time goes, scanned and unrolled with the
-#      K/V write and the add+norm fused (profile_step.py)
-#   3. the kernel tests on the GPU (Triton, not interpret), mixed batches (TEST_FLAGS), and
-#      the step's cache in place with the kernel writing K/V (the GPU-only cases)
+#   2. one linear layer at gpt2's shapes: XLA's GEMM and epilogue against the fused Pallas
+#      kernel, planned blocks and a sweep (bench_linear.py, linear.md); then the whole gpt2
+#      bf16 step, 128 decodes x 512, against its floor: layers scanned (and smaller buckets);
+#      then the floor case alone, unrolled and scanned, under each option that cuts kernels
+#      per layer (fused_linear, fused_add_norm, the attention kernel's: K/V written behind
+#      scatters, one launch, split-K); then where the device time goes (profile_step.py)
+#   3. the kernel tests on the GPU (Triton, not interpret; TEST_FLAGS picks), and the
+#      step's cache in place with the kernel writing K/V (the GPU-only cases)
 #   4. the step under XLA settings: GEMMs through cuBLAS instead of Triton (per-layer GEMMs
 #      at 128 rows take 4-6 us, several times their bytes), command buffers off (is the
 #      unrolled step's extra host latency theirs?), and scanned layers with cuBLAS reading
@@ -31,7 +32,8 @@
 # GPU_CHECK_ONLY="name ..." runs only the stages named (all when unset).
 # The device returns at most 8 files from $OUT: all but summary.txt go back in results.tar.gz.
 # A dry run on the CPU (checks the plumbing, not the figures):
-#   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small HOST_FLAGS=--iters=5 TEST_FLAGS="-k decode"
+#   GPU_CHECK_PLATFORM=cpu BENCH_FLAGS=--small LINEAR_FLAGS=--small HOST_FLAGS=--iters=5
+#   TEST_FLAGS="-k decode"
 #   STEP_FLAGS="--models=tiny-gpt --buckets=16 --iters=1 --floor_model=tiny-gpt --floor_reqs=4
 #   --floor_context=32" ENGINE_FLAGS="--model=tiny-gpt --dtype=float32 --num_reqs=8
 #   --prompt_len=16 --output_len=8" CAL_FLAGS="--model=tiny-gpt --dtype=float32 --iters=2
@@ -88,6 +90,7 @@ for _ in range(12):
 t = sorted(ts[2:])[len(ts[2:]) // 2]
 print(f'torch copy_: {2 * x.numel() / t / 1e9:.0f} GB/s read+write (median of 10, 2 GiB)')"
 stage attention 240 "$PY" experiments/bench_attention.py --out "$OUT/attention.md" ${BENCH_FLAGS:-}
+stage linear 120 "$PY" experiments/bench_linear.py --out "$OUT/linear.md" ${LINEAR_FLAGS:-}
 step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), floor case first
   local name=$1 max=$2
   shift 2
@@ -95,30 +98,34 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
     --iters=20 --floor_case --floor_first --out "$OUT/$name.md" "$@" ${STEP_FLAGS:-}
 }
 step step_pallas 100 --attention_impl=pallas --buckets=16,128,512
-# The 1.4x goal: the floor case alone under each kernel option that cuts kernels per layer
-# (`--attention_options`): the K/V write in the kernel (no scatters), both tile classes in
-# one launch (no empty prefill-class launch), split-K; layers unrolled and scanned.
-# The residual add and its norm as one kernel (--fused_add_norm) on top.
-for variant in "unrolled" "unrolled_fused fuse_kv_write=true" \
-  "unrolled_fused_1launch fuse_kv_write=true,one_launch=true" \
-  "unrolled_fused_split4 fuse_kv_write=true,num_kv_splits=4" \
-  "unrolled_fused_addnorm fuse_kv_write=true --fused_add_norm" "scanned_fused fuse_kv_write=true"; do
+# The 1.4x goal: the floor case alone under each option that cuts kernels per layer, layers
+# unrolled and scanned: each linear layer with its bias and activation as one Pallas kernel
+# over the stacked weights (--fused_linear); the residual add and its norm as one kernel
+# (--fused_add_norm); the attention kernel's options (--attention_options; "-": the GPU's
+# defaults, which have the kernel writing K/V): behind scatters, both tile classes in one
+# launch, split-K.
+for variant in "unrolled -" "unrolled_linear - --fused_linear" \
+  "unrolled_linear_addnorm - --fused_linear --fused_add_norm" "scanned -" \
+  "scanned_linear - --fused_linear" "unrolled_scatter fuse_kv_write=false" \
+  "unrolled_1launch one_launch=true" "unrolled_split4 num_kv_splits=4"; do
   set -- $variant
   unroll=12
   [[ $1 == scanned* ]] && unroll=1
+  options=${2:-}
+  [ "$options" = - ] && options=
   step "step_$1" 50 --attention_impl=pallas --layer_unroll=$unroll --buckets= \
-    --attention_options="${2:-}" ${3:-}
+    --attention_options="$options" ${3:-} ${4:-}
 done
-for variant in "scanned 1" "unrolled_fused 12 fuse_kv_write=true --fused_add_norm"; do
+for variant in "scanned 1" "unrolled_linear 12 --fused_linear"; do
   set -- $variant
   stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
-    --attention_impl=pallas --layer_unroll=$2 --attention_options="${3:-}" ${4:-} \
-    ${PROFILE_FLAGS:-}
+    --attention_impl=pallas --layer_unroll=$2 ${3:-} ${PROFILE_FLAGS:-}
 done
-stage attention_tests 100 "$PY" -m pytest tests/kernels/test_ragged_paged_attention.py \
-  tests/kernels/test_fused_kv_write.py tests/kernels/test_add_norm.py \
-  tests/test_cache_in_place.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
-  ${TEST_FLAGS:--k "mixed or add_norm or never_copies"}
+stage attention_tests 100 "$PY" -m pytest tests/test_cache_in_place.py \
+  tests/kernels/test_linear.py tests/kernels/test_fused_kv_write.py \
+  tests/kernels/test_ragged_paged_attention.py tests/kernels/test_add_norm.py \
+  -q -p no:cacheprovider -W ignore::DeprecationWarning \
+  ${TEST_FLAGS:--k "never_copies or matches_reference or bfloat16 or mixed or add_norm"}
 # XLA settings (floor case): GEMMs through cuBLAS, unrolled; command buffers off, unrolled;
 # scanned with cuBLAS GEMMs reading each layer's weights in place (dynamic-slice fusion)
 # instead of Triton GEMMs behind a copy of the slice (290 us a step on the H200)
@@ -157,12 +164,14 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
     echo "--- whole step ($name)"
     cat "$OUT/$name.md" 2>/dev/null || tail -5 "$OUT/$name.log" 2>/dev/null
   done
-  for v in unrolled unrolled_fused unrolled_fused_1launch unrolled_fused_split4 \
-    unrolled_fused_addnorm scanned_fused; do
+  echo "--- one linear layer: XLA's GEMM + epilogue against the fused kernel (gpt2 shapes)"
+  grep -E "XLA|planned" "$OUT/linear.md" 2>/dev/null || tail -5 "$OUT/linear.log" 2>/dev/null
+  for v in unrolled unrolled_linear unrolled_linear_addnorm scanned scanned_linear \
+    unrolled_scatter unrolled_1launch unrolled_split4; do
     echo "--- whole step, floor case: $v"
     head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
   done
-  for v in scanned unrolled_fused; do
+  for v in scanned unrolled_linear; do
     echo "--- where the step's device time goes ($v)"
     head -22 "$OUT/profile_$v.log" 2>/dev/null
   done

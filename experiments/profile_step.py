@@ -37,6 +37,9 @@ _OPTIONS = flags.DEFINE_string(
 _ADD_NORM = flags.DEFINE_bool(
     "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
 )
+_LINEAR = flags.DEFINE_bool(
+    "fused_linear", None, "ModelConfig.fused_linear (GEMM + bias + activation in one kernel)."
+)
 _REQS = flags.DEFINE_integer("reqs", 128, "Decoding requests.")
 _CONTEXT = flags.DEFINE_integer("context", 512, "Cached tokens per request.")
 _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
@@ -100,6 +103,7 @@ def main(argv):
         layer_unroll=_UNROLL.value,
         attention_options=parse_attention_options(_OPTIONS.value),
         fused_add_norm=_ADD_NORM.value,
+        fused_linear=_LINEAR.value,
     )
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(_REQS.value, _CONTEXT.value, _PAGE.value)
@@ -109,7 +113,7 @@ def main(argv):
         lines = [
             f"{jax.devices()[0].device_kind}: {_MODEL.value} {_DTYPE.value} {_ATTN.value} "
             f"layer_unroll {layer_unroll(cfg)}, attention options {dict(cfg.attention_options)}, "
-            f"fused_add_norm {cfg.fused_add_norm}, "
+            f"fused_add_norm {cfg.fused_add_norm}, fused_linear {cfg.fused_linear}, "
             f"decode {_REQS.value} x {_CONTEXT.value}, "
             f"{_STEPS.value} steps back to back",
             *report(path, _STEPS.value, _TOP.value),

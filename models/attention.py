@@ -22,9 +22,11 @@ from pallas_kernels.ragged_paged_attention.sharded import shard_over_heads
 AUTO_ATTENTION = {"cpu": "reference", "gpu": "pallas"}
 
 # The Pallas kernel's options on each backend (names in config.ATTENTION_OPTIONS), under
-# `ModelConfig.attention_options`. None set yet: `one_launch`, `num_kv_splits` and
-# `fuse_kv_write` wait for the whole step measured both ways on a GPU (gpu_check.sh).
-KERNEL_OPTIONS: dict[str, dict[str, int | bool]] = {"gpu": {}}
+# `ModelConfig.attention_options`. GPU (NVIDIA H200, 2026-12-04, gpu_check.sh; RESULTS.md):
+# the kernel writes the step's K/V (no scatters): gpt2 bf16 step 128 x 512 queued 1.280 ms
+# against 1.327, waited for 1.929 against 2.111. Left off there: `one_launch` (1.433 ms;
+# decode 74.4 us against 64.9) and extra kv splits (the planner's 1 split was the fastest).
+KERNEL_OPTIONS: dict[str, dict[str, int | bool]] = {"gpu": {"fuse_kv_write": True}}
 
 
 def resolve_attention_impl(config: ModelConfig, page_size: int) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +22,32 @@ from models.kv_cache import KVCache
 from models.layers import Params, dense, mlp, norm, rope
 from models.lora import lora_delta
 from models.quantize import quantize_params
+from pallas_kernels.linear.reference import activate
 
-# Layers per scan iteration when `ModelConfig.layer_unroll` is None, per backend. CPU: 1
-# (one compiled layer body; the loop costs nothing next to a CPU layer).
-AUTO_LAYER_UNROLL = {"cpu": 1, "gpu": 1}
+# Layers per scan iteration when `ModelConfig.layer_unroll` is None, per backend ("all":
+# every layer, no loop). CPU: 1 (one compiled layer body; the loop costs nothing next to a
+# CPU layer). GPU: all (NVIDIA H200, 2026-12-04, gpt2 bf16 decode step 128 x 512: queued
+# 1.294 ms against 1.582 scanned, waited for 2.014 against 2.196; the scanned loop copies
+# each layer's weights out of the stacked arrays for XLA's GEMMs). Compile time grows with
+# depth.
+AUTO_LAYER_UNROLL: dict[str, int | str] = {"cpu": 1, "gpu": "all"}
 # Whether `ModelConfig.fused_add_norm=None` fuses each residual add with the norm after it
-# (one Pallas kernel instead of two XLA kernels). Off until a GPU measures the step both ways.
+# (one Pallas kernel instead of two XLA kernels). Off: on the H200 the gpt2 step was not
+# faster with it (1.309 ms against 1.280 queued; the bias adds before it stay XLA kernels).
 AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
+# Whether `ModelConfig.fused_linear=None` runs each linear layer with its bias and activation
+# as one Pallas kernel over the stacked weights. Off: on the H200 the gpt2 step was slower
+# with it (1.526 ms against 1.294 queued), its down projection (K = 3072) taking 19 us
+# against XLA's 8 (experiments/bench_linear.py; RESULTS.md).
+AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
 
 
 def layer_unroll(config: ModelConfig) -> int:
     """Layers per iteration of the scan over layers: the config's, or the backend's default."""
     if config.layer_unroll is not None:
         return config.layer_unroll
-    return AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
+    auto = AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
+    return config.n_layers if auto == "all" else auto
 
 
 def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
@@ -66,6 +79,41 @@ def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
         )
 
     return add_norm
+
+
+def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
+    """fused(name, p, h, layer, activation) -> y, or None: the Pallas linear kernel reading
+    the stacked weights `layers[name]` (`layers["mlp"][name]` for the MLP's) at the layer,
+    where the config asks for it and the weights are plain (not int8) and unsharded.
+
+    Every spec of the decoder contracts all of x's axes after T with the weight's leading
+    axes, so x flattens to [T, K], the stacked kernel to [L, K, N] and the bias to [L, N]."""
+    fused = config.fused_linear
+    if fused is None:
+        fused = AUTO_FUSED_LINEAR.get(jax.default_backend(), False)
+    if not fused or mesh is not None or config.quantization is not None:
+        return None
+    from pallas_kernels.linear.kernel import linear as kernel
+    from pallas_kernels.linear.kernel import supports
+
+    def fused_linear(name, h, layer, activation):
+        stacked = layers["mlp"][name] if name in ("gate", "up", "down") else layers[name]
+        w = stacked["kernel"]  # [L, *h.shape[1:], *out]
+        out = w.shape[h.ndim :]
+        K, N = h[0].size, math.prod(out)
+        if not supports(K, N, h.dtype):
+            return None
+        b = stacked.get("bias")
+        y = kernel(
+            h.reshape(h.shape[0], K),
+            w.reshape(w.shape[0], K, N),
+            None if b is None else b.reshape(b.shape[0], N),
+            layer,
+            activation=activation,
+        )
+        return y.reshape(h.shape[0], *out)
+
+    return fused_linear
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -170,6 +218,7 @@ def decoder_layers(
     sm_scale = config.head_dim**-0.5
     plan = plan_attention(batch, config, kv_cache.k.shape[3])  # once for every layer
     add_norm = _add_norm(config, layers, mesh)
+    fused_linear = _fused_linear(config, layers, mesh)
 
     def layer_step(carry, p):
         # delta: the last layer's MLP output, added to the residual stream here together
@@ -178,12 +227,13 @@ def decoder_layers(
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
-        def linear(name, lp, h, spec):
-            y = dense(lp, h, spec)
+        def linear(name, lp, h, spec, activation=None):
             if lora is None or name not in lora:
-                return y
+                y = None if fused_linear is None else fused_linear(name, h, layer, activation)
+                return dense(lp, h, spec, activation) if y is None else y
+            y = dense(lp, h, spec)
             extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
-            return y + extra.reshape(y.shape)
+            return activate(y + extra.reshape(y.shape), activation)
 
         x, h = add_norm(x, delta, p, "attn_norm", layer)  # [T, D] each
         q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]

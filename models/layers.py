@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from pallas_kernels.add_norm.reference import norm_ref
+from pallas_kernels.linear.reference import activate
 
 Params = dict
 
@@ -21,15 +22,17 @@ def norm(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
     )
 
 
-def dense(p: Params, x: jax.Array, spec: str) -> jax.Array:
-    """einsum with the kernel (and bias if present), e.g. spec "TD,DNH->TNH". An int8
-    kernel (models/quantize.py) is widened to x's dtype and its output scaled per channel."""
+def dense(p: Params, x: jax.Array, spec: str, activation: str | None = None) -> jax.Array:
+    """einsum with the kernel (and bias if present), e.g. spec "TD,DNH->TNH", then the
+    activation (None or "gelu_tanh"). An int8 kernel (models/quantize.py) is widened to x's
+    dtype and its output scaled per channel."""
     if "kernel_scale" in p:
         y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
         y = y * p["kernel_scale"].astype(x.dtype)  # [.., out channels] scales broadcast
     else:
         y = jnp.einsum(spec, x, p["kernel"])
-    return y + p["bias"] if "bias" in p else y
+    y = y + p["bias"] if "bias" in p else y
+    return activate(y, activation)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -47,13 +50,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def mlp(p: Params, x: jax.Array, config: ModelConfig, linear=None) -> jax.Array:
     """GELU (tanh approximation, as GPT-2) or SwiGLU feed-forward: [T, D] -> [T, D].
 
-    `linear(name, p, x, spec)`: how each of gate / up / down is applied (default `dense`;
-    the decoder passes one that adds LoRA adapters)."""
+    `linear(name, p, x, spec, activation=None)`: how each of gate / up / down is applied
+    (default `dense`; the decoder passes one that adds LoRA adapters or runs the fused
+    kernel)."""
     if linear is None:
-        linear = lambda _, q, h, spec: dense(q, h, spec)  # noqa: E731
+        linear = lambda _, q, h, spec, activation=None: dense(q, h, spec, activation)  # noqa: E731
     if config.activation == "swiglu":
         gate = linear("gate", p["gate"], x, "TD,DF->TF")
         h = jax.nn.silu(gate) * linear("up", p["up"], x, "TD,DF->TF")
     else:
-        h = jax.nn.gelu(linear("up", p["up"], x, "TD,DF->TF"), approximate=True)
+        h = linear("up", p["up"], x, "TD,DF->TF", activation="gelu_tanh")
     return linear("down", p["down"], h, "TF,FD->TD")

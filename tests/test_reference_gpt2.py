@@ -62,15 +62,18 @@ def test_gpt2_matches_flax_reference(name, tmp_path):
     check_logits_match(model, flax_params, params, cfg, RTOL)
 
 
-@pytest.mark.parametrize("unroll", [2, 3])
-def test_unrolled_layers_match_flax_reference(unroll, tmp_path):
+@pytest.mark.parametrize("unroll,fused_linear", [(2, False), (3, False), (None, True), (3, True)])
+def test_unrolled_layers_match_flax_reference(unroll, fused_linear, tmp_path):
     """`layer_unroll` (2 of 3 layers: a loop with a remainder; 3: no loop, every layer's
-    weights sliced statically) computes the same logits as the reference."""
+    weights sliced statically) computes the same logits as the reference; so does every
+    linear layer as the Pallas kernel with its bias and GELU fused (`fused_linear`), layers
+    scanned or unrolled."""
     hf_config = transformers.GPT2Config(**GPT2_CONFIGS["n_inner"])
     model, flax_params = random_flax_model(FlaxGPT2LMHeadModel, hf_config)
     cfg = write_checkpoint(tmp_path, hf_config, flax_to_torch_state_dict(flax_params))
     params = load_safetensors(str(tmp_path))
-    check_logits_match(model, flax_params, params, cfg.replace(layer_unroll=unroll), RTOL)
+    cfg = cfg.replace(layer_unroll=unroll, fused_linear=fused_linear)
+    check_logits_match(model, flax_params, params, cfg, RTOL)
 
 
 def test_key_variants_and_shards_load_the_same(tmp_path):

@@ -87,6 +87,8 @@ def test_llama_matches_flax_reference(name, tmp_path):
     params = load_safetensors(str(tmp_path), cfg)
 
     check_logits_match(model, flax_params, params, cfg, RTOL)
+    # every linear layer as the Pallas kernel (SwiGLU's gate and up without epilogue)
+    check_logits_match(model, flax_params, params, cfg.replace(fused_linear=True), RTOL)
 
 
 @pytest.mark.usefixtures("flax_llama_with_rope_theta")

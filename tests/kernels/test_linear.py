@@ -1,0 +1,130 @@
+"""The fused linear kernel (GEMM + bias + activation) against its jnp reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.linear.kernel import TARGET_PROGRAMS, linear, plan_blocks, supports
+from pallas_kernels.linear.reference import linear_ref
+from tests.kernels.test_ragged_paged_attention import _triton_calls
+
+# max |error| relative to max |y|: both accumulate in f32, so what differs is the last
+# rounding (and the order of the sums)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 8e-3, jnp.float16: 1e-3}
+
+
+def _inputs(seed, M, K, N, L, dtype, bias=True):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((L, K, N)) / np.sqrt(K), dtype)
+    b = jnp.asarray(rng.standard_normal((L, N)), dtype) if bias else None
+    return x, w, b
+
+
+def _check(y, want, dtype):
+    y, want = np.asarray(y, np.float32), np.asarray(want, np.float32)
+    assert not np.isnan(y).any()
+    np.testing.assert_allclose(y, want, atol=TOL[dtype] * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"], ids=str)
+@pytest.mark.parametrize(
+    "M,K,N,blocks",
+    [
+        (128, 768, 768, {}),  # GPT-2's q / k / v / o at the decode bucket, planned blocks
+        (13, 96, 48, {}),  # rows that fill no block; N a multiple of 16 only
+        (40, 64, 64, dict(block_m=32, block_n=32, block_k=16)),  # a ragged last row block
+        (16, 576, 192, {}),  # SmolLM2's k / v
+    ],
+)
+def test_matches_reference(M, K, N, blocks, activation, dtype):
+    """Every layer of a stack, fresh inputs each case; rows past M must not be written."""
+    x, w, b = _inputs(M * K + N, M, K, N, 2, dtype)
+    f = jax.jit(functools.partial(linear, activation=activation, **blocks))
+    for layer in range(2):
+        y = f(x, w, b, jnp.int32(layer))
+        assert y.shape == (M, N) and y.dtype == dtype
+        _check(y, linear_ref(x, w[layer], b[layer], activation=activation), dtype)
+
+
+def test_no_bias_and_unstacked_weights():
+    x, w, _ = _inputs(0, 24, 64, 32, 1, jnp.float32, bias=False)
+    _check(linear(x, w[0], None), linear_ref(x, w[0], None), jnp.float32)
+
+
+def test_activation_is_applied_to_the_biased_f32_sum():
+    """GELU of (x @ w + b): a bias that moves values across zero changes the result."""
+    x, w, b = _inputs(3, 16, 32, 16, 1, jnp.float32)
+    y = linear(x, w, b + 3.0, activation="gelu_tanh")
+    want = jax.nn.gelu(x @ w[0] + b[0] + 3.0, approximate=True)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_blocks():
+    # up to 128 rows: 16 columns a program (the H200 sweep's fastest at 128 rows)
+    assert plan_blocks(128, 768, 3072) == (64, 16, 64)  # 2 x 192 programs
+    assert plan_blocks(128, 3072, 768) == (64, 16, 64)  # 2 x 48
+    assert plan_blocks(16, 768, 768) == (16, 16, 64)
+    assert plan_blocks(128, 576, 192) == (64, 16, 64)
+    assert plan_blocks(128, 48, 16)[2] == 16
+    # more rows: column blocks narrow until the launch has TARGET_PROGRAMS programs
+    assert plan_blocks(512, 768, 3072)[1] == 128  # 8 x 24 programs of 128 columns
+    assert plan_blocks(256, 768, 768) == (64, 32, 64)  # 4 x 24
+    for m, k, n in [(128, 768, 3072), (512, 768, 3072), (1024, 768, 768)]:
+        bm, bn, bk = plan_blocks(m, k, n)
+        assert n % bn == 0 and k % bk == 0
+        if bn > 16:
+            assert -(-m // bm) * (n // bn) >= TARGET_PROGRAMS
+
+
+def test_supports_and_checks():
+    assert supports(768, 2304, jnp.bfloat16) and not supports(768, 50257, jnp.bfloat16)
+    assert not supports(768, 768, jnp.int8)
+    x = jnp.zeros((8, 64))
+    with pytest.raises(ValueError, match="want x"):
+        linear(x, jnp.zeros((32, 16)), None)
+    with pytest.raises(ValueError, match="of x's dtype"):
+        linear(x, jnp.zeros((64, 16), jnp.bfloat16), None)
+    with pytest.raises(ValueError, match=r"b must be \[2, 16\]"):
+        linear(x, jnp.zeros((2, 64, 16)), jnp.zeros(16))
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, jnp.zeros((64, 16)), None, activation="relu")
+    with pytest.raises(ValueError, match="block_n=32 must be a power of two >= 16 dividing 16"):
+        linear(x, jnp.zeros((64, 16)), None, block_n=32)
+    with pytest.raises(ValueError, match="block_k=24"):
+        linear(x, jnp.zeros((64, 16)), None, block_k=24)
+    with pytest.raises(ValueError, match="block_m=8"):
+        linear(x, jnp.zeros((64, 16)), None, block_m=8)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_lowers_to_triton_for_h100(activation):
+    """GPT-2's up projection at the decode bucket lowers, without a GPU, to one verified
+    Triton call for sm_90 with the planned grid, reading the stacked weights at the layer
+    (no slice of them before the call) and storing once."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((128, 768), jnp.bfloat16),
+        sds((12, 768, 3072), jnp.bfloat16),
+        sds((12, 3072), jnp.bfloat16),
+        sds((), jnp.int32),
+    )
+    fn = functools.partial(linear, activation=activation, interpret=False)
+    ((op, launch, triton_ir),) = _triton_calls(fn, args)
+    assert launch == dict(grid_x=2, grid_y=192, grid_z=1, num_warps=4, num_stages=5)
+    assert "tensor<12x768x3072xbf16>" in op  # the whole stack is the operand
+    with triton_lowering._new_ir_context():
+        module = ir.Module.parse(triton_ir)
+        assert module.operation.verify()
+        text = str(module)
+    assert text.count("tt.dot ") == 1 and text.count("tt.store ") == 1, text
+    assert ("tanh" in text) == (activation == "gelu_tanh")
