@@ -10,8 +10,7 @@ cache in its [K, P, S, H] layout) and the reference, next to a copy bandwidth me
 same run. Effective bandwidth = K/V bytes the batch must read / time; the byte floor adds the
 q and output bytes. Times are device times per call: on a GPU the sum of the call's kernel
 durations in a profiler trace of `--iters` x `--reps` calls (rotating cache layers so small
-cases do not run from L2; `device_trace.py`); on the CPU wall-clock differences
-(`time_calls`).
+cases do not run from L2; `kernel_timing.measure`); on the CPU wall-clock differences.
 Prints a markdown table and writes it to --out (default $OUT/attention.md when OUT is set).
 """
 
@@ -19,17 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import statistics
-import time
 import warnings
 
-import device_trace
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from bandwidth import copy_bandwidths, describe
+from bandwidth import describe
+from kernel_timing import bench_context, measure
 
 from pallas_kernels.ragged_paged_attention.kernel import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_ref
@@ -131,52 +127,6 @@ def make_batch(case: Case, seed: int, num_layers: int) -> Batch:
         device_cache=True,
         cache_dtype=case.cache_dtype,
     )
-
-
-def _repeated(fn, arg_sets, reps: int):
-    """One jitted call running `fn` `reps` times, cycling through `arg_sets`, returning every
-    output (so none is dead code). Each call's inputs pass an optimization barrier with the
-    previous output, so XLA neither merges repeated calls nor reorders them, and no kernel
-    is added between them."""
-
-    def run(*sets):
-        outs = []
-        for i in range(reps):
-            args = sets[i % len(sets)]
-            if outs:
-                args, _ = jax.lax.optimization_barrier((args, outs[-1]))
-            outs.append(fn(*args))
-        return outs
-
-    return jax.jit(run)
-
-
-def time_calls(fn, arg_sets, iters: int, reps: int) -> float:
-    """Seconds per call of `fn` by the wall clock, with no host dispatch in it: the median
-    time of one jitted call running `fn` 2 * reps times, less that of one running it reps
-    times, over reps (the dispatch and the wait cancel out; about +-10 us of noise on a
-    GPU at these sizes, so `measure` uses the profiler there)."""
-    medians = []
-    for n in (reps, 2 * reps):
-        run = _repeated(fn, arg_sets, n)
-        jax.block_until_ready(run(*arg_sets))
-        samples = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(*arg_sets))
-            samples.append(time.perf_counter() - t0)
-        medians.append(statistics.median(samples))
-    return max(medians[1] - medians[0], 1e-9) / reps
-
-
-def measure(fn, arg_sets, iters: int, reps: int) -> float:
-    """Device seconds per call of `fn`: on an accelerator the sum of its kernels' durations
-    in a profiler trace of iters x reps calls (`device_trace`); on the CPU `time_calls`."""
-    if jax.default_backend() != "cpu":
-        t = device_trace.device_time_per_call(jax.jit(fn), arg_sets, iters * reps)
-        if t is not None:
-            return t
-    return time_calls(fn, arg_sets, iters, reps)
 
 
 def rel_error(out, ref, n: int) -> float:
@@ -300,11 +250,7 @@ def main(argv):
     del argv
     small = _SMALL.value
     iters, reps = (3, 2) if small else (_ITERS.value, _REPS.value)
-    bws = copy_bandwidths((8 if small else 2048) * 2**20, 4, min(iters, 10))
-    device = jax.devices()[0].device_kind
-    out = _OUT.value or (
-        os.path.join(os.environ["OUT"], "attention.md") if os.environ.get("OUT") else None
-    )
+    bws, device, out = bench_context(small, _OUT.value, "attention.md")
     rows = []
     for case in cases(small):
         rows += run_case(case, small, _SWEEP.value and not small, iters, reps)

@@ -13,16 +13,12 @@ launches); x floor: time / (bytes of weights + x + y / copy bandwidth).
 from __future__ import annotations
 
 import functools
-import os
-import statistics
-import time
 
-import device_trace
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from bandwidth import copy_bandwidths, describe
+from bandwidth import describe
+from kernel_timing import bench_context, measure
 
 from models.layers import dense
 from pallas_kernels.linear.kernel import linear, plan_blocks
@@ -55,21 +51,6 @@ SWEEP = [
     (64, 16, 64, 4, 4),
     (64, 16, 64, 4, 5),
 ]
-
-
-def measure(fn, arg_sets, calls: int) -> float:
-    """Device seconds per call (the profiler's kernels) on a GPU; the median wall time of a
-    call on the CPU."""
-    fn = jax.jit(fn)
-    t = device_trace.device_time_per_call(fn, arg_sets, calls)
-    if t is not None:
-        return t
-    times = []
-    for i in range(calls):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_case(name, M, K, N, act, layers, sweep, iters, reps, dtype):
@@ -109,7 +90,7 @@ def run_case(name, M, K, N, act, layers, sweep, iters, reps, dtype):
         try:
             y = r["fn"](*sets[0])
             err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - want.astype(jnp.float32))))
-            t = measure(r["fn"], sets, iters * reps)
+            t = measure(r["fn"], sets, iters, reps)
         except Exception as e:  # a sweep's block shape the compiler refuses: say so, go on
             print(f"{r['case']} {r['impl']}: failed: {str(e)[:300]}", flush=True)
             continue
@@ -126,12 +107,12 @@ def table(rows, bws, device) -> str:
         "",
         "| layer M x K x N | implementation | time (us) | x floor | max abs err |",
         "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
+        *(
             f"| {r['case']} | {r['impl']} | {r['t'] * 1e6:.1f} | {r['t'] * bw / r['bytes']:.1f} "
             f"| {r['err']:.1e} |"
-        )
+            for r in rows
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,11 +123,7 @@ def main(argv):
     shapes = SMALL if small else GPT2
     rows_list = [16] if small else [int(m) for m in _ROWS.value]
     iters, reps = (2, 2) if small else (_ITERS.value, _REPS.value)
-    bws = copy_bandwidths((8 if small else 2048) * 2**20, 4, min(iters, 10))
-    out_path = _OUT.value or (
-        os.path.join(os.environ["OUT"], "linear.md") if os.environ.get("OUT") else None
-    )
-    device = jax.devices()[0].device_kind
+    bws, device, out_path = bench_context(small, _OUT.value, "linear.md")
     rows = []
     for i, M in enumerate(rows_list):
         for name, K, N, act in shapes:
