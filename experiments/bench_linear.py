@@ -3,9 +3,10 @@
   PYTHONPATH=. python experiments/bench_linear.py                 # GPU: planned + sweep
   PYTHONPATH=. python experiments/bench_linear.py --small         # CPU smoke run
 
-Each case is one linear layer of the decoder at M rows: XLA's `dense` (einsum, bias add,
-GELU where the layer has one) on one layer's weights, against `pallas_kernels/linear` on the
-stacked weights at a layer index, with its planned blocks and then a sweep of other blocks.
+Each case is one linear layer of the decoder at M rows (or q, k and v, three products of
+the same x): XLA's `dense` (einsum, bias add, GELU where the layer has one) on one layer's
+weights, against `pallas_kernels/linear` on the stacked weights at a layer index, in one
+launch with its planned blocks, then a sweep of other blocks and K splits.
 Time: device time per call (the profiler's kernel durations on a GPU, every kernel the call
 launches); x floor: time / (bytes of weights + x + y / copy bandwidth).
 """
@@ -21,7 +22,7 @@ from bandwidth import describe
 from kernel_timing import bench_context, measure
 
 from models.layers import dense
-from pallas_kernels.linear.kernel import linear, plan_blocks
+from pallas_kernels.linear.kernel import linear, linear_group, plan_blocks
 from pallas_kernels.linear.reference import linear_ref
 
 _SMALL = flags.DEFINE_bool("small", False, "Tiny shapes in interpret mode (CPU smoke run).")
@@ -31,71 +32,96 @@ _ITERS = flags.DEFINE_integer("iters", 10, "Timed samples per measurement.")
 _REPS = flags.DEFINE_integer("reps", 10, "Calls per timed sample.")
 _OUT = flags.DEFINE_string("out", None, "Markdown output (default $OUT/linear.md).")
 
-# (name, K, N, activation): gpt2's q (k, v and o have the same shape), up, down
-GPT2 = [("q/k/v/o", 768, 768, None), ("up", 768, 3072, "gelu_tanh"), ("down", 3072, 768, None)]
-SMALL = [("q", 64, 64, None), ("up", 64, 256, "gelu_tanh"), ("down", 256, 64, None)]
-# (block_m, block_n, block_k, num_warps, num_stages) tried beside the plan
+# (name, K, N, activation, products sharing x): gpt2's q, k and v (one launch), o, up, down
+GPT2 = [
+    ("q+k+v", 768, 768, None, 3),
+    ("o", 768, 768, None, 1),
+    ("up", 768, 3072, "gelu_tanh", 1),
+    ("down", 3072, 768, None, 1),
+]
+SMALL = [("q+k+v", 64, 64, None, 3), ("up", 64, 256, "gelu_tanh", 1), ("down", 256, 64, None, 1)]
+# (block_m, block_n, block_k, num_warps, num_stages, num_k_splits) tried beside the plan:
+# around the best of the last sweep (m64 n16 k64, 5 stages), then K split over programs
 SWEEP = [
-    (16, 16, 64, 4, 3),
-    (32, 16, 64, 4, 3),
-    (64, 32, 64, 4, 3),
-    (64, 64, 64, 4, 3),
-    (128, 16, 64, 4, 3),
-    (128, 32, 64, 4, 3),
-    (128, 64, 64, 4, 3),
-    (64, 16, 128, 4, 3),
-    (64, 16, 32, 4, 3),
-    (64, 16, 64, 2, 3),
-    (64, 16, 64, 8, 3),
-    (64, 16, 64, 4, 2),
-    (64, 16, 64, 4, 4),
-    (64, 16, 64, 4, 5),
+    (64, 16, 64, 4, 5, 1),
+    (64, 16, 128, 4, 5, 1),
+    (64, 16, 128, 4, 4, 1),
+    (64, 32, 64, 4, 5, 1),
+    (64, 32, 128, 4, 5, 1),
+    (64, 16, 64, 4, 6, 1),
+    (64, 16, 64, 4, 5, 4),
+    (64, 32, 64, 4, 5, 4),
+    (64, 64, 64, 4, 5, 2),
+    (64, 64, 64, 4, 5, 4),
+    (64, 64, 64, 4, 5, 8),
+    (64, 128, 64, 4, 5, 8),
+    (128, 64, 64, 8, 5, 4),
 ]
 
 
-def run_case(name, M, K, N, act, layers, sweep, iters, reps, dtype):
+def run_case(name, M, K, N, act, count, layers, sweep, iters, reps, dtype):
+    """XLA's `dense` for each of `count` products of x, against ours in one launch (and, for
+    several, ours launched once per product), then the sweep's settings."""
     rng = np.random.default_rng(M + K + N)
     x = jnp.asarray(rng.standard_normal((M, K)), dtype)
-    w = jnp.asarray(rng.standard_normal((layers, K, N)) / np.sqrt(K), dtype)
-    b = jnp.asarray(rng.standard_normal((layers, N)), dtype)
-    arg_sets = [(x, w, b, jnp.int32(i)) for i in range(layers)]
-    # XLA's GEMM gets each layer's weights as arrays of their own (as an unrolled step's
+    ws = [
+        jnp.asarray(rng.standard_normal((layers, K, N)) / np.sqrt(K), dtype) for _ in range(count)
+    ]
+    bs = [jnp.asarray(rng.standard_normal((layers, N)), dtype) for _ in range(count)]
+    arg_sets = [(x, ws, bs, jnp.int32(i)) for i in range(layers)]
+    # XLA's GEMMs get each layer's weights as arrays of their own (as an unrolled step's
     # static slices are); calls cycle through the layers, so the weights come from memory
-    xla_sets = [(x, jnp.array(w[i]), jnp.array(b[i])) for i in range(layers)]
-    want = linear_ref(x, w[0], b[0], activation=act)
-    nbytes = (K * N + M * K + M * N + N) * jnp.dtype(dtype).itemsize
+    xla_sets = [
+        (x, [jnp.array(w[i]) for w in ws], [jnp.array(b[i]) for b in bs]) for i in range(layers)
+    ]
+    want = linear_ref(x, ws[-1][0], bs[-1][0], activation=act)  # the last product's
+    nbytes = count * (K * N + M * N + N) * jnp.dtype(dtype).itemsize + M * K * 2
 
-    def xla(x, w, b):
-        return dense({"kernel": w, "bias": b}, x, "TD,DF->TF", act)
+    def xla(x, ws, bs):
+        return [
+            dense({"kernel": w, "bias": b}, x, "TD,DF->TF", act)
+            for w, b in zip(ws, bs, strict=True)
+        ]
 
-    rows = [dict(case=f"{name} {M}x{K}x{N}", impl="XLA dense", fn=xla)]
-    configs = [None] + (SWEEP if sweep else [])
-    for cfg in configs:
+    def separate(x, ws, bs, layer):
+        return [linear(x, w, b, layer, activation=act) for w, b in zip(ws, bs, strict=True)]
+
+    case = f"{name} {M}x{K}x{N}"
+    rows = [dict(impl="XLA dense", fn=xla)]
+    if count > 1:
+        rows.append(dict(impl=f"ours, {count} launches", fn=separate))
+    for cfg in [None] + (SWEEP if sweep else []):
         if cfg is None:
-            kw, label = {}, "ours, planned " + "x".join(map(str, plan_blocks(M, K, N)))
-        else:
-            bm, bn, bk, warps, stages = cfg
-            if N % bn or K % bk:
-                continue
-            kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-            label = f"ours m{bm} n{bn} k{bk} w{warps} s{stages}"
-        rows.append(
-            dict(
-                case=rows[0]["case"], impl=label, fn=functools.partial(linear, activation=act, **kw)
+            kw, label = (
+                {},
+                "ours, planned m{}n{}k{} splits {}".format(*plan_blocks(M, K, [N] * count)),
             )
-        )
+        else:
+            bm, bn, bk, warps, stages, splits = cfg
+            if N % bn or K % bk or (K // bk) % splits:
+                continue
+            kw = dict(
+                block_m=bm,
+                block_n=bn,
+                block_k=bk,
+                num_warps=warps,
+                num_stages=stages,
+                num_k_splits=splits,
+            )
+            label = f"ours m{bm} n{bn} k{bk} w{warps} s{stages} splits {splits}"
+        rows.append(dict(impl=label, fn=functools.partial(linear_group, activation=act, **kw)))
     out = []
     for r in rows:
         sets = xla_sets if r["fn"] is xla else arg_sets
         try:
-            y = r["fn"](*sets[0])
+            y = r["fn"](*sets[0])[-1]
             err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - want.astype(jnp.float32))))
             t = measure(r["fn"], sets, iters, reps)
         except Exception as e:  # a sweep's block shape the compiler refuses: say so, go on
-            print(f"{r['case']} {r['impl']}: failed: {str(e)[:300]}", flush=True)
+            print(f"{case} {r['impl']}: failed: {str(e)[:300]}", flush=True)
             continue
-        out.append(dict(case=r["case"], impl=r["impl"], t=t, bytes=nbytes, err=err))
-        print(f"{r['case']} {r['impl']}: {t * 1e6:.1f} us", flush=True)
+        out.append(dict(case=case, impl=r["impl"], t=t, bytes=nbytes, err=err))
+        print(f"{case} {r['impl']}: {t * 1e6:.1f} us", flush=True)
     return out
 
 
@@ -126,11 +152,11 @@ def main(argv):
     bws, device, out_path = bench_context(small, _OUT.value, "linear.md")
     rows = []
     for i, M in enumerate(rows_list):
-        for name, K, N, act in shapes:
+        for name, K, N, act, count in shapes:
             sweep = _SWEEP.value and i == 0 and not small
             # enough layers that the weights outgrow the H100's and H200's 50 MB L2
-            layers = 1 if small else max(2, -(-200_000_000 // (2 * K * N)))
-            rows += run_case(name, M, K, N, act, layers, sweep, iters, reps, dtype)
+            layers = 1 if small else max(2, -(-200_000_000 // (2 * K * N * count)))
+            rows += run_case(name, M, K, N, act, count, layers, sweep, iters, reps, dtype)
             if out_path:  # after every case, so a timeout keeps what was measured
                 with open(out_path, "w") as f:
                     f.write(table(rows, bws, device))

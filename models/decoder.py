@@ -82,36 +82,37 @@ def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
 
 
 def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
-    """fused(name, p, h, layer, activation) -> y, or None: the Pallas linear kernel reading
-    the stacked weights `layers[name]` (`layers["mlp"][name]` for the MLP's) at the layer,
-    where the config asks for it and the weights are plain (not int8) and unsharded.
+    """fused(names, h, layer, activation) -> outputs, or None: the Pallas linear kernel
+    reading the stacked weights `layers[name]` (`layers["mlp"][name]` for the MLP's) at the
+    layer, one launch for every name (they share h: a layer's q, k and v), where the config
+    asks for it and the weights are plain (not int8) and unsharded.
 
-    Every spec of the decoder contracts all of x's axes after T with the weight's leading
-    axes, so x flattens to [T, K], the stacked kernel to [L, K, N] and the bias to [L, N]."""
+    Every spec of the decoder contracts all of h's axes after T with the weight's leading
+    axes, so h flattens to [T, K], each stacked kernel to [L, K, N] and its bias to [L, N]."""
     fused = config.fused_linear
     if fused is None:
         fused = AUTO_FUSED_LINEAR.get(jax.default_backend(), False)
     if not fused or mesh is not None or config.quantization is not None:
         return None
-    from pallas_kernels.linear.kernel import linear as kernel
-    from pallas_kernels.linear.kernel import supports
+    from pallas_kernels.linear.kernel import linear_group, supports
 
-    def fused_linear(name, h, layer, activation):
-        stacked = layers["mlp"][name] if name in ("gate", "up", "down") else layers[name]
-        w = stacked["kernel"]  # [L, *h.shape[1:], *out]
-        out = w.shape[h.ndim :]
-        K, N = h[0].size, math.prod(out)
-        if not supports(K, N, h.dtype):
+    def fused_linear(names, h, layer, activation):
+        stacks = [layers["mlp"][n] if n in ("gate", "up", "down") else layers[n] for n in names]
+        outs = [st["kernel"].shape[h.ndim :] for st in stacks]  # kernels: [L, *h.shape[1:], *out]
+        K, Ns = h[0].size, [math.prod(out) for out in outs]
+        if not all(supports(K, N, h.dtype) for N in Ns):
             return None
-        b = stacked.get("bias")
-        y = kernel(
+        ys = linear_group(
             h.reshape(h.shape[0], K),
-            w.reshape(w.shape[0], K, N),
-            None if b is None else b.reshape(b.shape[0], N),
+            [st["kernel"].reshape(-1, K, N) for st, N in zip(stacks, Ns, strict=True)],
+            [
+                None if "bias" not in st else st["bias"].reshape(-1, N)
+                for st, N in zip(stacks, Ns, strict=True)
+            ],
             layer,
             activation=activation,
         )
-        return y.reshape(h.shape[0], *out)
+        return [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
 
     return fused_linear
 
@@ -227,18 +228,25 @@ def decoder_layers(
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
+        def fused(names, h, activation=None):  # the Pallas kernel's outputs, or None
+            if fused_linear is None or (lora is not None and any(n in lora for n in names)):
+                return None
+            return fused_linear(names, h, layer, activation)
+
         def linear(name, lp, h, spec, activation=None):
             if lora is None or name not in lora:
-                y = None if fused_linear is None else fused_linear(name, h, layer, activation)
-                return dense(lp, h, spec, activation) if y is None else y
+                y = fused((name,), h, activation)
+                return dense(lp, h, spec, activation) if y is None else y[0]
             y = dense(lp, h, spec)
             extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return activate(y + extra.reshape(y.shape), activation)
 
         x, h = add_norm(x, delta, p, "attn_norm", layer)  # [T, D] each
-        q = linear("q", p["q"], h, "TD,DNH->TNH")  # [T, N, H]
-        k = linear("k", p["k"], h, "TD,DKH->TKH")  # [T, K, H]
-        v = linear("v", p["v"], h, "TD,DKH->TKH")  # [T, K, H]
+        # q [T, N, H], k and v [T, K, H]: one kernel launch when fused
+        q, k, v = fused(("q", "k", "v"), h) or [
+            linear(n, p[n], h, spec)
+            for n, spec in (("q", "TD,DNH->TNH"), ("k", "TD,DKH->TKH"), ("v", "TD,DKH->TKH"))
+        ]
         if config.position == "rope":
             q = rope(q, batch.positions, config.rope_theta)
             k = rope(k, batch.positions, config.rope_theta)

@@ -51,23 +51,39 @@ def _linear_calls(cfg, params, batch):
     return calls, dots
 
 
-@pytest.mark.parametrize("name,unroll,per_layer", [("tiny-gpt", None, 6), ("tiny-llama", 2, 7)])
-def test_every_linear_layer_is_one_kernel_over_the_stacked_weights(name, unroll, per_layer):
-    """GPT-2: q, k, v, o, up (GELU fused), down; Llama: q, k, v, o, gate, up, down. Each call
-    takes the whole stacked [L, K, N] kernel and the layer index, and no XLA dot is left in
-    the layer body; the logits are XLA's to rounding (f32)."""
+def _kind(call) -> str:
+    """What a launch fuses, from its name: "linear_bias_x3_m64n16k64" -> "bias_x3",
+    "linear_m64n64k64s4" -> "s4" (biases, activation, products, K splits)."""
+    name = str(call.params["name"]).removeprefix("linear")
+    head, blocks = name.rsplit("_m", 1)
+    split = "s" in blocks and "s" + blocks.split("s")[1]
+    return "_".join(filter(None, [head.removeprefix("_"), split]))
+
+
+@pytest.mark.parametrize(
+    "name,unroll,d_ff,launches",
+    [
+        ("tiny-gpt", None, None, ["bias_x3", "bias", "bias_gelu_tanh", "bias"]),
+        ("tiny-llama", 2, None, ["x3", "", "", "", ""]),  # o, gate, up, down plain
+        # a long K loop (down: K = 2048) split 4 ways: f32 partials summed by XLA
+        ("tiny-gpt", None, 2048, ["bias_x3", "bias", "bias_gelu_tanh", "bias_s4"]),
+    ],
+)
+def test_every_linear_layer_is_one_kernel_over_the_stacked_weights(name, unroll, d_ff, launches):
+    """GPT-2: q, k and v in one launch, then o, up (GELU fused), down; Llama: q/k/v, o,
+    gate, up, down. Each call takes the whole stacked [L, K, N] kernels and the layer index,
+    and no XLA dot is left in the layer body; the logits are XLA's to rounding (f32)."""
     base = get_config(name, layer_unroll=unroll, attention_impl="pallas")  # no jnp attention
+    base = base.replace(d_ff=d_ff or base.d_ff)
     fused = base.replace(fused_linear=True)
     params = _with_random_biases(init_params(base, seed=5), 0)
     batches = mixed_batches(base, np.random.default_rng(3))
     calls, dots = _linear_calls(fused, params, batches[1])
-    assert len(calls) == per_layer and not dots
+    assert not dots
+    assert sorted(map(_kind, calls)) == sorted(launches)
     for call in calls:
         w = call.invars[2].aval
         assert w.ndim == 3 and w.shape[0] == base.n_layers
-    acts = sorted(str(c.params["name"]).split("_m")[0] for c in calls)
-    if name == "tiny-gpt":  # every GPT-2 linear has a bias; only the up projection a GELU
-        assert acts == ["linear_bias"] * 5 + ["linear_bias_gelu_tanh"]
     want, _ = _two_steps(base, params, batches)
     got, _ = _two_steps(fused, params, batches)
     for g, w in zip(got, want, strict=True):
@@ -83,4 +99,4 @@ def test_what_falls_back_to_xla():
     assert not calls and len(dots) == 6
     odd = cfg.replace(d_ff=72)  # up's N and down's K are 72
     calls, dots = _linear_calls(odd, init_params(odd), batch)
-    assert len(calls) == 4 and len(dots) == 2
+    assert sorted(map(_kind, calls)) == ["bias", "bias_x3"] and len(dots) == 2

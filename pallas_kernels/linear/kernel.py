@@ -18,6 +18,7 @@ chunks; rows past M are masked. K must be a multiple of `block_k` and N of `bloc
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,124 +40,218 @@ def supports(k: int, n: int, dtype) -> bool:
     return k % 16 == 0 and n % 16 == 0 and jnp.dtype(dtype) in map(jnp.dtype, _DTYPES)
 
 
-def plan_blocks(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """(block_m, block_n, block_k) for an [m, k] @ [k, n] product: row blocks of up to 64,
-    K chunks of 64 where they divide K, and columns 16 at a time up to 128 rows (the
-    fastest of the H200 sweep at 128 rows for each of gpt2's three shapes, with 5 stages:
-    RESULTS.md), else the widest column block that still gives `TARGET_PROGRAMS` programs."""
+def plan_blocks(m: int, k: int, n: int | Sequence[int]) -> tuple[int, int, int, int]:
+    """(block_m, block_n, block_k, num_k_splits) for [m, k] @ [k, n] (or several products
+    sharing x, of widths `n`): row blocks of up to 64 and K chunks of 64 where they divide K.
+
+    Up to 128 rows, columns 16 at a time: the fastest of the H200 sweep at 128 rows for
+    each of gpt2's three shapes (with 5 stages; RESULTS.md). Even so, a long K loop (gpt2's
+    down projection, K = 3072: 48 chunks a program) took 11.6 us against XLA's 7.8, so
+    from 2048 on K is split 4 ways over 64-column programs (not yet measured: the sweep in
+    bench_linear.py times it beside the rest). More rows: the widest column block dividing
+    every width that still gives `TARGET_PROGRAMS` programs."""
+    ns = (n,) if isinstance(n, int) else tuple(n)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_k = next(b for b in (64, 32, 16) if k % b == 0)
     row_blocks = -(-m // block_m)
+    if m <= 128:
+        split = k >= 2048 and (k // block_k) % 4 == 0 and not any(w % 64 for w in ns)
+        return (block_m, 64, block_k, 4) if split else (block_m, 16, block_k, 1)
     block_n = 16
-    for cand in (128, 64, 32) if m > 128 else ():
-        if n % cand == 0 and row_blocks * (n // cand) >= TARGET_PROGRAMS:
+    for cand in (128, 64, 32):
+        if not any(w % cand for w in ns) and row_blocks * (sum(ns) // cand) >= TARGET_PROGRAMS:
             block_n = cand
             break
-    return block_m, block_n, block_k
+    return block_m, block_n, block_k, 1
 
 
-def _kernel(layer_ref, x_ref, w_ref, *refs, block_m, block_n, block_k, activation, precision):
-    b_ref = refs[0] if len(refs) == 2 else None
-    y_ref = refs[-1]
+def _kernel(
+    layer_ref,
+    x_ref,
+    *refs,
+    widths,
+    has_bias,
+    block_m,
+    block_n,
+    block_k,
+    splits,
+    activation,
+    precision,
+):
+    """Program (i, j, s): rows i, column block j of the concatenated outputs (so of one
+    product), K range s; stores activation(x @ w + b) or, split, the f32 partial sum."""
+    n = len(widths)
+    w_refs = refs[:n]
+    b_refs = iter(refs[n : len(refs) - n])
+    b_refs = [next(b_refs) if has else None for has in has_bias]
+    y_refs = refs[len(refs) - n :]
     M, K = x_ref.shape
     layer = layer_ref[0]
+    j, s = pl.program_id(1), pl.program_id(2)
     row = pl.program_id(0) * block_m + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-    col = pl.program_id(1) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
     x_ok = jnp.broadcast_to(row < M, (block_m, block_k))
     x_row = jnp.minimum(row, M - 1)  # [BM, 1]
     kx = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)  # K offsets along x's columns
     kw = lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)  # and along w's rows
-
-    def chunk(c, acc):
-        k0 = c * block_k
-        x = plgpu.load(x_ref.at[x_row, k0 + kx], mask=x_ok, other=0)  # [BM, BK]
-        w = plgpu.load(w_ref.at[layer, k0 + kw, col])  # [BK, BN]
-        return acc + lax.dot_general(
-            x, w, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )
-
-    acc = lax.fori_loop(0, K // block_k, chunk, jnp.zeros((block_m, block_n), jnp.float32))
-    if b_ref is not None:
-        acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
-    y = activate(acc, activation).astype(y_ref.dtype)
+    chunks = K // block_k // splits  # per program
     ok = jnp.broadcast_to(row < M, (block_m, block_n))
-    # masked-off rows point past the end, so even interpret mode drops them
-    plgpu.store(y_ref.at[jnp.where(row < M, row, M), col], y, mask=ok)
+    out_row = jnp.where(row < M, row, M)  # masked-off rows point past the end (interpret)
+
+    first = 0  # the first column block of product p
+    for w_ref, b_ref, y_ref, width in zip(w_refs, b_refs, y_refs, widths, strict=True):
+        last = first + width // block_n
+
+        @pl.when((j >= first) & (j < last))
+        def _(w_ref=w_ref, b_ref=b_ref, y_ref=y_ref, first=first):
+            col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+
+            def chunk(c, acc):
+                k0 = c * block_k
+                x = plgpu.load(x_ref.at[x_row, k0 + kx], mask=x_ok, other=0)  # [BM, BK]
+                w = plgpu.load(w_ref.at[layer, k0 + kw, col])  # [BK, BN]
+                return acc + lax.dot_general(
+                    x,
+                    w,
+                    (((1,), (0,)), ((), ())),
+                    precision=precision,
+                    preferred_element_type=jnp.float32,
+                )
+
+            zero = jnp.zeros((block_m, block_n), jnp.float32)
+            acc = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, zero)
+            if splits > 1:  # the caller sums the partials and applies the epilogue
+                plgpu.store(y_ref.at[s, out_row, col], acc, mask=ok)
+                return
+            if b_ref is not None:
+                acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
+            plgpu.store(
+                y_ref.at[out_row, col], activate(acc, activation).astype(y_ref.dtype), mask=ok
+            )
+
+        first = last
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "activation",
-        "block_m",
-        "block_n",
-        "block_k",
-        "num_warps",
-        "num_stages",
-        "interpret",
-    ),
+_STATIC = (
+    "activation",
+    "block_m",
+    "block_n",
+    "block_k",
+    "num_k_splits",
+    "num_warps",
+    "num_stages",
+    "interpret",
 )
-def linear(
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def linear_group(
     x: jax.Array,  # [M, K]
-    w: jax.Array,  # [K, N], or [L, K, N] with `layer`
-    b: jax.Array | None,  # [N] or [L, N] (as w), or None
+    ws: Sequence[jax.Array],  # each [K, N_i], or [L, K, N_i] with `layer`
+    bs: Sequence[jax.Array | None],  # each [N_i] or [L, N_i] (as its w), or None
     layer: jax.Array | int = 0,  # i32[]: which of the stacked weights
     *,
     activation: str | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    num_k_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 5,
     interpret: bool | None = None,
-) -> jax.Array:  # [M, N] in x's dtype
-    """`reference.linear_ref(x, w[layer], b[layer], activation=...)` in one kernel. Blocks
-    left None come from `plan_blocks`.
+) -> tuple[jax.Array, ...]:  # each [M, N_i] in x's dtype
+    """`linear_ref(x, ws[i][layer], bs[i][layer], activation=...)` for every i, in one
+    launch (the products share x: a layer's q, k and v). Blocks and splits left None come
+    from `plan_blocks`; `block_n` must divide every N_i.
 
-    A decoder scanning stacked layers passes the whole stacked weights and the layer index:
-    a layer's weights sliced out beforehand would be copied before the call."""
-    if x.ndim != 2 or w.ndim not in (2, 3) or w.shape[-2] != x.shape[1] or w.dtype != x.dtype:
+    `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
+    partial sums; their sum, the bias and the activation then run as XLA ops after the
+    call (which XLA fuses into whatever consumes the result)."""
+    if not ws or len(ws) != len(bs):
+        raise ValueError(f"want one bias (or None) per weight; got {len(ws)} and {len(bs)}")
+    if x.ndim != 2 or any(
+        w.ndim not in (2, 3) or w.shape[-2] != x.shape[1] or w.dtype != x.dtype for w in ws
+    ):
         raise ValueError(
-            f"want x [M, K] and w [K, N] or [L, K, N] of x's dtype; got x {x.shape} {x.dtype}, "
-            f"w {w.shape} {w.dtype}"
+            f"want x [M, K] and each w [K, N] or [L, K, N] of x's dtype; got x {x.shape} "
+            f"{x.dtype}, w {[(w.shape, str(w.dtype)) for w in ws]}"
         )
+    if len({w.shape[:-2] for w in ws}) != 1:
+        raise ValueError(f"weights must be stacked alike; got {[w.shape for w in ws]}")
     M, K = x.shape
-    N = w.shape[-1]
-    if b is not None and (b.shape != (*w.shape[:-2], N)):
-        raise ValueError(f"b must be {[*w.shape[:-2], N]} (as w); got {list(b.shape)}")
+    widths = tuple(w.shape[-1] for w in ws)
+    for w, b in zip(ws, bs, strict=True):
+        if b is not None and b.shape != (*w.shape[:-2], w.shape[-1]):
+            raise ValueError(
+                f"b must be {[*w.shape[:-2], w.shape[-1]]} (as w); got {list(b.shape)}"
+            )
     if jnp.dtype(x.dtype) not in map(jnp.dtype, _DTYPES):
         raise ValueError(f"dtype must be f32, bf16 or f16; got {x.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    planned = plan_blocks(M, K, N)
+    planned = plan_blocks(M, K, widths)
     block_m = block_m or planned[0]
     block_n = block_n or planned[1]
     block_k = block_k or planned[2]
-    for name, blk, dim in (("block_n", block_n, N), ("block_k", block_k, K)):
-        if blk < 16 or blk & (blk - 1) or dim % blk:
-            raise ValueError(f"{name}={blk} must be a power of two >= 16 dividing {dim}")
+    for name, blk, dims in (("block_n", block_n, widths), ("block_k", block_k, (K,))):
+        if blk < 16 or blk & (blk - 1) or any(d % blk for d in dims):
+            raise ValueError(
+                f"{name}={blk} must be a power of two >= 16 dividing {' and '.join(map(str, dims))}"
+            )
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two >= 16")
-    w = w.reshape(-1, K, N)  # [L, K, N]
-    b = None if b is None else b.reshape(-1, N)  # [L, N]
+    S = num_k_splits or planned[3]
+    if S < 1 or (K // block_k) % S:
+        raise ValueError(f"num_k_splits={S} must divide the {K // block_k} chunks of K")
+    ws = [w.reshape(-1, K, n) for w, n in zip(ws, widths, strict=True)]  # [L, K, N_i]
+    biases = [b.reshape(-1, n) for b, n in zip(bs, widths, strict=True) if b is not None]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    inputs = (layer, x, w) if b is None else (layer, x, w, b)
+    out_dtype, lead = (jnp.float32, (S,)) if S > 1 else (x.dtype, ())
     kernel = functools.partial(
         _kernel,
+        widths=widths,
+        has_bias=tuple(b is not None for b in bs),
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
+        splits=S,
         activation=activation,
         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
     )
-    return pl.pallas_call(
+    name = "linear" + "_bias" * any(b is not None for b in bs)
+    name += f"_{activation}" if activation else ""
+    name += f"_x{len(ws)}" if len(ws) > 1 else ""
+    name += f"_m{block_m}n{block_n}k{block_k}" + (f"s{S}" if S > 1 else "")
+    ys = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(M, block_m), N // block_n),
-        out_shape=jax.ShapeDtypeStruct((M, N), x.dtype),
+        grid=(pl.cdiv(M, block_m), sum(widths) // block_n, S),
+        out_shape=[jax.ShapeDtypeStruct((*lead, M, n), out_dtype) for n in widths],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"linear{'_bias' * (b is not None)}{'_' + activation if activation else ''}"
-        f"_m{block_m}n{block_n}k{block_k}",
-    )(*inputs)
+        name=name,
+    )(layer, x, *ws, *biases)
+    if S == 1:
+        return tuple(ys)
+    out = []
+    for y, b in zip(ys, bs, strict=True):
+        y = y.sum(0)  # [M, N_i] f32
+        if b is not None:
+            y = y + jnp.take(b.reshape(-1, y.shape[1]), layer[0], axis=0).astype(jnp.float32)
+        out.append(activate(y, activation).astype(x.dtype))
+    return tuple(out)
+
+
+def linear(
+    x: jax.Array,  # [M, K]
+    w: jax.Array,  # [K, N], or [L, K, N] with `layer`
+    b: jax.Array | None,  # [N] or [L, N] (as w), or None
+    layer: jax.Array | int = 0,  # i32[]: which of the stacked weights
+    **kw,
+) -> jax.Array:  # [M, N] in x's dtype
+    """`reference.linear_ref(x, w[layer], b[layer], activation=...)` in one kernel
+    (`linear_group` of one product; the same keywords).
+
+    A decoder scanning stacked layers passes the whole stacked weights and the layer index:
+    a layer's weights sliced out beforehand would be copied before the call."""
+    return linear_group(x, (w,), (b,), layer, **kw)[0]

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear.kernel import TARGET_PROGRAMS, linear, plan_blocks, supports
+from pallas_kernels.linear.kernel import (
+    TARGET_PROGRAMS,
+    linear,
+    linear_group,
+    plan_blocks,
+    supports,
+)
 from pallas_kernels.linear.reference import linear_ref
 from tests.kernels.test_ragged_paged_attention import _triton_calls
 
@@ -53,6 +59,43 @@ def test_matches_reference(M, K, N, blocks, activation, dtype):
         _check(y, linear_ref(x, w[layer], b[layer], activation=activation), dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+def test_group_of_products_sharing_x(dtype):
+    """A layer's q, k and v in one launch: widths 64, 32, 32 (GQA), the middle one without
+    a bias; each output is its own product's, for every layer of the stack."""
+    rng = np.random.default_rng(7)
+    M, K, L = 40, 96, 3
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    ws = [jnp.asarray(rng.standard_normal((L, K, n)) / np.sqrt(K), dtype) for n in (64, 32, 32)]
+    bs = [jnp.asarray(rng.standard_normal((L, n)), dtype) for n in (64, 32, 32)]
+    bs[1] = None
+    f = jax.jit(functools.partial(linear_group, block_n=16))
+    for layer in range(L):
+        ys = f(x, ws, bs, jnp.int32(layer))
+        assert [y.shape for y in ys] == [(M, 64), (M, 32), (M, 32)]
+        for y, w, b in zip(ys, ws, bs, strict=True):
+            want = linear_ref(x, w[layer], None if b is None else b[layer])
+            _check(y, want, dtype)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"], ids=str)
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_k(splits, activation):
+    """K's loop split over programs: their f32 partials summed, then bias and activation;
+    rows that fill no block, a group of two products, every layer."""
+    rng = np.random.default_rng(splits)
+    M, K, L = 21, 256, 2
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((L, K, n)) / 16, jnp.float32) for n in (48, 16)]
+    bs = [jnp.asarray(rng.standard_normal((L, n)), jnp.float32) for n in (48, 16)]
+    kw = dict(activation=activation, num_k_splits=splits, block_k=32)
+    f = jax.jit(functools.partial(linear_group, **kw))
+    for layer in range(L):
+        for y, w, b in zip(f(x, ws, bs, jnp.int32(layer)), ws, bs, strict=True):
+            assert y.dtype == jnp.float32
+            _check(y, linear_ref(x, w[layer], b[layer], activation=activation), jnp.float32)
+
+
 def test_no_bias_and_unstacked_weights():
     x, w, _ = _inputs(0, 24, 64, 32, 1, jnp.float32, bias=False)
     _check(linear(x, w[0], None), linear_ref(x, w[0], None), jnp.float32)
@@ -68,17 +111,21 @@ def test_activation_is_applied_to_the_biased_f32_sum():
 
 def test_plan_blocks():
     # up to 128 rows: 16 columns a program (the H200 sweep's fastest at 128 rows)
-    assert plan_blocks(128, 768, 3072) == (64, 16, 64)  # 2 x 192 programs
-    assert plan_blocks(128, 3072, 768) == (64, 16, 64)  # 2 x 48
-    assert plan_blocks(16, 768, 768) == (16, 16, 64)
-    assert plan_blocks(128, 576, 192) == (64, 16, 64)
+    assert plan_blocks(128, 768, 3072) == (64, 16, 64, 1)  # 2 x 192 programs
+    assert plan_blocks(16, 768, 768) == (16, 16, 64, 1)
+    assert plan_blocks(128, 576, 192) == (64, 16, 64, 1)
+    assert plan_blocks(128, 768, [768, 768, 768]) == (64, 16, 64, 1)  # q, k, v at once
     assert plan_blocks(128, 48, 16)[2] == 16
+    # a long K loop is split 4 ways over 64-column programs (2 x 12 x 4 for gpt2's down)
+    assert plan_blocks(128, 3072, 768) == (64, 64, 64, 4)
+    assert plan_blocks(128, 3072, 96) == (64, 16, 64, 1)  # unless 64 columns do not divide N
     # more rows: column blocks narrow until the launch has TARGET_PROGRAMS programs
     assert plan_blocks(512, 768, 3072)[1] == 128  # 8 x 24 programs of 128 columns
-    assert plan_blocks(256, 768, 768) == (64, 32, 64)  # 4 x 24
+    assert plan_blocks(256, 768, 768) == (64, 32, 64, 1)  # 4 x 24
+    assert plan_blocks(256, 768, [768, 256, 256])[1] == 32  # 4 x 40 (64 columns: 4 x 20)
     for m, k, n in [(128, 768, 3072), (512, 768, 3072), (1024, 768, 768)]:
-        bm, bn, bk = plan_blocks(m, k, n)
-        assert n % bn == 0 and k % bk == 0
+        bm, bn, bk, splits = plan_blocks(m, k, n)
+        assert n % bn == 0 and k % bk == 0 and splits == 1
         if bn > 16:
             assert -(-m // bm) * (n // bn) >= TARGET_PROGRAMS
 
@@ -101,6 +148,14 @@ def test_supports_and_checks():
         linear(x, jnp.zeros((64, 16)), None, block_k=24)
     with pytest.raises(ValueError, match="block_m=8"):
         linear(x, jnp.zeros((64, 16)), None, block_m=8)
+    with pytest.raises(ValueError, match="num_k_splits=3 must divide the 4 chunks"):
+        linear(x, jnp.zeros((64, 16)), None, num_k_splits=3, block_k=16)
+    with pytest.raises(ValueError, match="one bias"):
+        linear_group(x, (jnp.zeros((64, 16)),), ())
+    with pytest.raises(ValueError, match="stacked alike"):
+        linear_group(x, (jnp.zeros((64, 16)), jnp.zeros((2, 64, 16))), (None, None))
+    with pytest.raises(ValueError, match="dividing 32 and 16"):
+        linear_group(x, (jnp.zeros((64, 32)), jnp.zeros((64, 16))), (None, None), block_n=32)
 
 
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
@@ -128,3 +183,32 @@ def test_lowers_to_triton_for_h100(activation):
         text = str(module)
     assert text.count("tt.dot ") == 1 and text.count("tt.store ") == 1, text
     assert ("tanh" in text) == (activation == "gelu_tanh")
+
+
+def test_group_and_split_k_lower_to_triton_for_h100():
+    """gpt2's q, k, v as one launch (3 x 48 column blocks of 16, one dot per product behind
+    its branch) and its down projection split 4 ways (f32 partials, a [4, M, N] output)."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    x, w, b = (
+        sds((128, 768), jnp.bfloat16),
+        sds((12, 768, 768), jnp.bfloat16),
+        sds((12, 768), jnp.bfloat16),
+    )
+    layer = sds((), jnp.int32)
+    fn = functools.partial(linear_group, interpret=False)
+    ((_, launch, triton_ir),) = _triton_calls(
+        lambda *a: fn(a[0], a[1:4], a[4:7], a[7]), (x, w, w, w, b, b, b, layer)
+    )
+    assert launch == dict(grid_x=2, grid_y=144, grid_z=1, num_warps=4, num_stages=5)
+    with triton_lowering._new_ir_context():
+        module = ir.Module.parse(triton_ir)
+        assert module.operation.verify()
+        assert str(module).count("tt.dot ") == 3
+    down = sds((12, 3072, 768), jnp.bfloat16)
+    fn = functools.partial(linear, num_k_splits=4, block_n=64, interpret=False)
+    ((op, launch, _),) = _triton_calls(fn, (sds((128, 3072), jnp.bfloat16), down, b, layer))
+    assert launch == dict(grid_x=2, grid_y=12, grid_z=4, num_warps=4, num_stages=5)
+    assert "tensor<4x128x768xf32>" in op
