@@ -43,18 +43,11 @@ SMALL = [("q+k+v", 64, 64, None, 3), ("up", 64, 256, "gelu_tanh", 1), ("down", 2
 # (block_m, block_n, block_k, num_warps, num_stages, num_k_splits) tried beside the plan:
 # around the best of the last sweep (m64 n16 k64, 5 stages), then K split over programs
 SWEEP = [
-    (64, 16, 64, 4, 5, 1),
-    (64, 16, 128, 4, 5, 1),
-    (64, 16, 128, 4, 4, 1),
-    (64, 32, 64, 4, 5, 1),
-    (64, 32, 128, 4, 5, 1),
-    (64, 16, 64, 4, 6, 1),
-    (64, 16, 64, 4, 5, 4),
-    (64, 32, 64, 4, 5, 4),
-    (64, 64, 64, 4, 5, 2),
-    (64, 64, 64, 4, 5, 4),
-    (64, 64, 64, 4, 5, 8),
-    (64, 128, 64, 4, 5, 8),
+    # block_n, block_k, stages: the last sweep's best, wider K chunks, more stages
+    *((64, n, k, 4, st, 1) for n, k, st in [(16, 64, 5), (16, 128, 5), (16, 128, 4)]),
+    *((64, n, k, 4, st, 1) for n, k, st in [(32, 64, 5), (32, 128, 5), (16, 64, 6)]),
+    # block_n, K splits
+    *((64, n, 64, 4, 5, sp) for n, sp in [(16, 4), (32, 4), (64, 2), (64, 4), (64, 8), (128, 8)]),
     (128, 64, 64, 8, 5, 4),
 ]
 
