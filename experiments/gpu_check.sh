@@ -7,17 +7,17 @@
 # under $OUT as it goes; the summary is printed last.
 #   0. the copy bandwidth every floor uses (experiments/bandwidth.py), and torch's
 #      device-to-device copy beside it as an outside check
-#   1. attention: our kernel checked against the jnp reference on the GPU, then timed (the
-#      profiler's kernel times) against the shipped paged_attention and the copy bandwidth,
-#      with a tuning sweep (attention.md)
-#   2. one linear layer at gpt2's shapes: XLA's GEMM and epilogue against the fused Pallas
+#   1. one linear layer at gpt2's shapes: XLA's GEMM and epilogue against the fused Pallas
 #      kernel, planned blocks and a sweep (bench_linear.py, linear.md); then the whole gpt2
-#      bf16 step, 128 decodes x 512, against its floor: layers scanned (and smaller buckets);
-#      then the floor case alone, unrolled and scanned, under each option that cuts kernels
-#      per layer (fused_linear, fused_add_norm, the attention kernel's: K/V written behind
-#      scatters, one launch, split-K); then where the device time goes (profile_step.py)
-#   3. the kernel tests on the GPU (Triton, not interpret; TEST_FLAGS picks), and the
+#      bf16 step, 128 decodes x 512, the floor case alone against its floor, unrolled and
+#      scanned, under each option that cuts kernels per layer (fused_linear, fused_add_norm,
+#      the attention kernel's: K/V written behind scatters, one launch, split-K); then where
+#      the device time goes (profile_step.py)
+#   2. the kernel tests on the GPU (Triton, not interpret; TEST_FLAGS picks), and the
 #      step's cache in place with the kernel writing K/V (the GPU-only cases)
+#   3. attention: our kernel checked against the jnp reference on the GPU, then timed (the
+#      profiler's kernel times) against the shipped paged_attention and the copy bandwidth,
+#      with a tuning sweep (attention.md); the whole step at buckets 16, 128, 512
 #   4. the step under XLA settings: GEMMs through cuBLAS instead of Triton (per-layer GEMMs
 #      at 128 rows take 4-6 us, several times their bytes), command buffers off (is the
 #      unrolled step's extra host latency theirs?), and scanned layers with cuBLAS reading
@@ -89,7 +89,6 @@ for _ in range(12):
     a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) / 1e3)
 t = sorted(ts[2:])[len(ts[2:]) // 2]
 print(f'torch copy_: {2 * x.numel() / t / 1e9:.0f} GB/s read+write (median of 10, 2 GiB)')"
-stage attention 240 "$PY" experiments/bench_attention.py --out "$OUT/attention.md" ${BENCH_FLAGS:-}
 stage linear 120 "$PY" experiments/bench_linear.py --out "$OUT/linear.md" ${LINEAR_FLAGS:-}
 step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), floor case first
   local name=$1 max=$2
@@ -97,7 +96,6 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
   stage "$name" "$max" "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
     --iters=20 --floor_case --floor_first --out "$OUT/$name.md" "$@" ${STEP_FLAGS:-}
 }
-step step_pallas 100 --attention_impl=pallas --buckets=16,128,512
 # The 1.4x goal: the floor case alone under each option that cuts kernels per layer, layers
 # unrolled and scanned: each linear layer with its bias and activation as one Pallas kernel
 # over the stacked weights (--fused_linear); the residual add and its norm as one kernel
@@ -126,6 +124,10 @@ stage attention_tests 100 "$PY" -m pytest tests/test_cache_in_place.py \
   tests/kernels/test_ragged_paged_attention.py tests/kernels/test_add_norm.py \
   -q -p no:cacheprovider -W ignore::DeprecationWarning \
   ${TEST_FLAGS:--k "never_copies or matches_reference or bfloat16 or mixed or add_norm"}
+# The kernel issue's attention figures (recorded for the H200 on 2026-12-04), then the step
+# at smaller buckets
+stage attention 240 "$PY" experiments/bench_attention.py --out "$OUT/attention.md" ${BENCH_FLAGS:-}
+step step_pallas 100 --attention_impl=pallas --buckets=16,128,512
 # XLA settings (floor case): GEMMs through cuBLAS, unrolled; command buffers off, unrolled;
 # scanned with cuBLAS GEMMs reading each layer's weights in place (dynamic-slice fusion)
 # instead of Triton GEMMs behind a copy of the slice (290 us a step on the H200)
