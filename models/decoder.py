@@ -42,21 +42,22 @@ AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
 AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
 
 
+def _or_backend_default(value, defaults: dict, fallback):
+    """A config field's value, or where it is None this backend's entry of `defaults`."""
+    return defaults.get(jax.default_backend(), fallback) if value is None else value
+
+
 def layer_unroll(config: ModelConfig) -> int:
     """Layers per iteration of the scan over layers: the config's, or the backend's default."""
-    if config.layer_unroll is not None:
-        return config.layer_unroll
-    auto = AUTO_LAYER_UNROLL.get(jax.default_backend(), 1)
-    return config.n_layers if auto == "all" else auto
+    unroll = _or_backend_default(config.layer_unroll, AUTO_LAYER_UNROLL, 1)
+    return config.n_layers if unroll == "all" else unroll
 
 
 def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
     """add_norm(x, delta, p, name, layer) -> (x + delta, the norm `name` of it): XLA's ops on
     the layer's params `p[name]`, or one kernel reading row `layer` of the stacked
     `layers[name]` (a row sliced out first would cost a copy kernel, as a kernel operand)."""
-    fused = config.fused_add_norm
-    if fused is None:
-        fused = AUTO_FUSED_ADD_NORM.get(jax.default_backend(), False)
+    fused = _or_backend_default(config.fused_add_norm, AUTO_FUSED_ADD_NORM, False)
     if not fused or mesh is not None:  # (sharded: XLA partitions its own ops)
 
         def add_norm(x, delta, p, name, layer):
@@ -89,9 +90,7 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
 
     Every spec of the decoder contracts all of h's axes after T with the weight's leading
     axes, so h flattens to [T, K], each stacked kernel to [L, K, N] and its bias to [L, N]."""
-    fused = config.fused_linear
-    if fused is None:
-        fused = AUTO_FUSED_LINEAR.get(jax.default_backend(), False)
+    fused = _or_backend_default(config.fused_linear, AUTO_FUSED_LINEAR, False)
     if not fused or mesh is not None or config.quantization is not None:
         return None
     from pallas_kernels.linear.kernel import linear_group, supports

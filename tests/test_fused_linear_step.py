@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 from parallel_utils import NUM_PAGES, PAGE, mixed_batches
-from test_step_attention_plan import _two_steps
+from test_step_attention_plan import _two_steps, _walk
 
 from models import get_config, init_kv_cache, init_params
 from models.decoder import forward
@@ -24,24 +24,11 @@ def _with_random_biases(params, seed):
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
-def _walk(eqns):
-    """Equations, and those of the jaxprs nested in them, but not inside Pallas kernels."""
-    for eqn in eqns:
-        yield eqn
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _walk(inner.eqns)
-
-
 def _linear_calls(cfg, params, batch):
     cache = init_kv_cache(cfg, NUM_PAGES, PAGE)
     closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batch, cfg)
     (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
-    body = list(_walk(scan.params["jaxpr"].jaxpr.eqns))
+    body = list(_walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False))
     calls = [
         e
         for e in body

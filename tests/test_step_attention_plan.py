@@ -58,15 +58,18 @@ def test_fused_kv_write_step_matches_scatter_step(name, kv_cache_dtype, unroll):
     assert "scatter" not in jaxpr and "_write" in jaxpr
 
 
-def _walk(eqns):
-    """Equations, and those of the jaxprs nested in them (scan bodies, pjit, branches)."""
+def _walk(eqns, into_kernels: bool = True):
+    """Equations, and those of the jaxprs nested in them (scan bodies, pjit, branches; and
+    Pallas kernels' bodies unless not `into_kernels`)."""
     for eqn in eqns:
         yield eqn
+        if eqn.primitive.name == "pallas_call" and not into_kernels:
+            continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr, or a Jaxpr
                 if hasattr(inner, "eqns"):
-                    yield from _walk(inner.eqns)
+                    yield from _walk(inner.eqns, into_kernels)
 
 
 @pytest.mark.parametrize("one_launch", [False, True])

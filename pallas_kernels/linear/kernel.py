@@ -117,13 +117,11 @@ def _kernel(
                 )
 
             zero = jnp.zeros((block_m, block_n), jnp.float32)
-            if splits == 1:  # static bounds, as the loop the H200 sweep measured
-                acc = lax.fori_loop(0, chunks, chunk, zero)
-            else:
-                acc = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, zero)
             if splits > 1:  # the caller sums the partials and applies the epilogue
+                acc = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, zero)
                 plgpu.store(y_ref.at[s, out_row, col], acc, mask=ok)
                 return
+            acc = lax.fori_loop(0, chunks, chunk, zero)  # static bounds, as the H200 measured
             if b_ref is not None:
                 acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
             plgpu.store(
@@ -209,7 +207,7 @@ def linear_group(
     if S < 1 or (K // block_k) % S:
         raise ValueError(f"num_k_splits={S} must divide the {K // block_k} chunks of K")
     ws = [w.reshape(-1, K, n) for w, n in zip(ws, widths, strict=True)]  # [L, K, N_i]
-    biases = [b.reshape(-1, n) for b, n in zip(bs, widths, strict=True) if b is not None]
+    bs = [None if b is None else b.reshape(-1, n) for b, n in zip(bs, widths, strict=True)]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -236,14 +234,14 @@ def linear_group(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
-    )(layer, x, *ws, *biases)
+    )(layer, x, *ws, *(b for b in bs if b is not None))
     if S == 1:
         return tuple(ys)
     out = []
     for y, b in zip(ys, bs, strict=True):
         y = y.sum(0)  # [M, N_i] f32
-        if b is not None:
-            y = y + jnp.take(b.reshape(-1, y.shape[1]), layer[0], axis=0).astype(jnp.float32)
+        if b is not None:  # [L, N_i]
+            y = y + b[layer[0]].astype(jnp.float32)
         out.append(activate(y, activation).astype(x.dtype))
     return tuple(out)
 
