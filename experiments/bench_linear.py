@@ -6,7 +6,11 @@
 Each case is one linear layer of the decoder at M rows (or q, k and v, three products of
 the same x): XLA's `dense` (einsum, bias add, GELU where the layer has one) on one layer's
 weights, against `pallas_kernels/linear` on the stacked weights at a layer index, in one
-launch with its planned blocks, then a sweep of other blocks and K splits.
+launch with its planned blocks, then a sweep of other blocks and K splits. Then a layer's
+whole chain of linear work (`--chain`): norm, q/k/v, o and the residual add, norm, up with
+GELU, down and the residual add (q standing in for the attention's output), as XLA's ops,
+as our kernels beside XLA's norms and adds, and as the decoder's fused path: four launches,
+the norms and residual adds in the kernels.
 Time: device time per call (the profiler's kernel durations on a GPU, every kernel the call
 launches); x floor: time / (bytes of weights + x + y / copy bandwidth).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
@@ -22,6 +27,7 @@ from bandwidth import describe
 from kernel_timing import bench_context, measure
 
 from models.layers import dense
+from pallas_kernels.add_norm.reference import norm_ref
 from pallas_kernels.linear.kernel import linear, linear_group, plan_blocks
 from pallas_kernels.linear.reference import linear_ref
 
@@ -31,6 +37,7 @@ _SWEEP = flags.DEFINE_bool("sweep", True, "Also time other block shapes at the f
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed samples per measurement.")
 _REPS = flags.DEFINE_integer("reps", 10, "Calls per timed sample.")
 _OUT = flags.DEFINE_string("out", None, "Markdown output (default $OUT/linear.md).")
+_CHAIN = flags.DEFINE_bool("chain", True, "Also time a layer's chain of linear work.")
 
 # (name, K, N, activation, products sharing x): gpt2's q, k and v (one launch), o, up, down
 GPT2 = [
@@ -118,6 +125,67 @@ def run_case(name, M, K, N, act, count, layers, sweep, iters, reps, dtype):
     return out
 
 
+def _row(a, i):
+    return a[i]
+
+
+def run_chain(M, D, F, layers, iters, reps, dtype):
+    """A gpt2 layer's linear work at M rows (no attention: q stands in for its output):
+    XLA's ops; our linear kernel with XLA's norms and residual adds; our kernel with the
+    norms and adds in it (the decoder's fused path: 4 launches)."""
+    rng = np.random.default_rng(M + D)
+    r = lambda *shape, s=1.0: jnp.asarray(s * rng.standard_normal(shape), dtype)  # noqa: E731
+    shapes = dict(q=(D, D), k=(D, D), v=(D, D), o=(D, D), up=(D, F), down=(F, D))
+    w = {n: r(layers, *kn, s=kn[0] ** -0.5) for n, kn in shapes.items()}
+    b = {n: r(layers, kn[1]) for n, kn in shapes.items()}
+    ln = {n: (1 + 0.1 * r(layers, D), r(layers, D)) for n in ("ln1", "ln2")}  # scale, bias
+    x = r(M, D, s=3.0)
+
+    def xla(x, w, b, ln):  # one layer's arrays (an unrolled step's static slices)
+        d = lambda n, h, act=None: dense({"kernel": w[n], "bias": b[n]}, h, "TD,DF->TF", act)  # noqa: E731
+        h = norm_ref(x, *ln["ln1"], eps=1e-5, layernorm=True)
+        q, k, v = d("q", h), d("k", h), d("v", h)
+        x = x + d("o", q)
+        h = norm_ref(x, *ln["ln2"], eps=1e-5, layernorm=True)
+        return x + d("down", d("up", h, "gelu_tanh")), k, v  # k, v: not dead code
+
+    def kernels(x, w, b, ln, i):  # our linear kernel, XLA's norms and residual adds
+        h = norm_ref(x, *(a[i] for a in ln["ln1"]), eps=1e-5, layernorm=True)
+        q, k, v = linear_group(h, [w[n] for n in "qkv"], [b[n] for n in "qkv"], i)
+        x = x + linear(q, w["o"], b["o"], i)
+        h = norm_ref(x, *(a[i] for a in ln["ln2"]), eps=1e-5, layernorm=True)
+        h = linear(h, w["up"], b["up"], i, activation="gelu_tanh")
+        return x + linear(h, w["down"], b["down"], i), k, v
+
+    def fused(x, w, b, ln, i):  # the norms and residual adds in the kernels
+        n1, n2 = ({"norm_scale": s, "norm_bias": t} for s, t in (ln["ln1"], ln["ln2"]))
+        qkv = [w[n] for n in "qkv"], [b[n] for n in "qkv"]
+        q, k, v = linear_group(x, *qkv, i, norm="layernorm", **n1)
+        x = linear(q, w["o"], b["o"], i, residual=x)
+        h = linear(x, w["up"], b["up"], i, norm="layernorm", activation="gelu_tanh", **n2)
+        return linear(h, w["down"], b["down"], i, residual=x), k, v
+
+    stacked = [(x, w, b, ln, jnp.int32(i)) for i in range(layers)]
+    sliced = [
+        (x, *(jax.tree.map(functools.partial(_row, i=i), d) for d in (w, b, ln)))
+        for i in range(layers)
+    ]
+    want = xla(*sliced[0])[0]
+    nbytes = sum(a[0].size for a in [*w.values(), *b.values()]) * jnp.dtype(dtype).itemsize
+    case, out = f"layer chain {M}x{D}x{F}", []
+    for impl, fn, sets in [
+        ("XLA ops", xla, sliced),
+        ("our GEMMs, XLA norms + adds", kernels, stacked),
+        ("ours, norms + adds fused (4 launches)", fused, stacked),
+    ]:
+        y = fn(*sets[0])[0]
+        err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - want.astype(jnp.float32))))
+        t = measure(fn, sets, iters, reps)
+        out.append(dict(case=case, impl=impl, t=t, bytes=nbytes, err=err))
+        print(f"{case} {impl}: {t * 1e6:.1f} us (max abs err {err:.1e})", flush=True)
+    return out
+
+
 def table(rows, bws, device) -> str:
     bw = max(bws.values())
     lines = [
@@ -153,6 +221,10 @@ def main(argv):
             if out_path:  # after every case, so a timeout keeps what was measured
                 with open(out_path, "w") as f:
                     f.write(table(rows, bws, device))
+        if _CHAIN.value:
+            D, F = (64, 256) if small else (768, 3072)
+            layers = 1 if small else 12
+            rows += run_chain(M, D, F, layers, iters, reps, dtype)
     print(table(rows, bws, device))
 
 

@@ -96,10 +96,11 @@ class ModelConfig:
     # instead of XLA's ops; None: this backend's default (`models/decoder.py:
     # AUTO_FUSED_ADD_NORM`). Unsharded steps only (with tensor parallelism XLA's ops run).
     fused_add_norm: bool | None = None
-    # Each linear layer with its bias and activation as one Pallas kernel reading the stacked
-    # weights at the layer (`pallas_kernels/linear`) instead of XLA's GEMM and its epilogue
-    # ops; None: this backend's default (`models/decoder.py: AUTO_FUSED_LINEAR`). Unsharded,
-    # unquantized steps only, and not for a projection that has LoRA adapters.
+    # Each linear layer with its bias and activation, the norm before it and the residual add
+    # after it as one Pallas kernel reading the stacked weights at the layer
+    # (`pallas_kernels/linear`) instead of XLA's GEMM, norm and epilogue ops; None: this
+    # backend's default (`models/decoder.py: AUTO_FUSED_LINEAR`). Unsharded, unquantized
+    # steps only, and not for a projection that has LoRA adapters (XLA's ops run those).
     fused_linear: bool | None = None
 
     def __post_init__(self) -> None:

@@ -42,6 +42,23 @@ AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
 AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
 
 
+# Each projection's einsum (the XLA path's), and where its params live in a layer's tree.
+_SPECS = {
+    "q": "TD,DNH->TNH",
+    "k": "TD,DKH->TKH",
+    "v": "TD,DKH->TKH",
+    "o": "TNH,NHD->TD",
+    "gate": "TD,DF->TF",
+    "up": "TD,DF->TF",
+    "down": "TF,FD->TD",
+}
+
+
+def _params_of(p: Params, name: str) -> Params:
+    """A layer's params `p` of projection `name`."""
+    return p["mlp"][name] if name in ("gate", "up", "down") else p[name]
+
+
 def _or_backend_default(value, defaults: dict, fallback):
     """A config field's value, or where it is None this backend's entry of `defaults`."""
     return defaults.get(jax.default_backend(), fallback) if value is None else value
@@ -83,10 +100,15 @@ def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
 
 
 def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
-    """fused(names, h, layer, activation) -> outputs, or None: the Pallas linear kernel
-    reading the stacked weights `layers[name]` (`layers["mlp"][name]` for the MLP's) at the
-    layer, one launch for every name (they share h: a layer's q, k and v), where the config
-    asks for it and the weights are plain (not int8) and unsharded.
+    """fused(names, h, layer, activation, norm, residual) -> outputs, or None: the Pallas
+    linear kernel reading the stacked weights `layers[name]` (`layers["mlp"][name]` for the
+    MLP's) at the layer, one launch for every name (they share h: a layer's q, k and v),
+    where the config asks for it and the weights are plain (not int8) and unsharded.
+
+    `norm` names the stacked norm params (`layers[norm]`) the kernel applies to h's rows
+    first; `residual` [T, D] is added to the one output. So a layer is five launches: norm
+    with q, k and v; attention; o with the residual add; norm with up (and gate); down with
+    the residual add.
 
     Every spec of the decoder contracts all of h's axes after T with the weight's leading
     axes, so h flattens to [T, K], each stacked kernel to [L, K, N] and its bias to [L, N]."""
@@ -95,8 +117,8 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
         return None
     from pallas_kernels.linear.kernel import linear_group, supports
 
-    def fused_linear(names, h, layer, activation):
-        stacks = [layers["mlp"][n] if n in ("gate", "up", "down") else layers[n] for n in names]
+    def fused_linear(names, h, layer, activation=None, norm=None, residual=None):
+        stacks = [_params_of(layers, n) for n in names]
         outs = [st["kernel"].shape[h.ndim :] for st in stacks]  # kernels: [L, *h.shape[1:], *out]
         K, Ns = h[0].size, [math.prod(out) for out in outs]
         if not all(supports(K, N, h.dtype) for N in Ns):
@@ -109,6 +131,11 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
                 for st, N in zip(stacks, Ns, strict=True)
             ],
             layer,
+            norm=norm and config.norm,
+            norm_scale=norm and layers[norm]["scale"],
+            norm_bias=norm and layers[norm].get("bias"),
+            eps=config.norm_eps,
+            residual=residual,
             activation=activation,
         )
         return [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
@@ -222,15 +249,17 @@ def decoder_layers(
 
     def layer_step(carry, p):
         # delta: the last layer's MLP output, added to the residual stream here together
-        # with this layer's first norm (vLLM's fused_add_rms_norm pattern)
+        # with this layer's first norm (vLLM's fused_add_rms_norm pattern); with the fused
+        # linear kernel the layer adds its own (delta stays zero)
         x, delta, k_cache, v_cache, layer = carry
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
-        def fused(names, h, activation=None):  # the Pallas kernel's outputs, or None
+        def fused(names, h, activation=None, norm_name=None, residual=None):
+            """The Pallas kernel's outputs, or None (XLA's ops then)."""
             if fused_linear is None or (lora is not None and any(n in lora for n in names)):
                 return None
-            return fused_linear(names, h, layer, activation)
+            return fused_linear(names, h, layer, activation, norm_name, residual)
 
         def linear(name, lp, h, spec, activation=None):
             if lora is None or name not in lora:
@@ -240,19 +269,47 @@ def decoder_layers(
             extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return activate(y + extra.reshape(y.shape), activation)
 
+        def proj(names, h, activation=None, norm_name=None, residual=None):
+            """activation(norm(h) @ w + b) (+ residual) for each name: one kernel where it
+            can, else XLA's norm, each `linear` and the add."""
+            ys = fused(names, h, activation, norm_name, residual)
+            if ys is not None:
+                return ys
+            h = h if norm_name is None else norm(p[norm_name], h, config)
+            plain = [n for n in names if lora is None or n not in lora]  # still one launch
+            got = fused(plain, h, activation) if plain else None
+            ys = dict(zip(plain, got, strict=True)) if got else {}
+            ys = [
+                ys[n] if n in ys else linear(n, _params_of(p, n), h, _SPECS[n], activation)
+                for n in names
+            ]
+            return ys if residual is None else [residual + y for y in ys]
+
+        def attend(q, k, v, k_cache, v_cache):  # [T, N, H], the caches written
+            if config.position == "rope":
+                q = rope(q, batch.positions, config.rope_theta)
+                k = rope(k, batch.positions, config.rope_theta)
+            return write_and_attend(
+                q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
+            )
+
+        if fused_linear is not None:  # five launches a layer (see _fused_linear)
+            q, k, v = proj(("q", "k", "v"), x, norm_name="attn_norm")
+            attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache)
+            (x,) = proj(("o",), attn, residual=x)
+            if config.activation == "swiglu":
+                gate, up = proj(("gate", "up"), x, norm_name="mlp_norm")
+                h = jax.nn.silu(gate) * up
+            else:
+                (h,) = proj(("up",), x, "gelu_tanh", norm_name="mlp_norm")
+            (x,) = proj(("down",), h, residual=x)
+            return (x, delta, k_cache, v_cache, layer + 1), None
+
         x, h = add_norm(x, delta, p, "attn_norm", layer)  # [T, D] each
-        # q [T, N, H], k and v [T, K, H]: one kernel launch when fused
-        q, k, v = fused(("q", "k", "v"), h) or [
-            linear(n, p[n], h, spec)
-            for n, spec in (("q", "TD,DNH->TNH"), ("k", "TD,DKH->TKH"), ("v", "TD,DKH->TKH"))
-        ]
-        if config.position == "rope":
-            q = rope(q, batch.positions, config.rope_theta)
-            k = rope(k, batch.positions, config.rope_theta)
-        attn, k_cache, v_cache = write_and_attend(
-            q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
-        )  # [T, N, H]
-        x, h = add_norm(x, linear("o", p["o"], attn, "TNH,NHD->TD"), p, "mlp_norm", layer)
+        # q [T, N, H], k and v [T, K, H]
+        q, k, v = proj(("q", "k", "v"), h)
+        attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache)
+        x, h = add_norm(x, linear("o", p["o"], attn, _SPECS["o"]), p, "mlp_norm", layer)
         delta = mlp(p["mlp"], h, config, linear)  # [T, D]
         return (x, delta, k_cache, v_cache, layer + 1), None
 
@@ -260,7 +317,7 @@ def decoder_layers(
     (x, delta, k_cache, v_cache, _), _ = jax.lax.scan(
         layer_step, init, layers, unroll=layer_unroll(config)
     )
-    return x + delta, KVCache(k=k_cache, v=v_cache)
+    return (x if fused_linear is not None else x + delta), KVCache(k=k_cache, v=v_cache)
 
 
 def logits_of(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:

@@ -2,6 +2,8 @@
 runs where, and what falls back to XLA's ops. (Its logits against transformers' GPT-2 and
 Llama are in tests/test_reference_*.py.)"""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -35,7 +37,8 @@ def _linear_calls(cfg, params, batch):
         if e.primitive.name == "pallas_call" and str(e.params["name"]).startswith("linear")
     ]
     dots = [e for e in body if e.primitive.name == "dot_general"]
-    return calls, dots
+    norms = [e for e in body if e.primitive.name == "rsqrt"]  # XLA's norms
+    return calls, dots, norms
 
 
 def _kind(call) -> str:
@@ -50,23 +53,34 @@ def _kind(call) -> str:
 @pytest.mark.parametrize(
     "name,unroll,d_ff,launches",
     [
-        ("tiny-gpt", None, None, ["bias_x3", "bias", "bias_gelu_tanh", "bias"]),
-        ("tiny-llama", 2, None, ["x3", "", "", "", ""]),  # o, gate, up, down plain
+        (
+            "tiny-gpt",
+            None,
+            None,
+            ["layernorm_bias_x3", "bias_residual", "layernorm_bias_gelu_tanh", "bias_residual"],
+        ),
+        ("tiny-llama", 2, None, ["rmsnorm_x3", "residual", "rmsnorm_x2", "residual"]),
         # a long K loop (down: K = 2048) split 4 ways: f32 partials summed by XLA
-        ("tiny-gpt", None, 2048, ["bias_x3", "bias", "bias_gelu_tanh", "bias_s4"]),
+        (
+            "tiny-gpt",
+            None,
+            2048,
+            ["layernorm_bias_x3", "bias_residual", "layernorm_bias_gelu_tanh", "bias_residual_s4"],
+        ),
     ],
 )
 def test_every_linear_layer_is_one_kernel_over_the_stacked_weights(name, unroll, d_ff, launches):
-    """GPT-2: q, k and v in one launch, then o, up (GELU fused), down; Llama: q/k/v, o,
-    gate, up, down. Each call takes the whole stacked [L, K, N] kernels and the layer index,
-    and no XLA dot is left in the layer body; the logits are XLA's to rounding (f32)."""
+    """GPT-2: the norm with q, k and v in one launch, then o with the residual add, the norm
+    with up (GELU fused), down with the residual add; Llama: the same with gate and up in
+    one launch. Each call takes the whole stacked [L, K, N] kernels and the layer index,
+    and no XLA dot or norm is left in the layer body; the logits are XLA's to rounding (f32)."""
     base = get_config(name, layer_unroll=unroll, attention_impl="pallas")  # no jnp attention
     base = base.replace(d_ff=d_ff or base.d_ff)
     fused = base.replace(fused_linear=True)
     params = _with_random_biases(init_params(base, seed=5), 0)
     batches = mixed_batches(base, np.random.default_rng(3))
-    calls, dots = _linear_calls(fused, params, batches[1])
-    assert not dots
+    calls, dots, norms = _linear_calls(fused, params, batches[1])
+    assert not dots and not norms
     assert sorted(map(_kind, calls)) == sorted(launches)
     for call in calls:
         w = call.invars[2].aval
@@ -82,8 +96,48 @@ def test_what_falls_back_to_xla():
     cfg = get_config("tiny-gpt", fused_linear=True, attention_impl="pallas")
     batch = mixed_batches(cfg, np.random.default_rng(0))[1]
     int8 = cfg.replace(quantization="int8")
-    calls, dots = _linear_calls(int8, init_params(int8), batch)
-    assert not calls and len(dots) == 6
-    odd = cfg.replace(d_ff=72)  # up's N and down's K are 72
-    calls, dots = _linear_calls(odd, init_params(odd), batch)
-    assert sorted(map(_kind, calls)) == ["bias", "bias_x3"] and len(dots) == 2
+    calls, dots, norms = _linear_calls(int8, init_params(int8), batch)
+    assert not calls and len(dots) == 6 and len(norms) == 2
+    odd = cfg.replace(d_ff=72)  # up's N and down's K are 72: XLA's norm before up
+    calls, dots, norms = _linear_calls(odd, init_params(odd), batch)
+    assert sorted(map(_kind, calls)) == ["bias_residual", "layernorm_bias_x3"]
+    assert len(dots) == 2 and len(norms) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama"])
+def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name):
+    """LoRA on q and down only: those two (and the norm before q, the residual add after
+    down) run XLA's ops with the adapter; k and v keep the kernel, one launch on the normed
+    x, and so do o, gate and up with their norm and residual add. Logits: the XLA step's."""
+    base = get_config(name, attention_impl="pallas")
+    fused = base.replace(fused_linear=True)
+    params = _with_random_biases(init_params(base, seed=2), 1)
+    rng = np.random.default_rng(4)
+    dims = {"q": (base.d_model, base.n_heads * base.head_dim), "down": (base.d_ff, base.d_model)}
+    params["layers"]["lora"] = {
+        n: {
+            "a": (0.3 * rng.standard_normal((base.n_layers, 2, d_in, 4))).astype(np.float32),
+            "b": (0.3 * rng.standard_normal((base.n_layers, 2, 4, d_out))).astype(np.float32),
+        }
+        for n, (d_in, d_out) in dims.items()
+    }
+    batches = [
+        dataclasses.replace(b, lora_slots=np.arange(b.input_ids.shape[0], dtype=np.int32) % 3 - 1)
+        for b in mixed_batches(base, np.random.default_rng(3))
+    ]
+    calls, dots, norms = _linear_calls(fused, params, batches[1])
+    want = ["bias_x2", "bias_residual", "layernorm_bias_gelu_tanh"]  # k+v, o, up
+    if base.activation == "swiglu":
+        want = ["x2", "residual", "rmsnorm_x2"]  # k+v, o, gate+up
+    assert sorted(map(_kind, calls)) == sorted(want)
+    assert len(norms) == 1  # q's
+    got, _ = _two_steps(fused, params, batches)
+    plain, _ = _two_steps(base, params, batches)
+    without, _ = _two_steps(base, {**params, "layers": _no_lora(params["layers"])}, batches)
+    for g, w, wo in zip(got, plain, without, strict=True):
+        assert np.abs(g - w).max() / np.abs(w).max() < 1e-5
+        assert np.abs(wo - w).max() / np.abs(w).max() > 1e-3  # the adapters count
+
+
+def _no_lora(layers):
+    return {k: v for k, v in layers.items() if k != "lora"}

@@ -66,8 +66,8 @@ def test_gpt2_matches_flax_reference(name, tmp_path):
 def test_unrolled_layers_match_flax_reference(unroll, fused_linear, tmp_path):
     """`layer_unroll` (2 of 3 layers: a loop with a remainder; 3: no loop, every layer's
     weights sliced statically) computes the same logits as the reference; so does every
-    linear layer as the Pallas kernel with its bias and GELU fused (`fused_linear`), layers
-    scanned or unrolled."""
+    linear layer as the Pallas kernel with its bias, GELU, the LayerNorm before it and the
+    residual add after it fused (`fused_linear`), layers scanned or unrolled."""
     hf_config = transformers.GPT2Config(**GPT2_CONFIGS["n_inner"])
     model, flax_params = random_flax_model(FlaxGPT2LMHeadModel, hf_config)
     cfg = write_checkpoint(tmp_path, hf_config, flax_to_torch_state_dict(flax_params))

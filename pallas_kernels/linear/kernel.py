@@ -6,6 +6,12 @@ microseconds of launch and latency for well under one of bytes (RESULTS.md: the 
 step profile). This kernel computes activation(x @ w + b) with the bias and activation
 applied to the f32 accumulator before the one store.
 
+Its neighbours can come in too: `norm` normalises x's rows (LayerNorm or RMSNorm, the
+statistics over all of K in a first loop over x, each chunk then normalised as it is fed
+to the product) and `residual` is added last, so a decoder layer's linear work is four
+launches: the norm with q, k and v; o with the residual add; the norm with up (and GELU);
+down with the residual add. XLA otherwise runs each norm and add as a kernel of its own.
+
 It reads the decoder's stacked `[L, K, N]` weights (and `[L, N]` biases) at a layer index,
 so a scan over layers slices nothing out of them first (a slice passed to a custom call is
 a copy, and the scanned step spent 290 us a step on such copies of XLA's own GEMM inputs).
@@ -26,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.linear.reference import ACTIVATIONS, activate
+from pallas_kernels.linear.reference import ACTIVATIONS, NORMS, activate
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Programs a launch should have at least, where the output allows it: the H100 and H200
@@ -71,6 +77,10 @@ def _kernel(
     *refs,
     widths,
     has_bias,
+    norm,
+    has_norm_bias,
+    eps,
+    has_residual,
     block_m,
     block_n,
     block_k,
@@ -79,12 +89,16 @@ def _kernel(
     precision,
 ):
     """Program (i, j, s): rows i, column block j of the concatenated outputs (so of one
-    product), K range s; stores activation(x @ w + b) or, split, the f32 partial sum."""
+    product), K range s; stores activation(norm(x) @ w + b) (+ residual) or, split, the f32
+    partial sum."""
     n = len(widths)
-    w_refs = refs[:n]
-    b_refs = iter(refs[n : len(refs) - n])
-    b_refs = [next(b_refs) if has else None for has in has_bias]
-    y_refs = refs[len(refs) - n :]
+    refs = list(refs)
+    w_refs, refs = refs[:n], refs[n:]
+    b_refs = [refs.pop(0) if has else None for has in has_bias]
+    g_ref = refs.pop(0) if norm else None
+    beta_ref = refs.pop(0) if has_norm_bias else None
+    r_ref = refs.pop(0) if has_residual else None
+    y_refs = refs
     M, K = x_ref.shape
     layer = layer_ref[0]
     j, s = pl.program_id(1), pl.program_id(2)
@@ -97,6 +111,33 @@ def _kernel(
     ok = jnp.broadcast_to(row < M, (block_m, block_n))
     out_row = jnp.where(row < M, row, M)  # masked-off rows point past the end (interpret)
 
+    def x_chunk(c):  # [BM, BK] f32: x's rows (zero past M), K chunk c
+        return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0).astype(jnp.float32)
+
+    if norm:  # the rows' statistics over all of K: one pass, sums shifted by chunk 0's mean
+        shift = jnp.sum(x_chunk(0), 1, keepdims=True) / block_k if norm == "layernorm" else 0.0
+
+        def moments(c, sums):
+            d = x_chunk(c) - shift
+            return sums[0] + jnp.sum(d, 1, keepdims=True), sums[1] + jnp.sum(
+                d * d, 1, keepdims=True
+            )
+
+        zero = jnp.zeros((block_m, 1), jnp.float32)
+        s1, s2 = lax.fori_loop(0, K // block_k, moments, (zero, zero))  # [BM, 1] each
+        mean = shift + s1 / K if norm == "layernorm" else 0.0
+        var = s2 / K - (s1 / K) ** 2 if norm == "layernorm" else s2 / K
+        inv = lax.rsqrt(jnp.maximum(var, 0.0) + eps)  # [BM, 1]
+
+    def x_in(c):  # [BM, BK] in x's dtype: the product's operand, normalised as norm_ref
+        if not norm:
+            return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0)
+        at = (layer, c * block_k + kx)  # [1, BK] of the stacked [L, K] norm params
+        h = (x_chunk(c) - mean) * inv * plgpu.load(g_ref.at[at]).astype(jnp.float32)
+        if beta_ref is not None:
+            h = h + plgpu.load(beta_ref.at[at]).astype(jnp.float32)
+        return h.astype(x_ref.dtype)
+
     first = 0  # this product's first column block
     for w_ref, b_ref, y_ref, width in zip(w_refs, b_refs, y_refs, widths, strict=True):
         last = first + width // block_n
@@ -105,11 +146,9 @@ def _kernel(
             col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
 
             def chunk(c, acc):
-                k0 = c * block_k
-                x = plgpu.load(x_ref.at[x_row, k0 + kx], mask=x_ok, other=0)  # [BM, BK]
-                w = plgpu.load(w_ref.at[layer, k0 + kw, col])  # [BK, BN]
+                w = plgpu.load(w_ref.at[layer, c * block_k + kw, col])  # [BK, BN]
                 return acc + lax.dot_general(
-                    x,
+                    x_in(c),
                     w,
                     (((1,), (0,)), ((), ())),
                     precision=precision,
@@ -124,9 +163,10 @@ def _kernel(
             acc = lax.fori_loop(0, chunks, chunk, zero)  # static bounds, as the H200 measured
             if b_ref is not None:
                 acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
-            plgpu.store(
-                y_ref.at[out_row, col], activate(acc, activation).astype(y_ref.dtype), mask=ok
-            )
+            acc = activate(acc, activation)
+            if r_ref is not None:
+                acc = acc + plgpu.load(r_ref.at[x_row, col], mask=ok, other=0).astype(jnp.float32)
+            plgpu.store(y_ref.at[out_row, col], acc.astype(y_ref.dtype), mask=ok)
 
         if n == 1:  # the whole grid is this product's (no branch around its loop)
             product()
@@ -136,6 +176,8 @@ def _kernel(
 
 
 _STATIC = (
+    "norm",
+    "eps",
     "activation",
     "block_m",
     "block_n",
@@ -147,29 +189,8 @@ _STATIC = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def linear_group(
-    x: jax.Array,  # [M, K]
-    ws: Sequence[jax.Array],  # each [K, N_i], or [L, K, N_i] with `layer`
-    bs: Sequence[jax.Array | None],  # each [N_i] or [L, N_i] (as its w), or None
-    layer: jax.Array | int = 0,  # i32[]: which of the stacked weights
-    *,
-    activation: str | None = None,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    num_k_splits: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 5,
-    interpret: bool | None = None,
-) -> tuple[jax.Array, ...]:  # each [M, N_i] in x's dtype
-    """`linear_ref(x, ws[i][layer], bs[i][layer], activation=...)` for every i, in one
-    launch (the products share x: a layer's q, k and v). Blocks and splits left None come
-    from `plan_blocks`; `block_n` must divide every N_i.
-
-    `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
-    partial sums; their sum, the bias and the activation then run as XLA ops after the
-    call (which XLA fuses into whatever consumes the result)."""
+def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation):
+    """Shape and dtype checks at trace time, each with what it wants and what it got."""
     if not ws or len(ws) != len(bs):
         raise ValueError(f"want one bias (or None) per weight; got {len(ws)} and {len(bs)}")
     if x.ndim != 2 or any(
@@ -179,19 +200,71 @@ def linear_group(
             f"want x [M, K] and each w [K, N] or [L, K, N] of x's dtype; got x {x.shape} "
             f"{x.dtype}, w {[(w.shape, str(w.dtype)) for w in ws]}"
         )
-    if len({w.shape[:-2] for w in ws}) != 1:
+    lead = {w.shape[:-2] for w in ws}
+    if len(lead) != 1:
         raise ValueError(f"weights must be stacked alike; got {[w.shape for w in ws]}")
-    M, K = x.shape
-    widths = tuple(w.shape[-1] for w in ws)
+    (lead,) = lead
     for w, b in zip(ws, bs, strict=True):
-        if b is not None and b.shape != (*w.shape[:-2], w.shape[-1]):
-            raise ValueError(
-                f"b must be {[*w.shape[:-2], w.shape[-1]]} (as w); got {list(b.shape)}"
-            )
+        if b is not None and b.shape != (*lead, w.shape[-1]):
+            raise ValueError(f"b must be {[*lead, w.shape[-1]]} (as w); got {list(b.shape)}")
     if jnp.dtype(x.dtype) not in map(jnp.dtype, _DTYPES):
         raise ValueError(f"dtype must be f32, bf16 or f16; got {x.dtype}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+    want = (*lead, x.shape[1])  # norm params stacked as the weights
+    if (norm_scale is None) != (norm is None) or (norm_bias is not None and norm is None):
+        raise ValueError("norm_scale (and norm_bias, if any) go with norm, and only with it")
+    for name, a in (("norm_scale", norm_scale), ("norm_bias", norm_bias)):
+        if a is not None and a.shape != want:
+            raise ValueError(
+                f"{name} must be {list(want)} (x's width, stacked as w); got {list(a.shape)}"
+            )
+    out = [x.shape[0], ws[0].shape[-1]]
+    if residual is not None and (len(ws) != 1 or list(residual.shape) != out):
+        raise ValueError(
+            f"residual goes with one product, shaped as its output {out}; got {len(ws)} "
+            f"products, residual {list(residual.shape)}"
+        )
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def linear_group(
+    x: jax.Array,  # [M, K]
+    ws: Sequence[jax.Array],  # each [K, N_i], or [L, K, N_i] with `layer`
+    bs: Sequence[jax.Array | None],  # each [N_i] or [L, N_i] (as its w), or None
+    layer: jax.Array | int = 0,  # i32[]: which of the stacked weights
+    *,
+    norm: str | None = None,  # normalise x's rows first: None, "layernorm" or "rmsnorm"
+    norm_scale: jax.Array | None = None,  # [K] or [L, K] (as w), with norm
+    norm_bias: jax.Array | None = None,  # like norm_scale (LayerNorm's), or None
+    eps: float = 1e-5,  # the norm's
+    residual: jax.Array | None = None,  # [M, N] added last (one product only), or None
+    activation: str | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_k_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 5,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...]:  # each [M, N_i] in x's dtype
+    """`linear_ref(x, ws[i][layer], bs[i][layer], ...)` for every i, in one launch (the
+    products share x: a layer's q, k and v). Blocks and splits left None come from
+    `plan_blocks`; `block_n` must divide every N_i.
+
+    With `norm`, each program normalises x's rows (statistics over all of K in f32, then
+    the result rounded to x's dtype, as `norm_ref`) chunk by chunk as it feeds them to the
+    product, so the norm before a layer needs no kernel of its own. `residual` is added to
+    the activated f32 sum before the one rounding (the residual stream after o or down).
+
+    `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
+    partial sums; their sum, the bias, the activation and the residual then run as XLA ops
+    after the call (which XLA fuses into whatever consumes the result)."""
+    _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation)
+    M, K = x.shape
+    widths = tuple(w.shape[-1] for w in ws)
     planned = plan_blocks(M, K, widths)
     block_m = block_m or planned[0]
     block_n = block_n or planned[1]
@@ -208,6 +281,7 @@ def linear_group(
         raise ValueError(f"num_k_splits={S} must divide the {K // block_k} chunks of K")
     ws = [w.reshape(-1, K, n) for w, n in zip(ws, widths, strict=True)]  # [L, K, N_i]
     bs = [None if b is None else b.reshape(-1, n) for b, n in zip(bs, widths, strict=True)]
+    norm_params = [a.reshape(-1, K) for a in (norm_scale, norm_bias) if a is not None]
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -216,6 +290,10 @@ def linear_group(
         _kernel,
         widths=widths,
         has_bias=tuple(b is not None for b in bs),
+        norm=norm,
+        has_norm_bias=norm_bias is not None,
+        eps=eps,
+        has_residual=residual is not None and S == 1,
         block_m=block_m,
         block_n=block_n,
         block_k=block_k,
@@ -223,8 +301,9 @@ def linear_group(
         activation=activation,
         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
     )
-    name = "linear" + "_bias" * any(b is not None for b in bs)
+    name = "linear" + (f"_{norm}" if norm else "") + "_bias" * any(b is not None for b in bs)
     name += f"_{activation}" if activation else ""
+    name += "_residual" if residual is not None else ""
     name += f"_x{len(ws)}" if len(ws) > 1 else ""
     name += f"_m{block_m}n{block_n}k{block_k}" + (f"s{S}" if S > 1 else "")
     ys = pl.pallas_call(
@@ -234,7 +313,14 @@ def linear_group(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
-    )(layer, x, *ws, *(b for b in bs if b is not None))
+    )(
+        layer,
+        x,
+        *ws,
+        *(b for b in bs if b is not None),
+        *norm_params,
+        *([residual] if residual is not None and S == 1 else []),
+    )
     if S == 1:
         return tuple(ys)
     out = []
@@ -242,7 +328,10 @@ def linear_group(
         y = y.sum(0)  # [M, N_i] f32
         if b is not None:  # [L, N_i]
             y = y + b[layer[0]].astype(jnp.float32)
-        out.append(activate(y, activation).astype(x.dtype))
+        y = activate(y, activation)
+        if residual is not None:
+            y = y + residual.astype(jnp.float32)
+        out.append(y.astype(x.dtype))
     return tuple(out)
 
 

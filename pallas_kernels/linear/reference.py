@@ -8,7 +8,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.add_norm.reference import norm_ref
+
 ACTIVATIONS = (None, "gelu_tanh")
+NORMS = (None, "layernorm", "rmsnorm")
 
 
 def activate(y: jax.Array, activation: str | None) -> jax.Array:
@@ -25,10 +28,18 @@ def linear_ref(
     w: jax.Array,  # [K, N]
     b: jax.Array | None,  # [N] or None
     *,
+    norm: str | None = None,  # None, "layernorm" or "rmsnorm" of x's rows first
+    norm_scale: jax.Array | None = None,  # [K], with norm
+    norm_bias: jax.Array | None = None,  # [K] or None
+    eps: float = 1e-5,
+    residual: jax.Array | None = None,  # [M, N] or None
     activation: str | None = None,
 ) -> jax.Array:  # [M, N] in x's dtype
-    """activation(x @ w + b): the product accumulated in f32, the bias and activation in
-    f32, one rounding to x's dtype at the end."""
+    """activation(norm(x) @ w + b) + residual: the norm as the decoder's (`norm_ref`, its
+    output rounded to x's dtype), the product accumulated in f32, the bias, activation and
+    residual in f32, one rounding to x's dtype at the end."""
+    if norm is not None:
+        x = norm_ref(x, norm_scale, norm_bias, eps=eps, layernorm=norm == "layernorm")
     y = jnp.dot(
         x,
         w,
@@ -37,4 +48,7 @@ def linear_ref(
     )
     if b is not None:
         y = y + b.astype(jnp.float32)
-    return activate(y, activation).astype(x.dtype)
+    y = activate(y, activation)
+    if residual is not None:
+        y = y + residual.astype(jnp.float32)
+    return y.astype(x.dtype)

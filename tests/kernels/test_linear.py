@@ -96,6 +96,60 @@ def test_split_k(splits, activation):
             _check(y, linear_ref(x, w[layer], b[layer], activation=activation), jnp.float32)
 
 
+def _norm_inputs(rng, M, K, L, dtype, norm):
+    """Rows far from centred (offsets up to 50 standard deviations: the one-pass statistics
+    must not cancel them away), norm scales and (LayerNorm's) biases per layer."""
+    offset = rng.uniform(-50, 50, (M, 1)) if norm == "layernorm" else 0.0
+    x = jnp.asarray(offset + rng.standard_normal((M, K)), dtype)
+    scale = jnp.asarray(1 + 0.3 * rng.standard_normal((L, K)), dtype)
+    bias = jnp.asarray(rng.standard_normal((L, K)), dtype) if norm == "layernorm" else None
+    return x, scale, bias
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_norm_before_and_residual_after(norm, splits, dtype):
+    """activation(norm(x) @ w + b) + residual, the norm's statistics over all of K (several
+    chunks), in split and whole-K programs, for every layer of the stack."""
+    rng = np.random.default_rng(len(norm) * splits)
+    M, K, N, L = 37, 128, 48, 2
+    x, scale, nbias = _norm_inputs(rng, M, K, L, dtype, norm)
+    _, w, b = _inputs(splits, M, K, N, L, dtype)
+    residual = jnp.asarray(10 * rng.standard_normal((M, N)), dtype)
+    kw = dict(norm=norm, eps=1e-5, activation="gelu_tanh")
+    f = jax.jit(functools.partial(linear, block_k=32, num_k_splits=splits, **kw))
+    for layer in range(L):
+        y = f(x, w, b, jnp.int32(layer), norm_scale=scale, norm_bias=nbias, residual=residual)
+        assert y.shape == (M, N) and y.dtype == dtype
+        nb = None if nbias is None else nbias[layer]
+        want = linear_ref(
+            x, w[layer], b[layer], norm_scale=scale[layer], norm_bias=nb, residual=residual, **kw
+        )
+        _check(y, want, dtype)
+        no_residual = linear_ref(x, w[layer], b[layer], norm_scale=scale[layer], norm_bias=nb, **kw)
+        assert np.abs(np.asarray(want, np.float32) - np.asarray(no_residual, np.float32)).max() > 1
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_group_with_norm(norm):
+    """A layer's norm and its q, k and v in one launch (GQA widths, k without a bias)."""
+    rng = np.random.default_rng(11)
+    M, K, L, dtype = 20, 96, 2, jnp.bfloat16
+    x, scale, nbias = _norm_inputs(rng, M, K, L, dtype, norm)
+    ws = [jnp.asarray(rng.standard_normal((L, K, n)) / np.sqrt(K), dtype) for n in (64, 32, 32)]
+    bs = [jnp.asarray(rng.standard_normal((L, n)), dtype) for n in (64, 32, 32)]
+    bs[1] = None
+    f = jax.jit(functools.partial(linear_group, norm=norm, block_n=16, block_k=32))
+    for layer in range(L):
+        ys = f(x, ws, bs, jnp.int32(layer), norm_scale=scale, norm_bias=nbias)
+        nb = None if nbias is None else nbias[layer]
+        for y, w, b in zip(ys, ws, bs, strict=True):
+            b = None if b is None else b[layer]
+            want = linear_ref(x, w[layer], b, norm=norm, norm_scale=scale[layer], norm_bias=nb)
+            _check(y, want, dtype)
+
+
 def test_no_bias_and_unstacked_weights():
     x, w, _ = _inputs(0, 24, 64, 32, 1, jnp.float32, bias=False)
     _check(linear(x, w[0], None), linear_ref(x, w[0], None), jnp.float32)
@@ -156,6 +210,21 @@ def test_supports_and_checks():
         linear_group(x, (jnp.zeros((64, 16)), jnp.zeros((2, 64, 16))), (None, None))
     with pytest.raises(ValueError, match="dividing 32 and 16"):
         linear_group(x, (jnp.zeros((64, 32)), jnp.zeros((64, 16))), (None, None), block_n=32)
+    w, w2 = jnp.zeros((2, 64, 16)), (jnp.zeros((64, 16)),) * 2
+    with pytest.raises(ValueError, match="norm must be one of"):
+        linear(x, w, None, norm="batchnorm", norm_scale=jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match="norm_scale .* go with norm"):
+        linear(x, w, None, norm="rmsnorm")
+    with pytest.raises(ValueError, match="norm_scale .* go with norm"):
+        linear(x, w, None, norm_scale=jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match=r"norm_bias must be \[2, 64\]"):
+        linear(x, w, None, norm="layernorm", norm_scale=jnp.ones((2, 64)), norm_bias=jnp.ones(64))
+    with pytest.raises(
+        ValueError, match=r"residual goes with one product, shaped as its output \[8, 16\]"
+    ):
+        linear(x, w, None, residual=jnp.zeros((8, 32)))
+    with pytest.raises(ValueError, match="got 2 products"):
+        linear_group(x, w2, (None, None), residual=jnp.zeros((8, 16)))
 
 
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
@@ -212,3 +281,46 @@ def test_group_and_split_k_lower_to_triton_for_h100():
     ((op, launch, _),) = _triton_calls(fn, (sds((128, 3072), jnp.bfloat16), down, b, layer))
     assert launch == dict(grid_x=2, grid_y=12, grid_z=4, num_warps=4, num_stages=5)
     assert "tensor<4x128x768xf32>" in op
+
+
+def test_norm_and_residual_lower_to_triton_for_h100():
+    """gpt2's layer as the decoder launches it: the LayerNorm with q, k and v (the
+    statistics loop, then three dots behind their branches), o with the residual add, the
+    LayerNorm with up and GELU; each one verified Triton call for sm_90."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    x, w, b, g = (
+        sds((128, 768), jnp.bfloat16),
+        sds((12, 768, 768), jnp.bfloat16),
+        sds((12, 768), jnp.bfloat16),
+        sds((12, 768), jnp.bfloat16),
+    )
+    layer = sds((), jnp.int32)
+    qkv = functools.partial(linear_group, norm="layernorm", interpret=False)
+    o = functools.partial(linear, interpret=False)
+    up = functools.partial(linear, norm="layernorm", activation="gelu_tanh", interpret=False)
+    cases = [
+        (
+            lambda *a: qkv(a[0], a[1:4], a[4:7], a[7], norm_scale=a[8], norm_bias=a[9]),
+            (x, w, w, w, b, b, b, layer, g, g),
+            3,
+            dict(grid_x=2, grid_y=144),
+        ),
+        (lambda *a: o(*a[:4], residual=a[4]), (x, w, b, layer, x), 1, dict(grid_x=2, grid_y=48)),
+        (
+            lambda *a: up(*a[:4], norm_scale=a[4], norm_bias=a[5]),
+            (x, sds((12, 768, 3072), jnp.bfloat16), sds((12, 3072), jnp.bfloat16), layer, g, g),
+            1,
+            dict(grid_x=2, grid_y=192),
+        ),
+    ]
+    for fn, args, dots, grid in cases:
+        ((_, launch, triton_ir),) = _triton_calls(fn, args)
+        assert launch == dict(**grid, grid_z=1, num_warps=4, num_stages=5)
+        with triton_lowering._new_ir_context():
+            module = ir.Module.parse(triton_ir)
+            assert module.operation.verify()
+            text = str(module)
+        assert text.count("tt.dot ") == dots and text.count("tt.store ") == dots, text
