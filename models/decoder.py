@@ -35,10 +35,12 @@ AUTO_LAYER_UNROLL: dict[str, int | str] = {"cpu": 1, "gpu": "all"}
 # (one Pallas kernel instead of two XLA kernels). Off: on the H200 the gpt2 step was not
 # faster with it (1.309 ms against 1.280 queued; the bias adds before it stay XLA kernels).
 AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
-# Whether `ModelConfig.fused_linear=None` runs each linear layer with its bias and activation
-# as one Pallas kernel over the stacked weights. Off: on the H200 the gpt2 step was slower
-# with it (1.526 ms against 1.294 queued), its down projection (K = 3072) taking 19 us
-# against XLA's 8 (experiments/bench_linear.py; RESULTS.md).
+# Whether `ModelConfig.fused_linear=None` runs a layer's linear work (with its biases,
+# activation, norms and residual adds) as four Pallas launches over the stacked weights.
+# Off: on the H200 the gpt2 step was slower with the first version (bias and activation
+# only: 1.526 ms against 1.294 queued), its down projection (K = 3072) taking 19 us against
+# XLA's 8 (experiments/bench_linear.py; RESULTS.md). The norms and adds in the kernel, and
+# the split down projection, are not measured on a GPU yet.
 AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
 
 
