@@ -12,7 +12,8 @@
 #      norms and residual adds in the kernels or not (bench_linear.py, linear.md); then the
 #      whole gpt2 bf16 step, 128 decodes x 512, the floor case alone against its floor,
 #      unrolled and scanned, with XLA's GEMMs or ours (fused_linear); then where the device
-#      time goes (profile_step.py)
+#      time goes (profile_step.py: kernels by name, one layer's in launch order, and the
+#      optimized HLO, which says what XLA fused into each)
 #   2. the kernel tests on the GPU (Triton, not interpret; TEST_FLAGS picks), and the
 #      step's cache in place with the kernel writing K/V (the GPU-only cases)
 #   3. attention: our kernel checked against the jnp reference on the GPU, then timed (the
@@ -115,7 +116,8 @@ done
 for variant in "unrolled 12" "unrolled_linear 12 --fused_linear"; do
   set -- $variant
   stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
-    --attention_impl=pallas --layer_unroll=$2 ${3:-} ${PROFILE_FLAGS:-}
+    --attention_impl=pallas --layer_unroll=$2 --order=40 --hlo_out="$OUT/hlo_$1.txt" \
+    ${3:-} ${PROFILE_FLAGS:-}
 done
 stage attention_tests 100 "$PY" -m pytest tests/test_cache_in_place.py \
   tests/kernels/test_linear.py tests/kernels/test_fused_kv_write.py \

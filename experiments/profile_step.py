@@ -46,6 +46,12 @@ _PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps traced.")
 _TOP = flags.DEFINE_integer("top", 20, "Kernel names listed.")
 _OUT = flags.DEFINE_string("out", None, "Write the report to this file too.")
+_ORDER = flags.DEFINE_integer(
+    "order", 0, "Also list one step's first N kernels in launch order (which op is which)."
+)
+_HLO = flags.DEFINE_string(
+    "hlo_out", None, "Write the step's optimized HLO here (what XLA fused into each kernel)."
+)
 
 
 def trace_steps(params, cfg, cache, batch, steps: int, logdir: str) -> str:
@@ -64,7 +70,18 @@ def trace_steps(params, cfg, cache, batch, steps: int, logdir: str) -> str:
     return device_trace.trace(run, logdir)
 
 
-def report(path: str, steps: int, top: int) -> list[str]:
+def launch_order(events, steps: int, first: int) -> list[str]:
+    """The middle step's first `first` kernels in launch order, with their durations."""
+    events = sorted(events, key=lambda e: e.start_ns)
+    per_step = len(events) // steps
+    middle = events[per_step * (steps // 2) :][:first]
+    lines = ["", f"| # | kernel, in launch order (step {steps // 2}) | us |", "|---|---|---|"]
+    return lines + [
+        f"| {i} | {e.name[:90]} | {e.duration_ns / 1e3:.1f} |" for i, e in enumerate(middle)
+    ]
+
+
+def report(path: str, steps: int, top: int, order: int = 0) -> list[str]:
     events = device_trace.read(path).kernels
     if not events:
         return ["no device kernels in the trace (the CPU has no device plane)"]
@@ -91,7 +108,7 @@ def report(path: str, steps: int, top: int) -> list[str]:
         n = sum(len(ds) for _, ds in rest)
         t = sum(sum(ds) for _, ds in rest)
         lines.append(f"| ({len(rest)} other names) | {n / steps:.0f} | {t / steps / 1e3:.1f} | |")
-    return lines
+    return lines + (launch_order(events, steps, order) if order else [])
 
 
 def main(argv):
@@ -108,6 +125,9 @@ def main(argv):
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(_REQS.value, _CONTEXT.value, _PAGE.value)
     cache = init_kv_cache(cfg, num_pages, _PAGE.value)
+    if _HLO.value:
+        with open(_HLO.value, "w") as f:
+            f.write(step.lower(params, cache, batch, cfg).compile().as_text())
     with tempfile.TemporaryDirectory() as logdir:
         path = trace_steps(params, cfg, cache, batch, _STEPS.value, logdir)
         lines = [
@@ -116,7 +136,7 @@ def main(argv):
             f"fused_add_norm {cfg.fused_add_norm}, fused_linear {cfg.fused_linear}, "
             f"decode {_REQS.value} x {_CONTEXT.value}, "
             f"{_STEPS.value} steps back to back",
-            *report(path, _STEPS.value, _TOP.value),
+            *report(path, _STEPS.value, _TOP.value, _ORDER.value),
         ]
     print("\n".join(lines))
     if _OUT.value:
