@@ -6,9 +6,9 @@ microseconds of launch and latency for well under one of bytes (RESULTS.md: the 
 step profile). This kernel computes activation(x @ w + b) with the bias and activation
 applied to the f32 accumulator before the one store.
 
-Its neighbours can come in too: `norm` normalises x's rows (LayerNorm or RMSNorm, the
-statistics over all of K in a first loop over x, each chunk then normalised as it is fed
-to the product) and `residual` is added last, so a decoder layer's linear work is four
+Its neighbours can come in too: `norm` normalises x's rows (LayerNorm or RMSNorm: the
+statistics summed in the product's own loop over x, applied in the epilogue, so x is read
+once) and `residual` is added last, so a decoder layer's linear work is four
 launches: the norm with q, k and v; o with the residual add; the norm with up (and GELU);
 down with the residual add. XLA otherwise runs each norm and add as a kernel of its own.
 
@@ -111,32 +111,48 @@ def _kernel(
     ok = jnp.broadcast_to(row < M, (block_m, block_n))
     out_row = jnp.where(row < M, row, M)  # masked-off rows point past the end (interpret)
 
-    def x_chunk(c):  # [BM, BK] f32: x's rows (zero past M), K chunk c
-        return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0).astype(jnp.float32)
+    def x_chunk(c):  # [BM, BK]: x's rows (zero past M), K chunk c
+        return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0)
 
-    if norm:  # the rows' statistics over all of K: one pass, sums shifted by chunk 0's mean
-        shift = jnp.sum(x_chunk(0), 1, keepdims=True) / block_k if norm == "layernorm" else 0.0
+    # With a norm the product runs on (x - shift) * g, rounded to x's dtype, the rows'
+    # statistics summed in the same loop (no second pass over x), and the epilogue applies
+    #   norm(x) @ w = inv * ((x - shift) * g @ w - (mean - shift) * (g @ w)) + beta @ w
+    # shift: for LayerNorm chunk 0's row mean, so the subtraction cancels little (rows far
+    # from centred lose nothing); RMSNorm has no mean, and there it is inv * (x * g @ w).
+    layernorm = norm == "layernorm"
+    shift = jnp.sum(x_chunk(0).astype(jnp.float32), 1, keepdims=True) / block_k if layernorm else 0
 
-        def moments(c, sums):
-            d = x_chunk(c) - shift
-            return sums[0] + jnp.sum(d, 1, keepdims=True), sums[1] + jnp.sum(
-                d * d, 1, keepdims=True
+    def colsum(ref, k0, w):  # [1, BN]: sum over this chunk's k of ref[layer, k] * w[k, :]
+        v = plgpu.load(ref.at[layer, k0 + kw]).astype(jnp.float32)  # [BK, 1]
+        return jnp.sum(v * w.astype(jnp.float32), 0, keepdims=True)
+
+    def normed(c, w, st):  # the chunk's operand in x's dtype, and the statistics updated
+        k0 = c * block_k
+        d = x_chunk(c).astype(jnp.float32) - shift  # [BM, BK]
+        st = dict(st, s2=st["s2"] + jnp.sum(d * d, 1, keepdims=True))
+        if layernorm:
+            st |= dict(
+                s1=st["s1"] + jnp.sum(d, 1, keepdims=True), gw=st["gw"] + colsum(g_ref, k0, w)
             )
+            if beta_ref is not None:
+                st["bw"] = st["bw"] + colsum(beta_ref, k0, w)
+        g = plgpu.load(g_ref.at[layer, k0 + kx]).astype(jnp.float32)  # [1, BK]
+        return (d * g).astype(x_ref.dtype), st
 
-        zero = jnp.zeros((block_m, 1), jnp.float32)
-        s1, s2 = lax.fori_loop(0, K // block_k, moments, (zero, zero))  # [BM, 1] each
-        mean = shift + s1 / K if norm == "layernorm" else 0.0
-        var = s2 / K - (s1 / K) ** 2 if norm == "layernorm" else s2 / K
-        inv = lax.rsqrt(jnp.maximum(var, 0.0) + eps)  # [BM, 1]
+    def stats0():  # the statistics' zeros: row sums [BM, 1], column sums [1, BN]
+        rows, cols = jnp.zeros((block_m, 1), jnp.float32), jnp.zeros((1, block_n), jnp.float32)
+        st = dict(s2=rows)
+        if layernorm:
+            st |= dict(s1=rows, gw=cols) | (dict(bw=cols) if beta_ref is not None else {})
+        return st if norm else {}
 
-    def x_in(c):  # [BM, BK] in x's dtype: the product's operand, normalised as norm_ref
-        if not norm:
-            return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0)
-        at = (layer, c * block_k + kx)  # [1, BK] of the stacked [L, K] norm params
-        h = (x_chunk(c) - mean) * inv * plgpu.load(g_ref.at[at]).astype(jnp.float32)
-        if beta_ref is not None:
-            h = h + plgpu.load(beta_ref.at[at]).astype(jnp.float32)
-        return h.astype(x_ref.dtype)
+    def apply_norm(acc, st):  # [BM, BN] f32: norm(x) @ w from (x - shift) * g @ w
+        if layernorm:
+            m = st["s1"] / K  # mean - shift, [BM, 1]
+            inv = lax.rsqrt(jnp.maximum(st["s2"] / K - m * m, 0.0) + eps)
+            acc = inv * (acc - m * st["gw"])
+            return acc + st["bw"] if "bw" in st else acc
+        return lax.rsqrt(st["s2"] / K + eps) * acc
 
     first = 0  # this product's first column block
     for w_ref, b_ref, y_ref, width in zip(w_refs, b_refs, y_refs, widths, strict=True):
@@ -145,22 +161,28 @@ def _kernel(
         def product(w_ref=w_ref, b_ref=b_ref, y_ref=y_ref, first=first):
             col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
 
-            def chunk(c, acc):
+            def chunk(c, carry):
+                acc, st = carry
                 w = plgpu.load(w_ref.at[layer, c * block_k + kw, col])  # [BK, BN]
-                return acc + lax.dot_general(
-                    x_in(c),
+                x, st = normed(c, w, st) if norm else (x_chunk(c), st)
+                dot = lax.dot_general(
+                    x,
                     w,
                     (((1,), (0,)), ((), ())),
                     precision=precision,
                     preferred_element_type=jnp.float32,
                 )
+                return acc + dot, st
 
             zero = jnp.zeros((block_m, block_n), jnp.float32)
             if splits > 1:  # the caller sums the partials and applies the epilogue
-                acc = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, zero)
+                acc, _ = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, (zero, {}))
                 plgpu.store(y_ref.at[s, out_row, col], acc, mask=ok)
                 return
-            acc = lax.fori_loop(0, chunks, chunk, zero)  # static bounds, as the H200 measured
+            # static bounds, as the H200 measured
+            acc, st = lax.fori_loop(0, chunks, chunk, (zero, stats0()))
+            if norm:
+                acc = apply_norm(acc, st)
             if b_ref is not None:
                 acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
             acc = activate(acc, activation)
@@ -254,10 +276,11 @@ def linear_group(
     products share x: a layer's q, k and v). Blocks and splits left None come from
     `plan_blocks`; `block_n` must divide every N_i.
 
-    With `norm`, each program normalises x's rows (statistics over all of K in f32, then
-    the result rounded to x's dtype, as `norm_ref`) chunk by chunk as it feeds them to the
-    product, so the norm before a layer needs no kernel of its own. `residual` is added to
-    the activated f32 sum before the one rounding (the residual stream after o or down).
+    With `norm`, the product is of x's rows normalised (statistics over all of K in f32;
+    the product's operand rounded to x's dtype, as `norm_ref` rounds its output), so the
+    norm before a layer needs no kernel of its own; its programs then take all of K (no
+    split). `residual` is added to the activated f32 sum before the one rounding (the
+    residual stream after o or down).
 
     `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
     partial sums; their sum, the bias, the activation and the residual then run as XLA ops
@@ -276,7 +299,9 @@ def linear_group(
             )
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two >= 16")
-    S = num_k_splits or planned[3]
+    S = num_k_splits or (1 if norm else planned[3])
+    if norm and S > 1:
+        raise ValueError(f"norm needs each program to see all of K; got num_k_splits={S}")
     if S < 1 or (K // block_k) % S:
         raise ValueError(f"num_k_splits={S} must divide the {K // block_k} chunks of K")
     ws = [w.reshape(-1, K, n) for w, n in zip(ws, widths, strict=True)]  # [L, K, N_i]

@@ -97,28 +97,32 @@ def test_split_k(splits, activation):
 
 
 def _norm_inputs(rng, M, K, L, dtype, norm):
-    """Rows far from centred (offsets up to 50 standard deviations: the one-pass statistics
-    must not cancel them away), norm scales and (LayerNorm's) biases per layer."""
+    """Rows far from centred (offsets up to 50 standard deviations: the statistics must not
+    cancel them away), one whose first 32 columns sit 50 above the rest (the shift the
+    kernel takes from its first chunk is then far from the mean), one with GPT-2-like
+    outlier columns; norm scales and (LayerNorm's) biases per layer."""
     offset = rng.uniform(-50, 50, (M, 1)) if norm == "layernorm" else 0.0
-    x = jnp.asarray(offset + rng.standard_normal((M, K)), dtype)
+    x = offset + rng.standard_normal((M, K))
+    x[0, :32] += 50
+    x[1, [5, 40, 77]] = [300, -250, 400]
+    x = jnp.asarray(x, dtype)
     scale = jnp.asarray(1 + 0.3 * rng.standard_normal((L, K)), dtype)
     bias = jnp.asarray(rng.standard_normal((L, K)), dtype) if norm == "layernorm" else None
     return x, scale, bias
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("splits", [1, 2])
-def test_norm_before_and_residual_after(norm, splits, dtype):
+def test_norm_before_and_residual_after(norm, dtype):
     """activation(norm(x) @ w + b) + residual, the norm's statistics over all of K (several
-    chunks), in split and whole-K programs, for every layer of the stack."""
-    rng = np.random.default_rng(len(norm) * splits)
+    chunks, summed beside the product), for every layer of the stack."""
+    rng = np.random.default_rng(len(norm))
     M, K, N, L = 37, 128, 48, 2
     x, scale, nbias = _norm_inputs(rng, M, K, L, dtype, norm)
-    _, w, b = _inputs(splits, M, K, N, L, dtype)
+    _, w, b = _inputs(3, M, K, N, L, dtype)
     residual = jnp.asarray(10 * rng.standard_normal((M, N)), dtype)
     kw = dict(norm=norm, eps=1e-5, activation="gelu_tanh")
-    f = jax.jit(functools.partial(linear, block_k=32, num_k_splits=splits, **kw))
+    f = jax.jit(functools.partial(linear, block_k=32, **kw))
     for layer in range(L):
         y = f(x, w, b, jnp.int32(layer), norm_scale=scale, norm_bias=nbias, residual=residual)
         assert y.shape == (M, N) and y.dtype == dtype
@@ -225,6 +229,8 @@ def test_supports_and_checks():
         linear(x, w, None, residual=jnp.zeros((8, 32)))
     with pytest.raises(ValueError, match="got 2 products"):
         linear_group(x, w2, (None, None), residual=jnp.zeros((8, 16)))
+    with pytest.raises(ValueError, match="norm needs each program to see all of K"):
+        linear(x, w, None, norm="rmsnorm", norm_scale=jnp.ones((2, 64)), num_k_splits=2)
 
 
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
