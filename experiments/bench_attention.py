@@ -105,6 +105,7 @@ SWEEP = [
     ("warps=8", dict(num_warps=8)),
     ("one_launch", dict(one_launch=True)),
     ("one_launch splits=4", dict(one_launch=True, num_kv_splits=4)),
+    ("one_loop", dict(one_loop=True)),
 ]
 
 

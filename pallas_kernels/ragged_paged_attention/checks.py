@@ -18,6 +18,7 @@ TUNING_ARGS = (
     "num_warps",
     "num_stages",
     "one_launch",
+    "one_loop",
 )
 
 

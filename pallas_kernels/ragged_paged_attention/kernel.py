@@ -28,6 +28,8 @@ Design, point by point against GPU_NOTES.md:
   in f32 (exp2, with the scale folded into log2 e). Chunks wholly before the tile's first
   position run a loop with no masks; only the last one or two run the masked loop (causal
   mask, K/V loads masked past the context, so stale page contents, even NaN, never matter).
+  `one_loop` instead masks every chunk in one loop (a decode program's 4 chunks then
+  pipeline without a drain before the last) and loads the first new-key chunk up front.
 - Split-K: when the grid would have too few (tile, kv head) programs to fill the GPU (few
   long decodes), grid axis 2 splits each tile's kv range into balanced pieces; each writes
   an f32 partial and its log-sum-exp, merged by one fused jnp pass
@@ -145,6 +147,7 @@ def _attend_tile(
     cache_dtype,
     sliding_window: int | None,
     write_new: bool,
+    one_loop: bool,
 ):
     """One (tile, kv head, kv split) program.
 
@@ -257,29 +260,37 @@ def _attend_tile(
                 key_pos = jnp.where(key_pos < cache_end, key_pos, jnp.iinfo(jnp.int32).max)
             return attend(carry, k, v, key_pos, masked)
 
+        new_key = lax.broadcasted_iota(jnp.int32, (block_new, 1), 0)
+        n_lo, n_hi = jnp.maximum(lo - n_cache, 0), jnp.maximum(hi - n_cache, 0)
+
+        def new_chunk(j):  # new keys chunk j: k, v [BN, H] as the cache will hold them
+            key_col = new0 + j * block_new + new_key  # [BN, 1] positions
+            key_ok = key_col < kv_end
+            src = (jnp.clip(q_start + key_col - pos0, 0, T - 1), kv_head, hd)  # packed rows
+            k = plgpu.load(k_new_ref.at[src], mask=key_ok, other=0)  # [BN, H]
+            v = plgpu.load(v_new_ref.at[src], mask=key_ok, other=0)
+            key_pos = new0 + j * block_new + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
+            k, v = (cache_codec.round_trip(a, cache_dtype) for a in (k, v))
+            return k, v, key_pos
+
+        if write_new and one_loop:  # load the first new chunk now, beside the cache loads
+            early = new_chunk(n_lo)  # (hidden as future keys if this split has none)
+            early = (*early[:2], jnp.where(n_lo < n_hi, early[2], jnp.iinfo(jnp.int32).max))
+            n_lo += 1
         carry = (
             jnp.full((M,), -jnp.inf, jnp.float32),
             jnp.zeros((M,), jnp.float32),
             jnp.zeros((M, H), jnp.float32),
         )
-        mid = jnp.clip(full, c_lo, c_hi)
-        carry = lax.fori_loop(c_lo, mid, functools.partial(cache_step, masked=False), carry)
+        mid = c_lo  # one_loop: masks on every chunk, so all of them pipeline as one loop
+        if not one_loop:
+            mid = jnp.clip(full, c_lo, c_hi)
+            carry = lax.fori_loop(c_lo, mid, functools.partial(cache_step, masked=False), carry)
         carry = lax.fori_loop(mid, c_hi, functools.partial(cache_step, masked=True), carry)
         if write_new:
-            new_key = lax.broadcasted_iota(jnp.int32, (block_new, 1), 0)
-
-            def new_step(j, carry):
-                key_col = new0 + j * block_new + new_key  # [BN, 1] positions
-                key_ok = key_col < kv_end
-                src = (jnp.clip(q_start + key_col - pos0, 0, T - 1), kv_head, hd)  # packed rows
-                k = plgpu.load(k_new_ref.at[src], mask=key_ok, other=0)  # [BN, H]
-                v = plgpu.load(v_new_ref.at[src], mask=key_ok, other=0)
-                k = cache_codec.round_trip(k, cache_dtype)  # what the cache will hold
-                v = cache_codec.round_trip(v, cache_dtype)
-                key_pos = new0 + j * block_new + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
-                return attend(carry, k, v, key_pos, masked=True)
-
-            n_lo, n_hi = jnp.maximum(lo - n_cache, 0), jnp.maximum(hi - n_cache, 0)
+            if one_loop:
+                carry = attend(carry, *early, masked=True)
+            new_step = lambda j, carry: attend(carry, *new_chunk(j), masked=True)  # noqa: E731
             carry = lax.fori_loop(n_lo, n_hi, new_step, carry)
         m, l, acc = carry
 
@@ -330,6 +341,7 @@ def _attention_call(
     interpret,
     cache_dtype,
     sliding_window,
+    one_loop,
 ):
     """One `pallas_call` over the tiles of `tile_classes`, their tables one after another
     in `tiles`; writes into `aliased` if given. With `new_kv` (k, v [T, K, H]) it also
@@ -369,6 +381,7 @@ def _attention_call(
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
         write_new=bool(new_kv),
+        one_loop=one_loop,
     )
     return pl.pallas_call(
         kernel,
@@ -379,7 +392,7 @@ def _attention_call(
         interpret=interpret,
         name=(
             f"ragged_paged_attention_bq{'_'.join(str(c.block_q) for c in tile_classes)}"
-            f"_kv{block_kv}_ns{num_splits}{'_write' if new_kv else ''}"
+            f"_kv{block_kv}_ns{num_splits}{'_write' * bool(new_kv)}{'_1loop' * one_loop}"
         ),
     )(*inputs)
 
@@ -408,6 +421,7 @@ def ragged_paged_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     one_launch: bool = False,
+    one_loop: bool = False,
     interpret: bool | None = None,
     cache_dtype=None,
     sliding_window: int | None = None,
@@ -427,7 +441,10 @@ def ragged_paged_attention(
     `prefill_rows` matmul rows of the short-query and long-query tiles; `num_kv_splits`
     split-K factor (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`;
     `one_launch`: both tile classes in one `pallas_call` (long-query tiles first, so a
-    mixed batch's prefill programs run beside its decodes instead of after them).
+    mixed batch's prefill programs run beside its decodes instead of after them);
+    `one_loop`: a program's cache chunks in one loop with the masks on every chunk (not
+    the unmasked chunks, then the last ones masked: two loops, a pipeline drained between
+    them), and with `new_kv` the first new-key chunk loaded before that loop.
     `interpret` defaults to True when the default backend is the CPU. `cache_dtype`: the
     values' type when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`:
     a token at position p sees keys p - sliding_window + 1 ... p only (chunks before every
@@ -453,6 +470,7 @@ def ragged_paged_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         one_launch=one_launch,
+        one_loop=one_loop,
         interpret=interpret,
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
@@ -479,6 +497,7 @@ def _forward(
     num_stages,
     one_launch,
     interpret,
+    one_loop=False,
     new_kv=None,
     tiles=None,
     cache_dtype=None,
@@ -546,6 +565,7 @@ def _forward(
         interpret=interpret,
         cache_dtype=cache_dtype,
         sliding_window=sliding_window,
+        one_loop=one_loop,
     )
     # The first launch makes the output (its padding tiles zero the padding rows); with
     # splits, fresh partial buffers whose padding rows the combine zeroes.

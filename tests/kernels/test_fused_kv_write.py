@@ -107,7 +107,7 @@ def test_fused_write_into_fp8_cache(config, scenario):
 
 
 # split-K (including splits that get only new keys), one launch for both classes, one
-# page per loop step, small tiles, and sliding windows that start inside the new keys
+# page per loop step, small tiles, sliding windows that start inside the new keys, one loop
 VARIANTS = [
     (CONFIGS[0], dict(num_kv_splits=3)),
     (CONFIGS[9], dict(num_kv_splits=4, block_kv=32)),
@@ -116,6 +116,11 @@ VARIANTS = [
     (CONFIGS[6], dict(block_kv=16, decode_rows=32, prefill_rows=32)),
     (CONFIGS[9], dict(sliding_window=5)),
     (CONFIGS[3], dict(sliding_window=40, num_kv_splits=3)),
+    # one loop over the cache chunks, the first new-key chunk loaded before it (in splits
+    # that own new keys and in those that do not; in a sliding window)
+    (CONFIGS[0], dict(one_loop=True)),
+    (CONFIGS[9], dict(one_loop=True, num_kv_splits=3, block_kv=32)),
+    (CONFIGS[3], dict(one_loop=True, sliding_window=40)),
 ]
 
 

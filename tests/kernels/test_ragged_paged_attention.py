@@ -188,13 +188,15 @@ def test_sliding_window_matches_reference(window, tuning, scenario):
 
 
 # Tuning variants: split-K (with empty splits on short contexts), one page per loop step,
-# small decode tiles for GQA, and both tile classes in one launch (with and without splits).
+# small decode tiles for GQA, both tile classes in one launch (with and without splits),
+# and one loop over the cache chunks.
 VARIANTS = [
     (CONFIGS[0], dict(num_kv_splits=3)),
     (CONFIGS[9], dict(num_kv_splits=2, block_kv=64)),
     (CONFIGS[6], dict(block_kv=16, decode_rows=32, prefill_rows=32)),
     (CONFIGS[4], dict(one_launch=True)),
     (CONFIGS[9], dict(one_launch=True, num_kv_splits=2)),
+    (CONFIGS[4], dict(one_loop=True, num_kv_splits=2)),  # masks on every cache chunk
 ]
 
 
@@ -452,6 +454,11 @@ def _triton_calls(fn, args):
             dict(T=128, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
             dict(fused=True),
         ),
+        (  # gpt2's decode bucket, one loop over the cache chunks, the new keys loaded early
+            "one_loop",
+            dict(T=128, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
+            dict(fused=True, one_loop=True),
+        ),
         (  # and into an fp8 cache, both classes in one launch, split-K
             "fused_kv_write_fp8",
             dict(T=576, N=12, K=12, H=64, L=12, P=4200, S=16, R=128, MB=32),
@@ -525,9 +532,12 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
             module = ir.Module.parse(triton_ir)
             assert module.operation.verify()
             text = str(module)
-        # per class: QK and PV dots in the unmasked and the masked loop (and the new keys')
-        loops = 3 if fused else 2
-        assert text.count("tt.dot ") == 2 * loops * num_classes, text
+        # per class: QK and PV dots in the unmasked and the masked loop (and the new keys');
+        # one_loop: the masked loop only, and the first new-key chunk's before the new loop
+        one_loop = tuning.get("one_loop", False)
+        loops = (1 if one_loop else 2) + fused
+        dots = 2 * (loops + (fused and one_loop))
+        assert text.count("tt.dot ") == dots * num_classes, text
         assert text.count("scf.for ") == loops * num_classes, text
         # per class: the output (and, fused, K and V rows into the cache; with splits, lse)
         # (the padding tiles' zeros: one store more)
