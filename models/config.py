@@ -95,6 +95,7 @@ class ModelConfig:
     # Each residual add and the norm after it as one Pallas kernel (`pallas_kernels/add_norm`)
     # instead of XLA's ops; None: this backend's default (`models/decoder.py:
     # AUTO_FUSED_ADD_NORM`). Unsharded steps only (with tensor parallelism XLA's ops run).
+    # With `fused_linear` the linear kernels take the adds and norms in, and this is moot.
     fused_add_norm: bool | None = None
     # Each linear layer with its bias and activation, the norm before it and the residual add
     # after it as one Pallas kernel reading the stacked weights at the layer
