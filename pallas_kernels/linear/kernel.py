@@ -114,13 +114,20 @@ def _kernel(
     def x_chunk(c):  # [BM, BK]: x's rows (zero past M), K chunk c
         return plgpu.load(x_ref.at[x_row, c * block_k + kx], mask=x_ok, other=0)
 
-    # With a norm the product runs on (x - shift) * g, rounded to x's dtype, the rows'
+    # With a norm the product runs on (x - shift) * g * pre, rounded to x's dtype, the rows'
     # statistics summed in the same loop (no second pass over x), and the epilogue applies
     #   norm(x) @ w = inv * ((x - shift) * g @ w - (mean - shift) * (g @ w)) + beta @ w
     # shift: for LayerNorm chunk 0's row mean, so the subtraction cancels little (rows far
     # from centred lose nothing); RMSNorm has no mean, and there it is inv * (x * g @ w).
+    # pre: 1 / chunk 0's spread (never above 1), so the operand stays near the normalised
+    # values' range (f16 rows of large values do not overflow before the epilogue).
     layernorm = norm == "layernorm"
-    shift = jnp.sum(x_chunk(0).astype(jnp.float32), 1, keepdims=True) / block_k if layernorm else 0
+    shift, pre = 0.0, 1.0
+    if norm:
+        x0 = x_chunk(0).astype(jnp.float32)  # [BM, BK]
+        shift = jnp.sum(x0, 1, keepdims=True) / block_k if layernorm else 0.0
+        spread = jnp.sqrt(jnp.sum((x0 - shift) ** 2, 1, keepdims=True) / block_k)
+        pre = 1.0 / jnp.maximum(spread, 1.0)  # [BM, 1]
 
     def colsum(ref, k0, w):  # [1, BN]: sum over this chunk's k of ref[layer, k] * w[k, :]
         v = plgpu.load(ref.at[layer, k0 + kw]).astype(jnp.float32)  # [BK, 1]
@@ -137,7 +144,7 @@ def _kernel(
             if beta_ref is not None:
                 st["bw"] = st["bw"] + colsum(beta_ref, k0, w)
         g = plgpu.load(g_ref.at[layer, k0 + kx]).astype(jnp.float32)  # [1, BK]
-        return (d * g).astype(x_ref.dtype), st
+        return (d * pre * g).astype(x_ref.dtype), st
 
     def stats0():  # the statistics' zeros: row sums [BM, 1], column sums [1, BN]
         rows, cols = jnp.zeros((block_m, 1), jnp.float32), jnp.zeros((1, block_n), jnp.float32)
@@ -146,7 +153,8 @@ def _kernel(
             st |= dict(s1=rows, gw=cols) | (dict(bw=cols) if beta_ref is not None else {})
         return st if norm else {}
 
-    def apply_norm(acc, st):  # [BM, BN] f32: norm(x) @ w from (x - shift) * g @ w
+    def apply_norm(acc, st):  # [BM, BN] f32: norm(x) @ w from (x - shift) * g * pre @ w
+        acc = acc / pre
         if layernorm:
             m = st["s1"] / K  # mean - shift, [BM, 1]
             inv = lax.rsqrt(jnp.maximum(st["s2"] / K - m * m, 0.0) + eps)

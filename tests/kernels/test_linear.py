@@ -100,13 +100,19 @@ def _norm_inputs(rng, M, K, L, dtype, norm):
     """Rows far from centred (offsets up to 50 standard deviations: the statistics must not
     cancel them away), one whose first 32 columns sit 50 above the rest (the shift the
     kernel takes from its first chunk is then far from the mean), one with GPT-2-like
-    outlier columns; norm scales and (LayerNorm's) biases per layer."""
+    outlier columns, one of values near f16's limit under a norm scale of 8 (x * scale
+    would overflow f16 before the normalising); norm scales and (LayerNorm's) biases per
+    layer."""
     offset = rng.uniform(-50, 50, (M, 1)) if norm == "layernorm" else 0.0
     x = offset + rng.standard_normal((M, K))
     x[0, :32] += 50
     x[1, [5, 40, 77]] = [300, -250, 400]
+    x[2] = np.clip(2e4 * rng.standard_normal(K), -6e4, 6e4)  # f16's range, times a scale 8
+    x[2, 3] = 3e4
     x = jnp.asarray(x, dtype)
-    scale = jnp.asarray(1 + 0.3 * rng.standard_normal((L, K)), dtype)
+    scale = 1 + 0.3 * rng.standard_normal((L, K))
+    scale[:, 3] = 8.0
+    scale = jnp.asarray(scale, dtype)
     bias = jnp.asarray(rng.standard_normal((L, K)), dtype) if norm == "layernorm" else None
     return x, scale, bias
 
