@@ -29,7 +29,9 @@ Design, point by point against GPU_NOTES.md:
   position run a loop with no masks; only the last one or two run the masked loop (causal
   mask, K/V loads masked past the context, so stale page contents, even NaN, never matter).
   `one_loop` instead masks every chunk in one loop (a decode program's 4 chunks then
-  pipeline without a drain before the last) and loads the first new-key chunk up front.
+  pipeline without a drain before the last; compiled offline for sm_90 it keeps the 88
+  registers of two loops, where loading the first new-key chunk before the loop, tried
+  beside it, took 128 and cut the programs an SM holds from 5 to 4).
 - Split-K: when the grid would have too few (tile, kv head) programs to fill the GPU (few
   long decodes), grid axis 2 splits each tile's kv range into balanced pieces; each writes
   an f32 partial and its log-sum-exp, merged by one fused jnp pass
@@ -260,23 +262,6 @@ def _attend_tile(
                 key_pos = jnp.where(key_pos < cache_end, key_pos, jnp.iinfo(jnp.int32).max)
             return attend(carry, k, v, key_pos, masked)
 
-        new_key = lax.broadcasted_iota(jnp.int32, (block_new, 1), 0)
-        n_lo, n_hi = jnp.maximum(lo - n_cache, 0), jnp.maximum(hi - n_cache, 0)
-
-        def new_chunk(j):  # new keys chunk j: k, v [BN, H] as the cache will hold them
-            key_col = new0 + j * block_new + new_key  # [BN, 1] positions
-            key_ok = key_col < kv_end
-            src = (jnp.clip(q_start + key_col - pos0, 0, T - 1), kv_head, hd)  # packed rows
-            k = plgpu.load(k_new_ref.at[src], mask=key_ok, other=0)  # [BN, H]
-            v = plgpu.load(v_new_ref.at[src], mask=key_ok, other=0)
-            key_pos = new0 + j * block_new + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
-            k, v = (cache_codec.round_trip(a, cache_dtype) for a in (k, v))
-            return k, v, key_pos
-
-        if write_new and one_loop:  # load the first new chunk now, beside the cache loads
-            early = new_chunk(n_lo)  # (hidden as future keys if this split has none)
-            early = (*early[:2], jnp.where(n_lo < n_hi, early[2], jnp.iinfo(jnp.int32).max))
-            n_lo += 1
         carry = (
             jnp.full((M,), -jnp.inf, jnp.float32),
             jnp.zeros((M,), jnp.float32),
@@ -288,9 +273,20 @@ def _attend_tile(
             carry = lax.fori_loop(c_lo, mid, functools.partial(cache_step, masked=False), carry)
         carry = lax.fori_loop(mid, c_hi, functools.partial(cache_step, masked=True), carry)
         if write_new:
-            if one_loop:
-                carry = attend(carry, *early, masked=True)
-            new_step = lambda j, carry: attend(carry, *new_chunk(j), masked=True)  # noqa: E731
+            new_key = lax.broadcasted_iota(jnp.int32, (block_new, 1), 0)
+
+            def new_step(j, carry):
+                key_col = new0 + j * block_new + new_key  # [BN, 1] positions
+                key_ok = key_col < kv_end
+                src = (jnp.clip(q_start + key_col - pos0, 0, T - 1), kv_head, hd)  # packed rows
+                k = plgpu.load(k_new_ref.at[src], mask=key_ok, other=0)  # [BN, H]
+                v = plgpu.load(v_new_ref.at[src], mask=key_ok, other=0)
+                k = cache_codec.round_trip(k, cache_dtype)  # what the cache will hold
+                v = cache_codec.round_trip(v, cache_dtype)
+                key_pos = new0 + j * block_new + lax.broadcasted_iota(jnp.int32, (1, block_new), 1)
+                return attend(carry, k, v, key_pos, masked=True)
+
+            n_lo, n_hi = jnp.maximum(lo - n_cache, 0), jnp.maximum(hi - n_cache, 0)
             carry = lax.fori_loop(n_lo, n_hi, new_step, carry)
         m, l, acc = carry
 
@@ -444,7 +440,7 @@ def ragged_paged_attention(
     mixed batch's prefill programs run beside its decodes instead of after them);
     `one_loop`: a program's cache chunks in one loop with the masks on every chunk (not
     the unmasked chunks, then the last ones masked: two loops, a pipeline drained between
-    them), and with `new_kv` the first new-key chunk loaded before that loop.
+    them).
     `interpret` defaults to True when the default backend is the CPU. `cache_dtype`: the
     values' type when the caches hold fp8 bits as uint8 (`cache_codec`). `sliding_window`:
     a token at position p sees keys p - sliding_window + 1 ... p only (chunks before every

@@ -116,8 +116,7 @@ VARIANTS = [
     (CONFIGS[6], dict(block_kv=16, decode_rows=32, prefill_rows=32)),
     (CONFIGS[9], dict(sliding_window=5)),
     (CONFIGS[3], dict(sliding_window=40, num_kv_splits=3)),
-    # one loop over the cache chunks, the first new-key chunk loaded before it (in splits
-    # that own new keys and in those that do not; in a sliding window)
+    # one masked loop over the cache chunks (splits with and without new keys; a window)
     (CONFIGS[0], dict(one_loop=True)),
     (CONFIGS[9], dict(one_loop=True, num_kv_splits=3, block_kv=32)),
     (CONFIGS[3], dict(one_loop=True, sliding_window=40)),
