@@ -101,8 +101,9 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
 # each layer's linear work as four Pallas launches (--fused_linear: the norm with q, k and v,
 # o with the residual add, the norm with up and GELU, down with the residual add; measured
 # on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); and the attention
-# kernel's one_loop option (its cache chunks in one pipelined loop). Left off, measured on the H200 (RESULTS.md): fused_add_norm, the attention
-# kernel behind scatters, in one launch, split-K.
+# kernel's one_loop option (its cache chunks in one pipelined loop). Left off, measured on
+# the H200 (RESULTS.md): fused_add_norm, the attention kernel behind scatters, in one
+# launch, split-K.
 for variant in "unrolled -" "unrolled_linear - --fused_linear" "unrolled_1loop one_loop=true" \
   "unrolled_linear_1loop one_loop=true --fused_linear" "scanned -" \
   "scanned_linear - --fused_linear"; do
