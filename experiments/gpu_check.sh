@@ -101,12 +101,13 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
 # each layer's linear work as four Pallas launches (--fused_linear: the norm with q, k and v,
 # o with the residual add, the norm with up and GELU, down with the residual add; measured
 # on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); and the attention
-# kernel's one_loop option (its cache chunks in one pipelined loop). Left off, measured on
+# kernel's one_loop option (its cache chunks in one pipelined loop) and block_kv=64 (compiled
+# offline, experiments/offline_sm90.py: 7 decode programs an SM instead of 5, so the launch
+# is 1.77 waves instead of 2.47). Left off, measured on
 # the H200 (RESULTS.md): fused_add_norm, the attention kernel behind scatters, in one
 # launch, split-K.
 for variant in "unrolled -" "unrolled_linear - --fused_linear" "unrolled_1loop one_loop=true" \
-  "unrolled_linear_1loop one_loop=true --fused_linear" "scanned -" \
-  "scanned_linear - --fused_linear"; do
+  "unrolled_kv64 block_kv=64" "scanned -" "scanned_linear - --fused_linear"; do
   set -- $variant
   unroll=12
   [[ $1 == scanned* ]] && unroll=1
@@ -170,8 +171,7 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   done
   echo "--- one linear layer: XLA's GEMM + epilogue against the fused kernel (gpt2 shapes)"
   grep -E "XLA|planned|chain" "$OUT/linear.md" 2>/dev/null || tail -5 "$OUT/linear.log" 2>/dev/null
-  for v in unrolled unrolled_linear unrolled_1loop unrolled_linear_1loop scanned \
-    scanned_linear; do
+  for v in unrolled unrolled_linear unrolled_1loop unrolled_kv64 scanned scanned_linear; do
     echo "--- whole step, floor case: $v"
     head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
   done

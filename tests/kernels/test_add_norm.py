@@ -11,7 +11,7 @@ import pytest
 
 from pallas_kernels.add_norm.kernel import add_norm
 from pallas_kernels.add_norm.reference import add_norm_ref
-from tests.kernels.test_ragged_paged_attention import _triton_calls
+from pallas_kernels.sm90 import triton_calls
 
 TOL = {jnp.float32: 2e-6, jnp.bfloat16: 1.6e-2, jnp.float16: 2e-3}  # max abs, |h| ~ 1-4
 
@@ -94,7 +94,7 @@ def test_lowers_to_triton_for_h100(layernorm):
     args = (sds((128, 768), jnp.bfloat16),) * 2 + (sds((768,), jnp.bfloat16),)
     args += (sds((768,), jnp.bfloat16),) if layernorm else ()
     fn = functools.partial(add_norm, eps=1e-5, layernorm=layernorm, interpret=False)
-    calls = _triton_calls(lambda *a: fn(*a[:3], a[3] if layernorm else None), args)
+    calls = triton_calls(lambda *a: fn(*a[:3], a[3] if layernorm else None), args)
     ((_, launch, triton_ir),) = calls
     assert launch == dict(grid_x=32, grid_y=1, grid_z=1, num_warps=4, num_stages=1)
     with triton_lowering._new_ir_context():

@@ -17,7 +17,7 @@ from pallas_kernels.linear.kernel import (
     supports,
 )
 from pallas_kernels.linear.reference import linear_ref
-from tests.kernels.test_ragged_paged_attention import _triton_calls
+from pallas_kernels.sm90 import triton_calls
 
 # max |error| relative to max |y|: both accumulate in f32, so what differs is the last
 # rounding (and the order of the sums)
@@ -255,7 +255,7 @@ def test_lowers_to_triton_for_h100(activation):
         sds((), jnp.int32),
     )
     fn = functools.partial(linear, activation=activation, interpret=False)
-    ((op, launch, triton_ir),) = _triton_calls(fn, args)
+    ((op, launch, triton_ir),) = triton_calls(fn, args)
     assert launch == dict(grid_x=2, grid_y=192, grid_z=1, num_warps=4, num_stages=5)
     assert "tensor<12x768x3072xbf16>" in op  # the whole stack is the operand
     with triton_lowering._new_ir_context():
@@ -280,7 +280,7 @@ def test_group_and_split_k_lower_to_triton_for_h100():
     )
     layer = sds((), jnp.int32)
     fn = functools.partial(linear_group, interpret=False)
-    ((_, launch, triton_ir),) = _triton_calls(
+    ((_, launch, triton_ir),) = triton_calls(
         lambda *a: fn(a[0], a[1:4], a[4:7], a[7]), (x, w, w, w, b, b, b, layer)
     )
     assert launch == dict(grid_x=2, grid_y=144, grid_z=1, num_warps=4, num_stages=5)
@@ -290,7 +290,7 @@ def test_group_and_split_k_lower_to_triton_for_h100():
         assert str(module).count("tt.dot ") == 3
     down = sds((12, 3072, 768), jnp.bfloat16)
     fn = functools.partial(linear, num_k_splits=4, block_n=64, interpret=False)
-    ((op, launch, _),) = _triton_calls(fn, (sds((128, 3072), jnp.bfloat16), down, b, layer))
+    ((op, launch, _),) = triton_calls(fn, (sds((128, 3072), jnp.bfloat16), down, b, layer))
     assert launch == dict(grid_x=2, grid_y=12, grid_z=4, num_warps=4, num_stages=5)
     assert "tensor<4x128x768xf32>" in op
 
@@ -329,7 +329,7 @@ def test_norm_and_residual_lower_to_triton_for_h100():
         ),
     ]
     for fn, args, dots, grid in cases:
-        ((_, launch, triton_ir),) = _triton_calls(fn, args)
+        ((_, launch, triton_ir),) = triton_calls(fn, args)
         assert launch == dict(**grid, grid_z=1, num_warps=4, num_stages=5)
         with triton_lowering._new_ir_context():
             module = ir.Module.parse(triton_ir)

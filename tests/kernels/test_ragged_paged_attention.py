@@ -23,6 +23,7 @@ from pallas_kernels.ragged_paged_attention import partition as part
 from pallas_kernels.ragged_paged_attention.kernel import _forward, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_ref
 from pallas_kernels.ragged_paged_attention.testing import random_batch
+from pallas_kernels.sm90 import triton_calls
 
 # Bucket shared by all configs: T tokens, R request rows, contexts up to CTX tokens.
 T, R, CTX = 64, 8, 320
@@ -386,44 +387,6 @@ def test_plan_num_splits():
     assert plan(num_tokens=4096, num_rows=8, max_context=4096) == 1  # prefill bucket
 
 
-H100 = jax.sharding.AbstractDevice(
-    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
-)
-
-
-def _triton_calls(fn, args):
-    """Lower `fn` for an abstract H100 (no GPU needed); the Triton custom calls it emits, as
-    (op text, launch ints, Triton IR bytes), read while the module is alive (an op outlives
-    its module only as a dangling pointer)."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax.sharding import AbstractMesh, AxisType, use_abstract_mesh  # noqa: PLC0415
-
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=H100)
-    with use_abstract_mesh(mesh):
-        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    calls = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "stablehlo.custom_call":
-                        target = ir.StringAttr(child.attributes["call_target_name"]).value
-                        if target == "__gpu$xla.gpu.triton":
-                            config = child.attributes["mhlo.backend_config"]
-                            launch = {
-                                k: ir.IntegerAttr(config[k]).value
-                                for k in ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
-                            }
-                            triton_ir = ir.StringAttr(config["ir"]).value_bytes
-                            calls.append((str(child), launch, triton_ir))
-                    walk(child.operation)
-
-    module = lowered.compiler_ir("stablehlo")
-    walk(module.operation)
-    return calls
-
-
 @pytest.mark.parametrize(
     "name,shape,tuning",
     [  # a GQA decode bucket (planned split-K), a GQA prefill bucket, a cache over 4 GiB
@@ -492,7 +455,7 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
         fn = lambda *a: call(*a[:8], new_kv=a[8:])  # noqa: E731
     else:
         fn = call
-    calls = _triton_calls(fn, args)
+    calls = triton_calls(fn, args)
     planned = part.plan_launches(
         num_tokens=shape["T"],
         num_rows=shape["R"],
