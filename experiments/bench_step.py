@@ -41,7 +41,7 @@ _ADD_NORM = flags.DEFINE_bool(
     "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
 )
 _LINEAR = flags.DEFINE_bool(
-    "fused_linear", None, "ModelConfig.fused_linear (GEMM + bias + activation in one kernel)."
+    "fused_linear", None, "ModelConfig.fused_linear (a layer's linear work as four kernels)."
 )
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
