@@ -47,7 +47,7 @@ def dump(out: str) -> None:
     from pallas_kernels.ragged_paged_attention.kernel import (  # noqa: PLC0415
         ragged_paged_attention,
     )
-    from pallas_kernels.sm90 import triton_calls, triton_ir_text  # noqa: PLC0415
+    from pallas_kernels.sm90 import attention_args, triton_calls, triton_ir_text  # noqa: PLC0415
 
     sds, bf, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
     T, D, F, L, N, H, S, P, MB = 128, 768, 3072, 12, 12, 64, 16, 4200, 32
@@ -88,17 +88,7 @@ def dump(out: str) -> None:
             (h, down, b, layer),
         ),
     }
-    cache = sds((L, N, P, S, H), bf)
-    args = (
-        sds((T, N, H), bf),
-        cache,
-        cache,
-        layer,
-        sds((T,), i32),
-        sds((T, MB), i32),
-        sds((T + 1,), i32),
-        layer,
-    )
+    args = attention_args(T, N, N, H, L, P, S, T, MB, bf)
     new = sds((T, N, H), bf)
     for name, tuning in [
         ("attention (GPU default)", {}),

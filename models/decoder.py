@@ -19,7 +19,7 @@ from models.attention import plan_attention, write_and_attend
 from models.batch import RaggedBatch
 from models.config import ModelConfig
 from models.kv_cache import KVCache
-from models.layers import Params, dense, mlp, norm, rope
+from models.layers import SPECS, Params, dense, mlp, norm, rope
 from models.lora import lora_delta
 from models.quantize import quantize_params
 from pallas_kernels.linear.reference import activate
@@ -44,20 +44,8 @@ AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
 AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
 
 
-# Each projection's einsum (the XLA path's), and where its params live in a layer's tree.
-_SPECS = {
-    "q": "TD,DNH->TNH",
-    "k": "TD,DKH->TKH",
-    "v": "TD,DKH->TKH",
-    "o": "TNH,NHD->TD",
-    "gate": "TD,DF->TF",
-    "up": "TD,DF->TF",
-    "down": "TF,FD->TD",
-}
-
-
 def _params_of(p: Params, name: str) -> Params:
-    """A layer's params `p` of projection `name`."""
+    """A layer's params `p` of projection `name` (each one's einsum: `layers.SPECS`)."""
     return p["mlp"][name] if name in ("gate", "up", "down") else p[name]
 
 
@@ -282,7 +270,7 @@ def decoder_layers(
             got = fused(plain, h, activation) if plain else None
             ys = dict(zip(plain, got, strict=True)) if got else {}
             ys = [
-                ys[n] if n in ys else linear(n, _params_of(p, n), h, _SPECS[n], activation)
+                ys[n] if n in ys else linear(n, _params_of(p, n), h, SPECS[n], activation)
                 for n in names
             ]
             return ys if residual is None else [residual + y for y in ys]
@@ -311,7 +299,7 @@ def decoder_layers(
         # q [T, N, H], k and v [T, K, H]
         q, k, v = proj(("q", "k", "v"), h)
         attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache)
-        x, h = add_norm(x, linear("o", p["o"], attn, _SPECS["o"]), p, "mlp_norm", layer)
+        x, h = add_norm(x, linear("o", p["o"], attn, SPECS["o"]), p, "mlp_norm", layer)
         delta = mlp(p["mlp"], h, config, linear)  # [T, D]
         return (x, delta, k_cache, v_cache, layer + 1), None
 

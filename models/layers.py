@@ -13,6 +13,16 @@ from pallas_kernels.add_norm.reference import norm_ref
 from pallas_kernels.linear.reference import activate
 
 Params = dict
+# Each projection's einsum on the packed token axis.
+SPECS = {
+    "q": "TD,DNH->TNH",
+    "k": "TD,DKH->TKH",
+    "v": "TD,DKH->TKH",
+    "o": "TNH,NHD->TD",
+    "gate": "TD,DF->TF",
+    "up": "TD,DF->TF",
+    "down": "TF,FD->TD",
+}
 
 
 def norm(p: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
@@ -56,8 +66,8 @@ def mlp(p: Params, x: jax.Array, config: ModelConfig, linear=None) -> jax.Array:
     if linear is None:
         linear = lambda _, q, h, spec, activation=None: dense(q, h, spec, activation)  # noqa: E731
     if config.activation == "swiglu":
-        gate = linear("gate", p["gate"], x, "TD,DF->TF")
-        h = jax.nn.silu(gate) * linear("up", p["up"], x, "TD,DF->TF")
+        gate = linear("gate", p["gate"], x, SPECS["gate"])
+        h = jax.nn.silu(gate) * linear("up", p["up"], x, SPECS["up"])
     else:
-        h = linear("up", p["up"], x, "TD,DF->TF", activation="gelu_tanh")
-    return linear("down", p["down"], h, "TF,FD->TD")
+        h = linear("up", p["up"], x, SPECS["up"], activation="gelu_tanh")
+    return linear("down", p["down"], h, SPECS["down"])

@@ -9,11 +9,30 @@ there. What Triton and ptxas then make of that IR needs Triton itself (offline_s
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 H100 = jax.sharding.AbstractDevice(
     device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
 )
 LAUNCH_FIELDS = ("grid_x", "grid_y", "grid_z", "num_warps", "num_stages")
+
+
+def attention_args(T, N, K, H, L, P, S, R, MB, dtype, cache_dtype=None) -> tuple:
+    """`ragged_paged_attention`'s positional inputs as shapes, for lowering: q [T, N, H], the
+    K and V caches [L, K, P, S, H], layer, kv_lens [R], block_tables [R, MB], cu_q_lens
+    [R + 1], num_reqs."""
+    sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    cache = sds((L, K, P, S, H), cache_dtype or dtype)
+    return (
+        sds((T, N, H), dtype),
+        cache,
+        cache,
+        sds((), i32),
+        sds((R,), i32),
+        sds((R, MB), i32),
+        sds((R + 1,), i32),
+        sds((), i32),
+    )
 
 
 def triton_calls(fn, args) -> list[tuple[str, dict[str, int], bytes]]:

@@ -23,7 +23,7 @@ from pallas_kernels.ragged_paged_attention import partition as part
 from pallas_kernels.ragged_paged_attention.kernel import _forward, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_ref
 from pallas_kernels.ragged_paged_attention.testing import random_batch
-from pallas_kernels.sm90 import triton_calls
+from pallas_kernels.sm90 import attention_args, triton_calls
 
 # Bucket shared by all configs: T tokens, R request rows, contexts up to CTX tokens.
 T, R, CTX = 64, 8, 320
@@ -265,22 +265,6 @@ def test_inside_scan_over_layers():
         )
 
 
-def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype, cache_dtype=None):
-    sds = jax.ShapeDtypeStruct
-    i32 = jnp.int32
-    cache_dtype = cache_dtype or dtype
-    return (
-        sds((T, N, H), dtype),
-        sds((L, K, P, S, H), cache_dtype),
-        sds((L, K, P, S, H), cache_dtype),
-        sds((), i32),
-        sds((R,), i32),
-        sds((R, MB), i32),
-        sds((R + 1,), i32),
-        sds((), i32),
-    )
-
-
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -296,13 +280,13 @@ def _abstract_args(T, N, K, H, L, P, S, R, MB, dtype, cache_dtype=None):
 )
 def test_shape_checks(change, match):
     shape = dict(T=8, N=4, K=2, H=32, L=2, P=8, S=16, R=2, MB=4, dtype=jnp.float32) | change
-    args = _abstract_args(**shape)
+    args = attention_args(**shape)
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(functools.partial(ragged_paged_attention, sm_scale=1.0), *args)
 
 
 def test_dtype_and_index_checks():
-    args = list(_abstract_args(8, 4, 2, 32, 2, 8, 16, 2, 4, jnp.float32))
+    args = list(attention_args(8, 4, 2, 32, 2, 8, 16, 2, 4, jnp.float32))
     f = functools.partial(ragged_paged_attention, sm_scale=1.0)
     bad_cache = [args[0], *(jax.ShapeDtypeStruct(a.shape, jnp.bfloat16) for a in args[1:3])]
     with pytest.raises(ValueError, match="must match q dtype"):
@@ -447,7 +431,7 @@ def test_lowers_to_triton_for_h100(name, shape, tuning):
     tuning = dict(tuning)
     fused = tuning.pop("fused", False)  # new K/V [T, K, H] in, stored by the kernel
     fp8 = "cache_dtype" in tuning  # the caches hold fp8 bits as uint8
-    args = _abstract_args(**shape, dtype=dtype, cache_dtype=jnp.uint8 if fp8 else dtype)
+    args = attention_args(**shape, dtype=dtype, cache_dtype=jnp.uint8 if fp8 else dtype)
     call = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False, **tuning)
     if fused:
         new = jax.ShapeDtypeStruct((shape["T"], shape["K"], shape["H"]), dtype)
