@@ -13,36 +13,17 @@ import statistics
 import time
 
 import jax
+import step_flags
 from absl import app, flags
 from bandwidth import copy_bandwidths, describe
 from step_shapes import decode_batch, prefill_batch, time_step
 
-from models import get_config, init_kv_cache, init_params, step
-from models.config import parse_attention_options
-from models.decoder import layer_unroll
+from models import init_kv_cache, init_params, step
 
 _MODELS = flags.DEFINE_list("models", ["tiny-gpt", "gpt2"], "Presets to time.")
 _BUCKETS = flags.DEFINE_list("buckets", ["16", "64", "256"], "Token buckets T.")
 _CONTEXT = flags.DEFINE_integer("context", 256, "Cached tokens per decoding request.")
-_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter / cache dtype.")
-_ATTN = flags.DEFINE_string("attention_impl", "reference", "reference or pallas.")
-_QUANT = flags.DEFINE_enum("quantization", None, ["int8"], "Weight-only int8 layer kernels.")
-_KV_DTYPE = flags.DEFINE_enum(
-    "kv_cache_dtype", "auto", ["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], "KV cache element type."
-)
-_UNROLL = flags.DEFINE_integer(
-    "layer_unroll", None, "Layers per scan iteration (ModelConfig.layer_unroll); unset: auto."
-)
-_OPTIONS = flags.DEFINE_string(
-    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
-)
-_ADD_NORM = flags.DEFINE_bool(
-    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
-)
-_LINEAR = flags.DEFINE_bool(
-    "fused_linear", None, "ModelConfig.fused_linear (a layer's linear work as four kernels)."
-)
+step_flags.define(dtype="float32", attention_impl="reference")
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations (median reported).")
 _FLOOR = flags.DEFINE_bool(
     "floor_case", False, "Also time --floor_reqs decodes x --floor_context against the floor."
@@ -68,24 +49,9 @@ def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
     return statistics.median(times), cache
 
 
-def model_config(name: str):
-    """The preset `name` with this run's dtype, attention, quantization, cache and unroll."""
-    return get_config(
-        name,
-        dtype=_DTYPE.value,
-        attention_impl=_ATTN.value,
-        quantization=_QUANT.value,
-        kv_cache_dtype=_KV_DTYPE.value,
-        layer_unroll=_UNROLL.value,
-        attention_options=parse_attention_options(_OPTIONS.value),
-        fused_add_norm=_ADD_NORM.value,
-        fused_linear=_LINEAR.value,
-    )
-
-
 def main(argv):
     del argv
-    page = _PAGE.value
+    page = step_flags.value("page_size")
     out = _OUT.value
 
     def emit(new: list[str]) -> None:
@@ -101,16 +67,17 @@ def main(argv):
         emit(floor_rows(page))
     emit(
         [
-            f"device: {jax.devices()[0].device_kind}, dtype {_DTYPE.value}"
-            f"{', int8 weights' if _QUANT.value else ''}, kv cache {_KV_DTYPE.value}, attention "
-            f"{_ATTN.value}, page {page}, decode context {_CONTEXT.value}",
+            f"device: {jax.devices()[0].device_kind}, dtype {step_flags.value('dtype')}"
+            f"{', int8 weights' if step_flags.value('quantization') else ''}, kv cache "
+            f"{step_flags.value('kv_cache_dtype')}, attention "
+            f"{step_flags.value('attention_impl')}, page {page}, decode context {_CONTEXT.value}",
             "",
             "| model | case | T | ms/step | tokens/s |",
             "|---|---|---|---|---|",
         ]
     )
     for name in _MODELS.value:
-        cfg = model_config(name)
+        cfg = step_flags.model_config(name)
         params = init_params(cfg, seed=0)
         for t in map(int, _BUCKETS.value):
             context = min(_CONTEXT.value, cfg.max_seq_len - 1)
@@ -130,7 +97,7 @@ def main(argv):
 def floor_rows(page: int) -> list[str]:
     """R decoding requests of context C: step time vs its memory-bandwidth floor."""
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
-    cfg = model_config(name)
+    cfg = step_flags.model_config(name)
     params = init_params(cfg, seed=0)
     batch, num_pages = decode_batch(reqs, ctx, page)
     cache = init_kv_cache(cfg, num_pages, page)
@@ -142,10 +109,7 @@ def floor_rows(page: int) -> list[str]:
     bw = max(bws.values())
     floor = (weight_bytes + kv_bytes) / bw
     return [
-        f"{name} {_DTYPE.value}{' int8' if _QUANT.value else ''} kv {_KV_DTYPE.value} "
-        f"{_ATTN.value} layer_unroll {layer_unroll(cfg)} options {dict(cfg.attention_options)} "
-        f"fused_add_norm {cfg.fused_add_norm} fused_linear {cfg.fused_linear} "
-        f"decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
+        f"{step_flags.describe(name, cfg)} decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
         f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
         f"{bw / 1e12:.2f} TB/s copy;",
         f"  each step waited for: {sec * 1e3:.3f} ms/step = {sec / floor:.2f}x floor; "

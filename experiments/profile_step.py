@@ -20,29 +20,16 @@ import tempfile
 
 import device_trace
 import jax
+import step_flags
 from absl import app, flags
 from step_shapes import decode_batch
 
-from models import get_config, init_kv_cache, init_params, step
-from models.config import parse_attention_options
-from models.decoder import layer_unroll
+from models import init_kv_cache, init_params, step
 
 _MODEL = flags.DEFINE_string("model", "gpt2", "Preset.")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Parameter / cache dtype.")
-_ATTN = flags.DEFINE_string("attention_impl", "pallas", "reference or pallas.")
-_UNROLL = flags.DEFINE_integer("layer_unroll", None, "ModelConfig.layer_unroll; unset: auto.")
-_OPTIONS = flags.DEFINE_string(
-    "attention_options", "", "Pallas kernel options, e.g. one_launch=true,fuse_kv_write=true."
-)
-_ADD_NORM = flags.DEFINE_bool(
-    "fused_add_norm", None, "ModelConfig.fused_add_norm (residual add + norm in one kernel)."
-)
-_LINEAR = flags.DEFINE_bool(
-    "fused_linear", None, "ModelConfig.fused_linear (a layer's linear work as four kernels)."
-)
+step_flags.define(dtype="bfloat16", attention_impl="pallas")
 _REQS = flags.DEFINE_integer("reqs", 128, "Decoding requests.")
 _CONTEXT = flags.DEFINE_integer("context", 512, "Cached tokens per request.")
-_PAGE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps traced.")
 _TOP = flags.DEFINE_integer("top", 20, "Kernel names listed.")
 _OUT = flags.DEFINE_string("out", None, "Write the report to this file too.")
@@ -113,18 +100,10 @@ def report(path: str, steps: int, top: int, order: int = 0) -> list[str]:
 
 def main(argv):
     del argv
-    cfg = get_config(
-        _MODEL.value,
-        dtype=_DTYPE.value,
-        attention_impl=_ATTN.value,
-        layer_unroll=_UNROLL.value,
-        attention_options=parse_attention_options(_OPTIONS.value),
-        fused_add_norm=_ADD_NORM.value,
-        fused_linear=_LINEAR.value,
-    )
+    cfg = step_flags.model_config(_MODEL.value)
     params = init_params(cfg, seed=0)
-    batch, num_pages = decode_batch(_REQS.value, _CONTEXT.value, _PAGE.value)
-    cache = init_kv_cache(cfg, num_pages, _PAGE.value)
+    batch, num_pages = decode_batch(_REQS.value, _CONTEXT.value, step_flags.value("page_size"))
+    cache = init_kv_cache(cfg, num_pages, step_flags.value("page_size"))
     batch = jax.device_put(batch)
     compiled = step.lower(params, cache, batch, cfg).compile()  # once: traced and dumped
     if _HLO.value:
@@ -133,9 +112,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as logdir:
         path = trace_steps(compiled, params, cache, batch, _STEPS.value, logdir)
         lines = [
-            f"{jax.devices()[0].device_kind}: {_MODEL.value} {_DTYPE.value} {_ATTN.value} "
-            f"layer_unroll {layer_unroll(cfg)}, attention options {dict(cfg.attention_options)}, "
-            f"fused_add_norm {cfg.fused_add_norm}, fused_linear {cfg.fused_linear}, "
+            f"{jax.devices()[0].device_kind}: {step_flags.describe(_MODEL.value, cfg)}, "
             f"decode {_REQS.value} x {_CONTEXT.value}, "
             f"{_STEPS.value} steps back to back",
             *report(path, _STEPS.value, _TOP.value, _ORDER.value),
