@@ -103,11 +103,15 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
 # on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); and the attention
 # kernel's one_loop option (its cache chunks in one pipelined loop) and block_kv=64 (compiled
 # offline, experiments/offline_sm90.py: 7 decode programs an SM instead of 5, so the launch
-# is 1.77 waves instead of 2.47). Left off, measured on
-# the H200 (RESULTS.md): fused_add_norm, the attention kernel behind scatters, in one
-# launch, split-K.
-for variant in "unrolled -" "unrolled_linear - --fused_linear" "unrolled_1loop one_loop=true" \
-  "unrolled_kv64 block_kv=64" "scanned -" "scanned_linear - --fused_linear"; do
+# is 1.77 waves instead of 2.47); and prefill_rows=16 (_1class: one tile class, so one
+# attention launch a layer, not two with the second empty on a decode-only batch: 14 us a
+# step on the H200; experiments/offline_gpu_hlo.py: 6 launches a layer with fused_linear).
+# Left off, measured on the H200 (RESULTS.md): fused_add_norm, the attention kernel behind
+# scatters, in one launch, split-K.
+for variant in "unrolled -" "unrolled_linear - --fused_linear" \
+  "unrolled_linear_1class prefill_rows=16 --fused_linear" "unrolled_1loop one_loop=true" \
+  "unrolled_kv64 block_kv=64" "unrolled_1class prefill_rows=16" "scanned -" \
+  "scanned_linear - --fused_linear"; do
   set -- $variant
   unroll=12
   [[ $1 == scanned* ]] && unroll=1
@@ -171,7 +175,8 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   done
   echo "--- one linear layer: XLA's GEMM + epilogue against the fused kernel (gpt2 shapes)"
   grep -E "XLA|planned|chain" "$OUT/linear.md" 2>/dev/null || tail -5 "$OUT/linear.log" 2>/dev/null
-  for v in unrolled unrolled_linear unrolled_1loop unrolled_kv64 scanned scanned_linear; do
+  for v in unrolled unrolled_linear unrolled_linear_1class unrolled_1loop unrolled_kv64 \
+    unrolled_1class scanned scanned_linear; do
     echo "--- whole step, floor case: $v"
     head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
   done

@@ -91,6 +91,30 @@ def test_tile_tables_are_built_once_per_step(one_launch):
     assert names.count("cumsum") == 2  # the decode-tile and the prefill-tile tables
 
 
+def test_one_tile_class_is_one_launch_a_layer_and_matches_reference():
+    """attention_options prefill_rows=16 (= decode_rows): prefill chunks take 16-row tiles
+    too, so a layer launches the kernel once (not twice, the second launch empty whenever
+    the batch is all decodes), and the step still gives the reference's logits over prefill
+    chunks of 20 and 33 tokens and decodes."""
+    base = get_config("tiny-gpt", attention_impl="pallas")
+    one = base.replace(attention_options={"prefill_rows": 16})
+    params = init_params(base, seed=2)
+    batches = mixed_batches(base, np.random.default_rng(4))
+    cache = init_kv_cache(base, NUM_PAGES, PAGE)
+
+    def launches(cfg):
+        closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batches[0], cfg)
+        (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+        eqns = _walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False)
+        return sum(e.primitive.name == "pallas_call" for e in eqns)
+
+    assert (launches(base), launches(one)) == (2, 1)
+    got, _ = _two_steps(one, params, batches)
+    ref, _ = _two_steps(base.replace(attention_impl="reference"), params, batches)
+    for g, r in zip(got, ref, strict=True):
+        assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
+
+
 def test_llm_takes_attention_options():
     """`LLM(attention_options=...)` (the CLI's --attention_options) reaches the step: the
     kernel writing K/V itself, both tile classes in one launch, serves the same greedy
