@@ -2,9 +2,13 @@
 
   python experiments/bench_step.py --models=tiny-gpt,gpt2 --buckets=16,64,256
   python experiments/bench_step.py --models=gpt2 --dtype=bfloat16 --floor_case   # on a GPU
+  python experiments/bench_step.py --dtype=bfloat16 --attention_impl=pallas --buckets= \
+      --variants=unrolled,unrolled_linear,scanned        # the floor case, side by side
 
 Decode rows: R requests, one token each, every request with `--context` tokens cached.
 Prefill rows: one request of T prompt tokens. Prints a markdown table (and writes --out).
+`--variants` times the floor case once per named variant of the step (VARIANTS: settings
+laid over the flags' config) in one process, one after another on the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +36,31 @@ _FLOOR_FIRST = flags.DEFINE_bool("floor_first", False, "Time the floor case befo
 _FLOOR_MODEL = flags.DEFINE_string("floor_model", "gpt2", "Model of the floor case.")
 _FLOOR_REQS = flags.DEFINE_integer("floor_reqs", 128, "Decoding requests of the floor case.")
 _FLOOR_CTX = flags.DEFINE_integer("floor_context", 512, "Context of the floor case.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Also time the floor case for each of these VARIANTS, side by side."
+)
 _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
+
+# Settings laid over the flags' config per variant: layer_unroll ("all" or 1), fused_linear,
+# and attention kernel options (added to --attention_options). Most wanted first.
+VARIANTS: dict[str, dict] = {
+    "unrolled": dict(layer_unroll="all"),
+    "unrolled_linear": dict(layer_unroll="all", fused_linear=True),
+    # one attention tile class: one launch a layer (prefill chunks in 16-row tiles too)
+    "unrolled_linear_1class": dict(
+        layer_unroll="all", fused_linear=True, attention_options=dict(prefill_rows=16)
+    ),
+    "unrolled_1class": dict(layer_unroll="all", attention_options=dict(prefill_rows=16)),
+    "unrolled_1loop": dict(layer_unroll="all", attention_options=dict(one_loop=True)),
+    "unrolled_kv64": dict(layer_unroll="all", attention_options=dict(block_kv=64)),
+    "unrolled_linear_1class_kv64": dict(
+        layer_unroll="all",
+        fused_linear=True,
+        attention_options=dict(prefill_rows=16, block_kv=64),
+    ),
+    "scanned": dict(layer_unroll=1),
+    "scanned_linear": dict(layer_unroll=1, fused_linear=True),
+}
 
 
 def time_back_to_back(params, cfg, cache, batch, steps: int, samples: int = 5):
@@ -92,6 +120,54 @@ def main(argv):
                 del cache
     if _FLOOR.value and not _FLOOR_FIRST.value:
         emit(floor_rows(page))
+    if _VARIANTS.value:
+        variant_rows(page, _VARIANTS.value, emit)
+
+
+def variant(cfg, settings: dict):
+    """`cfg` with a VARIANTS entry's settings laid over it."""
+    settings = dict(settings)
+    if settings.get("layer_unroll") == "all":
+        settings["layer_unroll"] = cfg.n_layers
+    options = dict(cfg.attention_options) | settings.pop("attention_options", {})
+    return cfg.replace(attention_options=tuple(sorted(options.items())), **settings)
+
+
+def variant_rows(page: int, names: list[str], emit) -> None:
+    """The floor case once per variant, on the same weights, emitted row by row."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
+    base = step_flags.model_config(name)
+    params = init_params(base, seed=0)
+    batch, num_pages = decode_batch(reqs, ctx, page)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv_bytes = reqs * (ctx + 1) * base.kv_bytes_per_token()
+    bws = copy_bandwidths()
+    floor = (weight_bytes + kv_bytes) / max(bws.values())
+    emit(
+        [
+            "",
+            f"{jax.devices()[0].device_kind}: {step_flags.describe(name, base)}, decode {reqs} "
+            f"x {ctx}, variants side by side; floor {floor * 1e3:.3f} ms "
+            f"(copy bandwidth: {describe(bws)})",
+            "",
+            "| variant | settings | waited for (ms) | queued (ms) | x floor (queued) |",
+            "|---|---|---|---|---|",
+        ]
+    )
+    iters = max(_ITERS.value, 20)
+    for v in names:
+        cfg = variant(base, VARIANTS[v])
+        cache = init_kv_cache(cfg, num_pages, page)
+        sec, cache = time_step(params, cfg, cache, batch, iters)
+        queued, cache = time_back_to_back(params, cfg, cache, batch, iters)
+        settings = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
+        emit(
+            [f"| {v} | {settings} | {sec * 1e3:.3f} | {queued * 1e3:.3f} | {queued / floor:.2f}x |"]
+        )
+        del cache
 
 
 def floor_rows(page: int) -> list[str]:

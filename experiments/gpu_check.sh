@@ -11,7 +11,8 @@
 #      kernel, planned blocks and a sweep, then a layer's whole chain of linear work with the
 #      norms and residual adds in the kernels or not (bench_linear.py, linear.md); then the
 #      whole gpt2 bf16 step, 128 decodes x 512, the floor case alone against its floor,
-#      unrolled and scanned, with XLA's GEMMs or ours (fused_linear); then where the device
+#      variants side by side in one process (bench_step.py --variants: unrolled and scanned,
+#      XLA's GEMMs or ours, attention options; STEP_VARIANTS picks); then where the device
 #      time goes (profile_step.py: kernels by name, one layer's in launch order, and the
 #      optimized HLO, which says what XLA fused into each)
 #   2. the kernel tests on the GPU (Triton, not interpret; TEST_FLAGS picks), and the
@@ -97,29 +98,22 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
   stage "$name" "$max" "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
     --iters=20 --floor_case --floor_first --out "$OUT/$name.md" "$@" ${STEP_FLAGS:-}
 }
-# The 1.4x goal: the floor case alone, layers unrolled and scanned, with XLA's GEMMs or with
-# each layer's linear work as four Pallas launches (--fused_linear: the norm with q, k and v,
-# o with the residual add, the norm with up and GELU, down with the residual add; measured
-# on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); and the attention
-# kernel's one_loop option (its cache chunks in one pipelined loop) and block_kv=64 (compiled
-# offline, experiments/offline_sm90.py: 7 decode programs an SM instead of 5, so the launch
-# is 1.77 waves instead of 2.47); and prefill_rows=16 (_1class: one tile class, so one
-# attention launch a layer, not two with the second empty on a decode-only batch: 14 us a
-# step on the H200; experiments/offline_gpu_hlo.py: 6 launches a layer with fused_linear).
+# The 1.4x goal: the floor case alone, side by side in one process (bench_step.py
+# --variants; settings in its VARIANTS), most wanted first: layers unrolled with XLA's GEMMs
+# or each layer's linear work as four Pallas launches (fused_linear: the norm with q, k and
+# v, o with the residual add, the norm with up and GELU, down with the residual add;
+# measured on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); one attention
+# tile class (_1class, prefill_rows=16: one attention launch a layer, not two with the
+# second empty on a decode-only batch, 14 us a step on the H200; offline_gpu_hlo.py: 6
+# launches a layer with fused_linear); the attention kernel's one_loop option (its cache
+# chunks in one pipelined loop) and block_kv=64 (compiled offline, offline_sm90.py: 7
+# decode programs an SM instead of 5, 1.77 waves instead of 2.47); then scanned layers.
 # Left off, measured on the H200 (RESULTS.md): fused_add_norm, the attention kernel behind
 # scatters, in one launch, split-K.
-for variant in "unrolled -" "unrolled_linear - --fused_linear" \
-  "unrolled_linear_1class prefill_rows=16 --fused_linear" "unrolled_1loop one_loop=true" \
-  "unrolled_kv64 block_kv=64" "unrolled_1class prefill_rows=16" "scanned -" \
-  "scanned_linear - --fused_linear"; do
-  set -- $variant
-  unroll=12
-  [[ $1 == scanned* ]] && unroll=1
-  options=${2:-}
-  [ "$options" = - ] && options=
-  step "step_$1" 50 --attention_impl=pallas --layer_unroll=$unroll --buckets= \
-    --attention_options="$options" ${3:-}
-done
+stage step_variants 300 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \
+  --attention_impl=pallas --buckets= --iters=20 --out "$OUT/step_variants.md" \
+  --variants="${STEP_VARIANTS:-unrolled,unrolled_linear,unrolled_linear_1class,unrolled_1class,unrolled_1loop,unrolled_kv64,unrolled_linear_1class_kv64,scanned,scanned_linear}" \
+  ${STEP_FLAGS:-}
 for variant in "unrolled 12" "unrolled_linear 12 --fused_linear"; do
   set -- $variant
   stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
@@ -175,11 +169,8 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   done
   echo "--- one linear layer: XLA's GEMM + epilogue against the fused kernel (gpt2 shapes)"
   grep -E "XLA|planned|chain" "$OUT/linear.md" 2>/dev/null || tail -5 "$OUT/linear.log" 2>/dev/null
-  for v in unrolled unrolled_linear unrolled_linear_1class unrolled_1loop unrolled_kv64 \
-    unrolled_1class scanned scanned_linear; do
-    echo "--- whole step, floor case: $v"
-    head -3 "$OUT/step_$v.md" 2>/dev/null || tail -3 "$OUT/step_$v.log" 2>/dev/null
-  done
+  echo "--- whole step, floor case: variants side by side"
+  grep -E "^\||variants side" "$OUT/step_variants.md" 2>/dev/null || tail -5 "$OUT/step_variants.log" 2>/dev/null
   for v in unrolled unrolled_linear; do
     echo "--- where the step's device time goes ($v)"
     head -22 "$OUT/profile_$v.log" 2>/dev/null
