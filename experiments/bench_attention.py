@@ -54,7 +54,8 @@ class Case:
     head_dim: int = 64
     page_size: int = 16
     decode_only: bool = False
-    sweep: bool = False  # also time the tuning variants in SWEEP
+    # also time the tuning variants in SWEEP: all of them (True) or those named
+    sweep: bool | tuple[str, ...] = False
     cache_dtype: str | None = None  # an fp8 type: the cache holds its bits (kv_cache_dtype)
 
 
@@ -76,7 +77,15 @@ def cases(small: bool) -> list[Case]:
             _decode("decode 4x40", 4, 40, **kw),
             _mixed("mixed 2 prefills + 3x40", 3, 40, prompts=(24, 9), bucket=16, **kw),
             Case("prefill 2x32", (32, 32), (32, 32), 64, 2, **kw),
-            _decode("gqa decode 4x40 (N=6,K=2)", 4, 40, heads=6, kv_heads=2, head_dim=32),
+            _decode(
+                "gqa decode 4x40 (N=6,K=2)",
+                4,
+                40,
+                heads=6,
+                kv_heads=2,
+                head_dim=32,
+                sweep=("splits=1",),
+            ),
             _decode("decode 4x40, fp8 cache", 4, 40, cache_dtype="float8_e4m3fn", **kw),
         ]
     smol = dict(heads=9, kv_heads=3)
@@ -84,7 +93,14 @@ def cases(small: bool) -> list[Case]:
     return [
         _decode("decode 128x512", 128, 512, sweep=True),
         _mixed("mixed 3 prefills + 125x512", 125, 512, sweep=True),
-        _decode("smollm2 decode 128x512 (N=9,K=3)", 128, 512, **smol),
+        # 384 (request, kv head) programs: planned with 2 kv splits and a merge
+        _decode(
+            "smollm2 decode 128x512 (N=9,K=3)",
+            128,
+            512,
+            sweep=("splits=1", "splits=4", "block_kv=64"),
+            **smol,
+        ),
         _mixed("smollm2 mixed 3 prefills + 125x512", 125, 512, **smol),
         _decode("decode 128x512, fp8 e4m3 cache", 128, 512, cache_dtype="float8_e4m3fn"),
         Case("prefill 8x512", (512,) * 8, (512,) * 8, 4096, 8),
@@ -186,6 +202,8 @@ def run_case(case: Case, small: bool, sweep: bool, iters: int, reps: int) -> lis
     ]
     if sweep and case.sweep:
         for name, tuning in SWEEP:
+            if case.sweep is not True and name not in case.sweep:
+                continue
             fn = functools.partial(ours, **tuning)
             rows.append(
                 dict(
@@ -258,7 +276,9 @@ def main(argv):
     bws, device, out = bench_context(small, _OUT.value, "attention.md")
     rows = []
     for case in cases(small):
-        rows += run_case(case, small, _SWEEP.value and not small, iters, reps)
+        # --small sweeps only the cases naming their variants (a short list)
+        sweep = _SWEEP.value and (not small or isinstance(case.sweep, tuple))
+        rows += run_case(case, small, sweep, iters, reps)
         print(f"done: {case.name}", flush=True)
         if out:  # after every case, so a timeout keeps what was measured
             with open(out, "w") as f:
