@@ -96,8 +96,9 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
     where the config asks for it and the weights are plain (not int8) and unsharded.
 
     `norm` names the stacked norm params (`layers[norm]`) the kernel applies to h's rows
-    first; `residual` [T, D] is added to the one output. So a layer is five launches: norm
-    with q, k and v; attention; o with the residual add; norm with up (and gate); down with
+    first; `residual` [T, D] is added to the one output; `gated` (names = gate, up) makes
+    the one output activation(gate) * up. So a layer is five launches: norm with q, k and v;
+    attention; o with the residual add; norm with up (or with gate and up, gated); down with
     the residual add.
 
     Every spec of the decoder contracts all of h's axes after T with the weight's leading
@@ -107,7 +108,7 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
         return None
     from pallas_kernels.linear.kernel import linear_group, supports
 
-    def fused_linear(names, h, layer, activation=None, norm=None, residual=None):
+    def fused_linear(names, h, layer, activation=None, norm=None, residual=None, gated=False):
         stacks = [_params_of(layers, n) for n in names]
         outs = [st["kernel"].shape[h.ndim :] for st in stacks]  # kernels: [L, *h.shape[1:], *out]
         K, Ns = h[0].size, [math.prod(out) for out in outs]
@@ -127,7 +128,9 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
             eps=config.norm_eps,
             residual=residual,
             activation=activation,
+            gated=gated,
         )
+        outs = outs[:1] if gated else outs  # gated: one output, shaped as each product
         return [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
 
     return fused_linear
@@ -245,11 +248,11 @@ def decoder_layers(
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
-        def fused(names, h, activation=None, norm_name=None, residual=None):
+        def fused(names, h, activation=None, norm_name=None, residual=None, gated=False):
             """The Pallas kernel's outputs, or None (XLA's ops then)."""
             if fused_linear is None or (lora is not None and any(n in lora for n in names)):
                 return None
-            return fused_linear(names, h, layer, activation, norm_name, residual)
+            return fused_linear(names, h, layer, activation, norm_name, residual, gated)
 
         def linear(name, lp, h, spec, activation=None):
             if lora is None or name not in lora:
@@ -259,20 +262,24 @@ def decoder_layers(
             extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return activate(y + extra.reshape(y.shape), activation)
 
-        def proj(names, h, activation=None, norm_name=None, residual=None):
-            """activation(norm(h) @ w + b) (+ residual) for each name: one kernel where it
-            can, else XLA's norm, each `linear` and the add."""
-            ys = fused(names, h, activation, norm_name, residual)
+        def proj(names, h, activation=None, norm_name=None, residual=None, gated=False):
+            """activation(norm(h) @ w + b) (+ residual) for each name, or (gated: names =
+            gate, up) the one output activation(gate) * up: one kernel where it can, else
+            XLA's norm, each `linear`, the gating and the add."""
+            ys = fused(names, h, activation, norm_name, residual, gated)
             if ys is not None:
                 return ys
             h = h if norm_name is None else norm(p[norm_name], h, config)
+            each = None if gated else activation  # gated: applied to the gate below
             plain = [n for n in names if lora is None or n not in lora]  # still one launch
-            got = fused(plain, h, activation) if plain else None
+            got = fused(plain, h, each) if plain else None
             ys = dict(zip(plain, got, strict=True)) if got else {}
             ys = [
-                ys[n] if n in ys else linear(n, _params_of(p, n), h, SPECS[n], activation)
-                for n in names
+                ys[n] if n in ys else linear(n, _params_of(p, n), h, SPECS[n], each) for n in names
             ]
+            if gated:
+                gate, up = ys
+                ys = [activate(gate, activation) * up]
             return ys if residual is None else [residual + y for y in ys]
 
         def attend(q, k, v, k_cache, v_cache):  # [T, N, H], the caches written
@@ -288,8 +295,7 @@ def decoder_layers(
             attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache)
             (x,) = proj(("o",), attn, residual=x)
             if config.activation == "swiglu":
-                gate, up = proj(("gate", "up"), x, norm_name="mlp_norm")
-                h = jax.nn.silu(gate) * up
+                (h,) = proj(("gate", "up"), x, "silu", norm_name="mlp_norm", gated=True)
             else:
                 (h,) = proj(("up",), x, "gelu_tanh", norm_name="mlp_norm")
             (x,) = proj(("down",), h, residual=x)

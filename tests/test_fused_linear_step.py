@@ -59,7 +59,7 @@ def _kind(call) -> str:
             None,
             ["layernorm_bias_x3", "bias_residual", "layernorm_bias_gelu_tanh", "bias_residual"],
         ),
-        ("tiny-llama", 2, None, ["rmsnorm_x3", "residual", "rmsnorm_x2", "residual"]),
+        ("tiny-llama", 2, None, ["rmsnorm_x3", "residual", "rmsnorm_silu_gated", "residual"]),
         # a long K loop (down: K = 2048) split 4 ways: f32 partials summed by XLA
         (
             "tiny-gpt",
@@ -104,16 +104,32 @@ def test_what_falls_back_to_xla():
     assert len(dots) == 2 and len(norms) == 1
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama"])
-def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name):
-    """LoRA on q and down only: those two (and the norm before q, the residual add after
-    down) run XLA's ops with the adapter; k and v keep the kernel, one launch on the normed
-    x, and so do o, gate and up with their norm and residual add. Logits: the XLA step's."""
+@pytest.mark.parametrize(
+    "name,adapted,want",
+    [
+        # k+v, o, up
+        ("tiny-gpt", ("q", "down"), ["bias_x2", "bias_residual", "layernorm_bias_gelu_tanh"]),
+        # k+v, o, silu(gate) * up
+        ("tiny-llama", ("q", "down"), ["x2", "residual", "rmsnorm_silu_gated"]),
+        # q+k+v, o, gate alone (XLA gates it with the adapted up), down
+        ("tiny-llama", ("up",), ["rmsnorm_x3", "residual", "", "residual"]),
+    ],
+)
+def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name, adapted, want):
+    """LoRA on some projections: those (and the norm before them, the residual add after
+    down) run XLA's ops with the adapter; the rest of their launch keeps the kernel on the
+    normed x (k and v without q; gate without up, gated by XLA after), and so do the other
+    launches with their norm and residual add. Logits: the XLA step's."""
     base = get_config(name, attention_impl="pallas")
     fused = base.replace(fused_linear=True)
     params = _with_random_biases(init_params(base, seed=2), 1)
     rng = np.random.default_rng(4)
-    dims = {"q": (base.d_model, base.n_heads * base.head_dim), "down": (base.d_ff, base.d_model)}
+    dims = {
+        "q": (base.d_model, base.n_heads * base.head_dim),
+        "up": (base.d_model, base.d_ff),
+        "down": (base.d_ff, base.d_model),
+    }
+    dims = {n: dims[n] for n in adapted}
     params["layers"]["lora"] = {
         n: {
             "a": (0.3 * rng.standard_normal((base.n_layers, 2, d_in, 4))).astype(np.float32),
@@ -126,11 +142,8 @@ def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name):
         for b in mixed_batches(base, np.random.default_rng(3))
     ]
     calls, dots, norms = _linear_calls(fused, params, batches[1])
-    want = ["bias_x2", "bias_residual", "layernorm_bias_gelu_tanh"]  # k+v, o, up
-    if base.activation == "swiglu":
-        want = ["x2", "residual", "rmsnorm_x2"]  # k+v, o, gate+up
     assert sorted(map(_kind, calls)) == sorted(want)
-    assert len(norms) == 1  # q's
+    assert len(norms) == 1  # the adapted launch's
     got, _ = _two_steps(fused, params, batches)
     plain, _ = _two_steps(base, params, batches)
     without, _ = _two_steps(base, {**params, "layers": _no_lora(params["layers"])}, batches)

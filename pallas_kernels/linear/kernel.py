@@ -9,8 +9,9 @@ applied to the f32 accumulator before the one store.
 Its neighbours can come in too: `norm` normalises x's rows (LayerNorm or RMSNorm: the
 statistics summed in the product's own loop over x, applied in the epilogue, so x is read
 once) and `residual` is added last, so a decoder layer's linear work is four
-launches: the norm with q, k and v; o with the residual add; the norm with up (and GELU);
-down with the residual add. XLA otherwise runs each norm and add as a kernel of its own.
+launches: the norm with q, k and v; o with the residual add; the norm with up (and GELU),
+or with a gated MLP's gate and up (`gated`: silu(gate) * up stored, neither product); down
+with the residual add. XLA otherwise runs each norm, add and gating as a kernel of its own.
 
 It reads the decoder's stacked `[L, K, N]` weights (and `[L, N]` biases) at a layer index,
 so a scan over layers slices nothing out of them first (a slice passed to a custom call is
@@ -86,11 +87,13 @@ def _kernel(
     block_k,
     splits,
     activation,
+    gated,
     precision,
 ):
     """Program (i, j, s): rows i, column block j of the concatenated outputs (so of one
-    product), K range s; stores activation(norm(x) @ w + b) (+ residual) or, split, the f32
-    partial sum."""
+    product; gated, of both), K range s; stores activation(norm(x) @ w + b) (+ residual),
+    gated activation(norm(x) @ w_gate + b_gate) * (norm(x) @ w_up + b_up), or, split, the
+    f32 partial sums."""
     n = len(widths)
     refs = list(refs)
     w_refs, refs = refs[:n], refs[n:]
@@ -133,75 +136,90 @@ def _kernel(
         v = plgpu.load(ref.at[layer, k0 + kw]).astype(jnp.float32)  # [BK, 1]
         return jnp.sum(v * w.astype(jnp.float32), 0, keepdims=True)
 
-    def normed(c, w, st):  # the chunk's operand in x's dtype, and the statistics updated
+    def normed(c, ws, st):  # the chunk's operand in x's dtype, and the statistics updated
         k0 = c * block_k
         d = x_chunk(c).astype(jnp.float32) - shift  # [BM, BK]
         st = dict(st, s2=st["s2"] + jnp.sum(d * d, 1, keepdims=True))
         if layernorm:
-            st |= dict(
-                s1=st["s1"] + jnp.sum(d, 1, keepdims=True), gw=st["gw"] + colsum(g_ref, k0, w)
-            )
-            if beta_ref is not None:
-                st["bw"] = st["bw"] + colsum(beta_ref, k0, w)
+            st["s1"] = st["s1"] + jnp.sum(d, 1, keepdims=True)
+            for i, w in enumerate(ws):  # column sums per product
+                st[f"gw{i}"] = st[f"gw{i}"] + colsum(g_ref, k0, w)
+                if beta_ref is not None:
+                    st[f"bw{i}"] = st[f"bw{i}"] + colsum(beta_ref, k0, w)
         g = plgpu.load(g_ref.at[layer, k0 + kx]).astype(jnp.float32)  # [1, BK]
         return (d * pre * g).astype(x_ref.dtype), st
 
-    def stats0():  # the statistics' zeros: row sums [BM, 1], column sums [1, BN]
+    def stats0(count):  # the statistics' zeros: row sums [BM, 1], column sums [1, BN]
         rows, cols = jnp.zeros((block_m, 1), jnp.float32), jnp.zeros((1, block_n), jnp.float32)
         st = dict(s2=rows)
         if layernorm:
-            st |= dict(s1=rows, gw=cols) | (dict(bw=cols) if beta_ref is not None else {})
+            st["s1"] = rows
+            for i in range(count):
+                st[f"gw{i}"] = cols
+                if beta_ref is not None:
+                    st[f"bw{i}"] = cols
         return st if norm else {}
 
-    def apply_norm(acc, st):  # [BM, BN] f32: norm(x) @ w from (x - shift) * g * pre @ w
+    def apply_norm(acc, st, i):  # [BM, BN] f32: norm(x) @ w_i from (x - shift) * g * pre @ w_i
         acc = acc / pre
         if layernorm:
             m = st["s1"] / K  # mean - shift, [BM, 1]
             inv = lax.rsqrt(jnp.maximum(st["s2"] / K - m * m, 0.0) + eps)
-            acc = inv * (acc - m * st["gw"])
-            return acc + st["bw"] if "bw" in st else acc
+            acc = inv * (acc - m * st[f"gw{i}"])
+            return acc + st[f"bw{i}"] if f"bw{i}" in st else acc
         return lax.rsqrt(st["s2"] / K + eps) * acc
 
+    def products(w_sel, b_sel, y_sel, first):
+        """The program's column block of each product in `w_sel` (one, or gate and up),
+        summed over its K range; stored, or (gated) the gate's activation times up."""
+        col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+
+        def chunk(c, carry):
+            accs, st = carry
+            ws = [plgpu.load(w_ref.at[layer, c * block_k + kw, col]) for w_ref in w_sel]
+            x, st = normed(c, ws, st) if norm else (x_chunk(c), st)
+            dims = (((1,), (0,)), ((), ()))
+            accs = tuple(
+                acc
+                + lax.dot_general(
+                    x, w, dims, precision=precision, preferred_element_type=jnp.float32
+                )
+                for acc, w in zip(accs, ws, strict=True)
+            )
+            return accs, st
+
+        zeros = tuple(jnp.zeros((block_m, block_n), jnp.float32) for _ in w_sel)
+        if splits > 1:  # the caller sums the partials and applies the epilogue
+            accs, _ = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, (zeros, {}))
+            for acc, y_ref in zip(accs, y_sel, strict=True):
+                plgpu.store(y_ref.at[s, out_row, col], acc, mask=ok)
+            return
+        # static bounds, as the H200 measured
+        accs, st = lax.fori_loop(0, chunks, chunk, (zeros, stats0(len(w_sel))))
+        outs = []
+        for i, (acc, b_ref) in enumerate(zip(accs, b_sel, strict=True)):
+            if norm:
+                acc = apply_norm(acc, st, i)
+            if b_ref is not None:
+                acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
+            outs.append(acc)
+        acc = activate(outs[0], activation) * outs[1] if gated else activate(outs[0], activation)
+        if r_ref is not None:
+            acc = acc + plgpu.load(r_ref.at[x_row, col], mask=ok, other=0).astype(jnp.float32)
+        (y_ref,) = y_sel
+        plgpu.store(y_ref.at[out_row, col], acc.astype(y_ref.dtype), mask=ok)
+
+    if gated:  # every program computes gate and up at its columns
+        products(w_refs, b_refs, y_refs, 0)
+        return
     first = 0  # this product's first column block
     for w_ref, b_ref, y_ref, width in zip(w_refs, b_refs, y_refs, widths, strict=True):
         last = first + width // block_n
-
-        def product(w_ref=w_ref, b_ref=b_ref, y_ref=y_ref, first=first):
-            col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
-
-            def chunk(c, carry):
-                acc, st = carry
-                w = plgpu.load(w_ref.at[layer, c * block_k + kw, col])  # [BK, BN]
-                x, st = normed(c, w, st) if norm else (x_chunk(c), st)
-                dot = lax.dot_general(
-                    x,
-                    w,
-                    (((1,), (0,)), ((), ())),
-                    precision=precision,
-                    preferred_element_type=jnp.float32,
-                )
-                return acc + dot, st
-
-            zero = jnp.zeros((block_m, block_n), jnp.float32)
-            if splits > 1:  # the caller sums the partials and applies the epilogue
-                acc, _ = lax.fori_loop(s * chunks, (s + 1) * chunks, chunk, (zero, {}))
-                plgpu.store(y_ref.at[s, out_row, col], acc, mask=ok)
-                return
-            # static bounds, as the H200 measured
-            acc, st = lax.fori_loop(0, chunks, chunk, (zero, stats0()))
-            if norm:
-                acc = apply_norm(acc, st)
-            if b_ref is not None:
-                acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
-            acc = activate(acc, activation)
-            if r_ref is not None:
-                acc = acc + plgpu.load(r_ref.at[x_row, col], mask=ok, other=0).astype(jnp.float32)
-            plgpu.store(y_ref.at[out_row, col], acc.astype(y_ref.dtype), mask=ok)
-
+        fn = functools.partial(products, [w_ref], [b_ref], [y_ref], first)
         if n == 1:  # the whole grid is this product's (no branch around its loop)
-            product()
+            fn()
         else:
-            pl.when((j >= first) & (j < last))(product)
+            pl.when((j >= first) & (j < last))(fn)
         first = last
 
 
@@ -209,6 +227,7 @@ _STATIC = (
     "norm",
     "eps",
     "activation",
+    "gated",
     "block_m",
     "block_n",
     "block_k",
@@ -219,7 +238,7 @@ _STATIC = (
 )
 
 
-def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation):
+def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation, gated):
     """Shape and dtype checks at trace time, each with what it wants and what it got."""
     if not ws or len(ws) != len(bs):
         raise ValueError(f"want one bias (or None) per weight; got {len(ws)} and {len(bs)}")
@@ -251,6 +270,11 @@ def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation):
             raise ValueError(
                 f"{name} must be {list(want)} (x's width, stacked as w); got {list(a.shape)}"
             )
+    if gated and (len(ws) != 2 or ws[0].shape != ws[1].shape or residual is not None):
+        raise ValueError(
+            "gated takes two products of one shape (gate, up) and no residual; got "
+            f"{[list(w.shape) for w in ws]}, residual {residual is not None}"
+        )
     out = [x.shape[0], ws[0].shape[-1]]
     if residual is not None and (len(ws) != 1 or list(residual.shape) != out):
         raise ValueError(
@@ -272,6 +296,7 @@ def linear_group(
     eps: float = 1e-5,  # the norm's
     residual: jax.Array | None = None,  # [M, N] added last (one product only), or None
     activation: str | None = None,
+    gated: bool = False,  # ws = (gate, up): one output, activation(gate) * up
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -290,13 +315,17 @@ def linear_group(
     split). `residual` is added to the activated f32 sum before the one rounding (the
     residual stream after o or down).
 
+    `gated` (a gated MLP's gate and up, as ws): one output, activation(norm(x) @ w_gate +
+    b_gate) * (norm(x) @ w_up + b_up) (`reference.gated_ref`; SwiGLU with "silu"), each
+    program computing both products at its columns, so neither is stored.
+
     `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
-    partial sums; their sum, the bias, the activation and the residual then run as XLA ops
-    after the call (which XLA fuses into whatever consumes the result)."""
-    _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation)
+    partial sums; their sum, the bias, the activation (and gating) and the residual then run
+    as XLA ops after the call (which XLA fuses into whatever consumes the result)."""
+    _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation, gated)
     M, K = x.shape
     widths = tuple(w.shape[-1] for w in ws)
-    planned = plan_blocks(M, K, widths)
+    planned = plan_blocks(M, K, widths[:1] if gated else widths)
     block_m = block_m or planned[0]
     block_n = block_n or planned[1]
     block_k = block_k or planned[2]
@@ -332,17 +361,19 @@ def linear_group(
         block_k=block_k,
         splits=S,
         activation=activation,
+        gated=gated,
         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
     )
     name = "linear" + (f"_{norm}" if norm else "") + "_bias" * any(b is not None for b in bs)
     name += f"_{activation}" if activation else ""
     name += "_residual" if residual is not None else ""
-    name += f"_x{len(ws)}" if len(ws) > 1 else ""
+    name += "_gated" if gated else f"_x{len(ws)}" if len(ws) > 1 else ""
     name += f"_m{block_m}n{block_n}k{block_k}" + (f"s{S}" if S > 1 else "")
+    outputs = widths[:1] if gated and S == 1 else widths  # gated and split: two partials
     ys = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(M, block_m), sum(widths) // block_n, S),
-        out_shape=[jax.ShapeDtypeStruct((*lead, M, n), out_dtype) for n in widths],
+        grid=(pl.cdiv(M, block_m), (widths[0] if gated else sum(widths)) // block_n, S),
+        out_shape=[jax.ShapeDtypeStruct((*lead, M, n), out_dtype) for n in outputs],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
@@ -361,11 +392,13 @@ def linear_group(
         y = y.sum(0)  # [M, N_i] f32
         if b is not None:  # [L, N_i]
             y = y + b[layer[0]].astype(jnp.float32)
-        y = activate(y, activation)
-        if residual is not None:
-            y = y + residual.astype(jnp.float32)
-        out.append(y.astype(x.dtype))
-    return tuple(out)
+        out.append(y)
+    if gated:
+        return ((activate(out[0], activation) * out[1]).astype(x.dtype),)
+    out = [activate(y, activation) for y in out]
+    if residual is not None:
+        out = [y + residual.astype(jnp.float32) for y in out]
+    return tuple(y.astype(x.dtype) for y in out)
 
 
 def linear(

@@ -10,17 +10,33 @@ import jax.numpy as jnp
 
 from pallas_kernels.add_norm.reference import norm_ref
 
-ACTIVATIONS = (None, "gelu_tanh")
+ACTIVATIONS = (None, "gelu_tanh", "silu")
 NORMS = (None, "layernorm", "rmsnorm")
 
 
 def activate(y: jax.Array, activation: str | None) -> jax.Array:
-    """The epilogue's activation on f32 values: none, or GELU's tanh form (GPT-2's)."""
+    """The epilogue's activation on f32 values: none, GELU's tanh form (GPT-2's) or SiLU
+    (a gated MLP's gate: Llama's)."""
     if activation is None:
         return y
     if activation == "gelu_tanh":
         return jax.nn.gelu(y, approximate=True)
+    if activation == "silu":
+        return jax.nn.silu(y)
     raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+
+
+def _product(x, w, b, norm, norm_scale, norm_bias, eps) -> jax.Array:
+    """norm(x) @ w + b in f32 (the norm's output rounded to x's dtype, as the decoder's)."""
+    if norm is not None:
+        x = norm_ref(x, norm_scale, norm_bias, eps=eps, layernorm=norm == "layernorm")
+    y = jnp.dot(
+        x,
+        w,
+        preferred_element_type=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
+    )
+    return y if b is None else y + b.astype(jnp.float32)
 
 
 def linear_ref(
@@ -38,17 +54,27 @@ def linear_ref(
     """activation(norm(x) @ w + b) + residual: the norm as the decoder's (`norm_ref`, its
     output rounded to x's dtype), the product accumulated in f32, the bias, activation and
     residual in f32, one rounding to x's dtype at the end."""
-    if norm is not None:
-        x = norm_ref(x, norm_scale, norm_bias, eps=eps, layernorm=norm == "layernorm")
-    y = jnp.dot(
-        x,
-        w,
-        preferred_element_type=jnp.float32,
-        precision=jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
-    )
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    y = activate(y, activation)
+    y = activate(_product(x, w, b, norm, norm_scale, norm_bias, eps), activation)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def gated_ref(
+    x: jax.Array,  # [M, K]
+    w_gate: jax.Array,  # [K, N]
+    b_gate: jax.Array | None,  # [N] or None
+    w_up: jax.Array,  # [K, N]
+    b_up: jax.Array | None,  # [N] or None
+    *,
+    norm: str | None = None,
+    norm_scale: jax.Array | None = None,
+    norm_bias: jax.Array | None = None,
+    eps: float = 1e-5,
+    activation: str | None = "silu",
+) -> jax.Array:  # [M, N] in x's dtype
+    """A gated MLP's hidden layer, activation(norm(x) @ w_gate + b_gate) * (norm(x) @ w_up +
+    b_up) (SwiGLU with SiLU), both products and the gating in f32, rounded once."""
+    gate = _product(x, w_gate, b_gate, norm, norm_scale, norm_bias, eps)
+    up = _product(x, w_up, b_up, norm, norm_scale, norm_bias, eps)
+    return (activate(gate, activation) * up).astype(x.dtype)

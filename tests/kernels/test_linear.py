@@ -16,7 +16,7 @@ from pallas_kernels.linear.kernel import (
     plan_blocks,
     supports,
 )
-from pallas_kernels.linear.reference import linear_ref
+from pallas_kernels.linear.reference import gated_ref, linear_ref
 from pallas_kernels.sm90 import triton_calls
 
 # max |error| relative to max |y|: both accumulate in f32, so what differs is the last
@@ -160,6 +160,54 @@ def test_group_with_norm(norm):
             _check(y, want, dtype)
 
 
+@pytest.mark.parametrize(
+    "norm,dtype,splits",
+    [
+        ("rmsnorm", jnp.bfloat16, 1),  # Llama's: RMSNorm, gate and up without biases
+        ("layernorm", jnp.float32, 1),  # column sums per product, biases on both
+        (None, jnp.float16, 1),
+        (None, jnp.float32, 4),  # split K: both partials stored, gated after the sum
+    ],
+    ids=str,
+)
+def test_gated_products(norm, dtype, splits):
+    """A gated MLP's hidden layer in one launch: silu(norm(x) @ w_gate + b_gate) *
+    (norm(x) @ w_up + b_up), one output, every layer of the stack (37 rows: a row block
+    part-filled)."""
+    rng = np.random.default_rng(5 + splits)
+    M, K, N, L = 37, 128, 48, 2
+    if norm is None:
+        x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+        scale = nbias = None
+    else:
+        x, scale, nbias = _norm_inputs(rng, M, K, L, dtype, norm)
+    ws = [jnp.asarray(rng.standard_normal((L, K, N)) / np.sqrt(K), dtype) for _ in range(2)]
+    bs = [jnp.asarray(rng.standard_normal((L, N)), dtype) for _ in range(2)]
+    if norm == "rmsnorm":
+        bs = [None, None]
+    kw = dict(norm=norm, activation="silu", gated=True, block_k=32, num_k_splits=splits)
+    f = jax.jit(functools.partial(linear_group, **kw))
+    for layer in range(L):
+        (y,) = f(x, ws, bs, jnp.int32(layer), norm_scale=scale, norm_bias=nbias)
+        assert y.shape == (M, N) and y.dtype == dtype
+        b_gate, b_up = (None if b is None else b[layer] for b in bs)
+        want = gated_ref(
+            x,
+            ws[0][layer],
+            b_gate,
+            ws[1][layer],
+            b_up,
+            norm=norm,
+            norm_scale=None if scale is None else scale[layer],
+            norm_bias=None if nbias is None else nbias[layer],
+        )
+        _check(y, want, dtype)
+        # the gate's activation matters: silu of gate times up, not gate times up
+        plain = gated_ref(x, ws[0][layer], b_gate, ws[1][layer], b_up, activation=None)
+        if norm is None:
+            assert np.abs(np.asarray(want, np.float32) - np.asarray(plain, np.float32)).max() > 0.1
+
+
 def test_no_bias_and_unstacked_weights():
     x, w, _ = _inputs(0, 24, 64, 32, 1, jnp.float32, bias=False)
     _check(linear(x, w[0], None), linear_ref(x, w[0], None), jnp.float32)
@@ -237,6 +285,10 @@ def test_supports_and_checks():
         linear_group(x, w2, (None, None), residual=jnp.zeros((8, 16)))
     with pytest.raises(ValueError, match="norm needs each program to see all of K"):
         linear(x, w, None, norm="rmsnorm", norm_scale=jnp.ones((2, 64)), num_k_splits=2)
+    with pytest.raises(ValueError, match="gated takes two products of one shape"):
+        linear_group(x, (jnp.zeros((64, 32)), jnp.zeros((64, 16))), (None, None), gated=True)
+    with pytest.raises(ValueError, match="gated takes two products of one shape"):
+        linear_group(x, w2, (None, None), gated=True, residual=jnp.zeros((8, 16)))
 
 
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
@@ -336,3 +388,31 @@ def test_norm_and_residual_lower_to_triton_for_h100():
             assert module.operation.verify()
             text = str(module)
         assert text.count("tt.dot ") == dots and text.count("tt.store ") == dots, text
+
+
+def test_gated_lowers_to_triton_for_h100():
+    """SmolLM2's RMSNorm, gate and up at the decode bucket: one verified Triton call for
+    sm_90, two dots a program (gate and up at its columns), one store, no product stored."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    x, w, g = (
+        sds((128, 576), jnp.bfloat16),
+        sds((30, 576, 1536), jnp.bfloat16),
+        sds((30, 576), jnp.bfloat16),
+    )
+    fn = functools.partial(
+        linear_group, norm="rmsnorm", activation="silu", gated=True, interpret=False
+    )
+    ((op, launch, triton_ir),) = triton_calls(
+        lambda x, wg, wu, layer, g: fn(x, (wg, wu), (None, None), layer, norm_scale=g),
+        (x, w, w, sds((), jnp.int32), g),
+    )
+    assert launch == dict(grid_x=2, grid_y=96, grid_z=1, num_warps=4, num_stages=5)
+    assert "linear_rmsnorm_silu_gated" in op
+    with triton_lowering._new_ir_context():
+        module = ir.Module.parse(triton_ir)
+        assert module.operation.verify()
+        text = str(module)
+    assert text.count("tt.dot ") == 2 and text.count("tt.store ") == 1, text
