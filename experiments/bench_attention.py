@@ -123,7 +123,9 @@ SWEEP = [
     ("one_launch splits=4", dict(one_launch=True, num_kv_splits=4)),
     ("one_loop", dict(one_loop=True)),
     # one tile class: no second launch (empty on a decode-only batch); prefill chunks then
-    # take 16-row tiles, each reading its request's K/V again
+    # take 16-row tiles, each reading its request's K/V again (decode_one_class does so in
+    # decode-like buckets only, T <= 2R: the decode case, not the mixed one)
+    ("decode_one_class", dict(decode_one_class=True)),
     ("prefill_rows=16", dict(prefill_rows=16)),
     ("prefill_rows=32", dict(prefill_rows=32)),
 ]

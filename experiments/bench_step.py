@@ -46,17 +46,17 @@ _OUT = flags.DEFINE_string("out", None, "Write the table to this file too.")
 VARIANTS: dict[str, dict] = {
     "unrolled": dict(layer_unroll="all"),
     "unrolled_linear": dict(layer_unroll="all", fused_linear=True),
-    # one attention tile class: one launch a layer (prefill chunks in 16-row tiles too)
+    # one attention tile class in decode-like buckets: one launch a layer
     "unrolled_linear_1class": dict(
-        layer_unroll="all", fused_linear=True, attention_options=dict(prefill_rows=16)
+        layer_unroll="all", fused_linear=True, attention_options=dict(decode_one_class=True)
     ),
-    "unrolled_1class": dict(layer_unroll="all", attention_options=dict(prefill_rows=16)),
+    "unrolled_1class": dict(layer_unroll="all", attention_options=dict(decode_one_class=True)),
     "unrolled_1loop": dict(layer_unroll="all", attention_options=dict(one_loop=True)),
     "unrolled_kv64": dict(layer_unroll="all", attention_options=dict(block_kv=64)),
     "unrolled_linear_1class_kv64": dict(
         layer_unroll="all",
         fused_linear=True,
-        attention_options=dict(prefill_rows=16, block_kv=64),
+        attention_options=dict(decode_one_class=True, block_kv=64),
     ),
     "scanned": dict(layer_unroll=1),
     "scanned_linear": dict(layer_unroll=1, fused_linear=True),

@@ -103,9 +103,9 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
 # or each layer's linear work as four Pallas launches (fused_linear: the norm with q, k and
 # v, o with the residual add, the norm with up and GELU, down with the residual add;
 # measured on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); one attention
-# tile class (_1class, prefill_rows=16: one attention launch a layer, not two with the
-# second empty on a decode-only batch, 14 us a step on the H200; offline_gpu_hlo.py: 6
-# launches a layer with fused_linear); the attention kernel's one_loop option (its cache
+# tile class in decode-like buckets (_1class, decode_one_class: one attention launch a
+# layer, not two with the second empty on a decode-only batch, 14 us a step on the H200;
+# offline_gpu_hlo.py: 6 launches a layer with fused_linear); the attention kernel's one_loop option (its cache
 # chunks in one pipelined loop) and block_kv=64 (compiled offline, offline_sm90.py: 7
 # decode programs an SM instead of 5, 1.77 waves instead of 2.47); then scanned layers.
 # Left off, measured on the H200 (RESULTS.md): fused_add_norm, the attention kernel behind

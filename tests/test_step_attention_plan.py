@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from parallel_utils import NUM_PAGES, PAGE, mixed_batches
 
-from models import get_config, init_kv_cache, init_params, step
+from models import get_config, init_kv_cache, init_params, pack_batch, step
 from models.decoder import forward
 
 
@@ -111,6 +111,35 @@ def test_one_tile_class_is_one_launch_a_layer_and_matches_reference():
     assert (launches(base), launches(one)) == (2, 1)
     got, _ = _two_steps(one, params, batches)
     ref, _ = _two_steps(base.replace(attention_impl="reference"), params, batches)
+    for g, r in zip(got, ref, strict=True):
+        assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
+
+
+def test_decode_one_class_is_one_launch_in_decode_like_buckets():
+    """attention_options decode_one_class: a decode-like bucket (32 tokens, 16 request rows)
+    holding a 20-token prefill chunk and three decodes launches the kernel once a layer and
+    gives the reference's logits; a prefill-heavy bucket (64 tokens, 8 rows) keeps two."""
+    base = get_config("tiny-gpt", attention_impl="pallas")
+    cfg = base.replace(attention_options={"decode_one_class": True})
+    params = init_params(base, seed=6)
+    rng = np.random.default_rng(8)
+    first, mixed = mixed_batches(base, rng)
+    decodes = [([int(rng.integers(base.vocab_size))], n, b) for n, b in ((20, [1, 2]), (7, [3]))]
+    prefill = (rng.integers(0, base.vocab_size, 20).tolist(), 0, [10, 11])
+    decode_like = pack_batch(
+        [prefill, *decodes], page_size=PAGE, num_tokens=32, num_reqs=16, max_blocks=4
+    )
+    cache = init_kv_cache(base, NUM_PAGES, PAGE)
+
+    def launches(batch):
+        closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batch, cfg)
+        (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+        eqns = _walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False)
+        return sum(e.primitive.name == "pallas_call" for e in eqns)
+
+    assert (launches(decode_like), launches(mixed)) == (1, 2)
+    got, _ = _two_steps(cfg, params, [first, decode_like])
+    ref, _ = _two_steps(base.replace(attention_impl="reference"), params, [first, decode_like])
     for g, r in zip(got, ref, strict=True):
         assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
 

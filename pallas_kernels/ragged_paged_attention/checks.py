@@ -14,6 +14,7 @@ TUNING_ARGS = (
     "block_kv",
     "decode_rows",
     "prefill_rows",
+    "decode_one_class",
     "num_kv_splits",
     "num_warps",
     "num_stages",

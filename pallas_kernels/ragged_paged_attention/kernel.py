@@ -413,6 +413,7 @@ def ragged_paged_attention(
     block_kv: int | None = None,
     decode_rows: int = 16,
     prefill_rows: int = 64,
+    decode_one_class: bool = False,
     num_kv_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -434,7 +435,9 @@ def ragged_paged_attention(
 
     Tuning (all static; None picks from the shapes): `block_kv` keys per loop step, a
     power-of-two multiple of the page size (`partition.default_block_kv`); `decode_rows` /
-    `prefill_rows` matmul rows of the short-query and long-query tiles; `num_kv_splits`
+    `prefill_rows` matmul rows of the short-query and long-query tiles; `decode_one_class`:
+    decode-like buckets (T <= 2R) take short-query tiles only, one launch (see
+    `partition.plan_launches`); `num_kv_splits`
     split-K factor (`partition.plan_num_splits`); Triton's `num_warps` and `num_stages`;
     `one_launch`: both tile classes in one `pallas_call` (long-query tiles first, so a
     mixed batch's prefill programs run beside its decodes instead of after them);
@@ -462,6 +465,7 @@ def ragged_paged_attention(
         block_kv=block_kv,
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
+        decode_one_class=decode_one_class,
         num_kv_splits=num_kv_splits,
         num_warps=num_warps,
         num_stages=num_stages,
@@ -494,6 +498,7 @@ def _forward(
     one_launch,
     interpret,
     one_loop=False,
+    decode_one_class=False,
     new_kv=None,
     tiles=None,
     cache_dtype=None,
@@ -539,13 +544,15 @@ def _forward(
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
         one_launch=one_launch,
+        decode_one_class=decode_one_class,
     )
     if tiles is None:
         tiles = tuple(part.launch_tiles(cu_q_lens, kv_lens, num_reqs, c) for c in launches)
     if len(tiles) != len(launches):
         raise ValueError(
             f"{len(tiles)} tile tables for {len(launches)} launches: make them with "
-            "partition.tile_tables() and this call's decode_rows, prefill_rows and one_launch"
+            "partition.tile_tables() and this call's decode_rows, prefill_rows, one_launch "
+            "and decode_one_class"
         )
     call = functools.partial(
         _attention_call,

@@ -121,12 +121,20 @@ def plan_launches(
     decode_rows: int = 16,
     prefill_rows: int = 64,
     one_launch: bool = False,
+    decode_one_class: bool = False,
 ) -> tuple[tuple[TileClass, ...], ...]:
     """The tile classes (`plan_tile_classes`) of each kernel launch: one launch per class, or
     all in one with the long-query class first (its programs are the longest, so they should
     start first). The first launch also zeroes the padding rows (a padding class after its
     own), so it can create the output buffer rather than fill one that a zeroing kernel
-    made."""
+    made.
+
+    `decode_one_class`: a decode-like bucket (T <= 2R) gets the short-query class only, so
+    one launch where two would run, the second empty on an all-decode batch; a prefill chunk
+    in such a bucket then takes small tiles (at most T tokens of them, each reading its
+    request's K/V again), while prefill-heavy buckets keep both classes."""
+    if decode_one_class and num_tokens <= 2 * num_rows:
+        prefill_rows = decode_rows
     classes = plan_tile_classes(
         num_tokens=num_tokens,
         num_rows=num_rows,
@@ -199,6 +207,7 @@ def tile_tables(
     decode_rows: int = 16,
     prefill_rows: int = 64,
     one_launch: bool = False,
+    decode_one_class: bool = False,
 ) -> tuple[jax.Array, ...]:  # one i32[NT, 5] table per launch
     """The kernel's work list for one batch, independent of layer and of the K/V values.
 
@@ -215,6 +224,7 @@ def tile_tables(
         decode_rows=decode_rows,
         prefill_rows=prefill_rows,
         one_launch=one_launch,
+        decode_one_class=decode_one_class,
     )
     return tuple(launch_tiles(cu_q_lens, kv_lens, num_reqs, launch) for launch in launches)
 

@@ -314,8 +314,23 @@ def test_validate_metadata():
         part.validate_metadata(*meta, **(kw | dict(num_tokens=8)))
 
 
+def test_decode_one_class_plans_one_launch_for_decode_like_buckets_only():
+    """decode_one_class: a bucket of T <= 2R tokens gets one launch (short-query tiles and
+    the padding class), whose tile slots hold any batch of T tokens in 16-row tiles; a
+    prefill-heavy bucket keeps its two launches."""
+    kw = dict(num_heads=12, num_kv_heads=12, decode_one_class=True)
+    (launch,) = part.plan_launches(num_tokens=128, num_rows=128, **kw)
+    attend = [c for c in launch if not c.padding]
+    # slots for 128 one-token tiles, or any mix of 128 tokens over up to 128 requests
+    assert [(c.block_q, c.num_tiles) for c in attend] == [(16, 128)]
+    assert len(part.plan_launches(num_tokens=256, num_rows=128, **kw)) == 1
+    assert len(part.plan_launches(num_tokens=576, num_rows=128, **kw)) == 2
+    assert len(part.plan_launches(num_tokens=128, num_rows=128, num_heads=12, num_kv_heads=12)) == 2
+
+
+@pytest.mark.parametrize("prefill_rows", [64, 16])  # 16: one class (decode_one_class)
 @pytest.mark.parametrize("group_pow2", [1, 4, 16])
-def test_tiles_cover_every_real_token_once(group_pow2):
+def test_tiles_cover_every_real_token_once(group_pow2, prefill_rows):
     """The static tile-slot bounds hold on adversarial batches; tiles carry right positions;
     the padding class covers the rest of the bucket."""
     rng = np.random.default_rng(group_pow2)
@@ -325,7 +340,7 @@ def test_tiles_cover_every_real_token_once(group_pow2):
         num_rows=num_rows,
         group_pow2=group_pow2,
         decode_rows=16,
-        prefill_rows=64,
+        prefill_rows=prefill_rows,
     )
     small = classes[0].block_q
     shapes = [[1] * 24, [small + 1] * (96 // (small + 1)), [96], [small] * (96 // small)]
