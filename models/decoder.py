@@ -42,6 +42,7 @@ AUTO_FUSED_ADD_NORM = {"cpu": False, "gpu": False}
 # XLA's 8 (experiments/bench_linear.py; RESULTS.md). The norms and adds in the kernel, and
 # the split down projection, are not measured on a GPU yet.
 AUTO_FUSED_LINEAR = {"cpu": False, "gpu": False}
+ROPED = ("q", "k")  # the projections the rotary embedding rotates
 
 
 def _params_of(p: Params, name: str) -> Params:
@@ -97,7 +98,8 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
 
     `norm` names the stacked norm params (`layers[norm]`) the kernel applies to h's rows
     first; `residual` [T, D] is added to the one output; `gated` (names = gate, up) makes
-    the one output activation(gate) * up. So a layer is five launches: norm with q, k and v;
+    the one output activation(gate) * up; `positions` [T] rotates q and k (rope) in the
+    kernel. So a layer is five launches: norm with q, k and v;
     attention; o with the residual add; norm with up (or with gate and up, gated); down with
     the residual add.
 
@@ -106,14 +108,18 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
     fused = _or_backend_default(config.fused_linear, AUTO_FUSED_LINEAR, False)
     if not fused or mesh is not None or config.quantization is not None:
         return None
-    from pallas_kernels.linear.kernel import linear_group, supports
+    from pallas_kernels.linear.kernel import linear_group, supports, supports_rope
 
-    def fused_linear(names, h, layer, activation=None, norm=None, residual=None, gated=False):
+    def fused_linear(
+        names, h, layer, activation=None, norm=None, residual=None, gated=False, positions=None
+    ):
         stacks = [_params_of(layers, n) for n in names]
         outs = [st["kernel"].shape[h.ndim :] for st in stacks]  # kernels: [L, *h.shape[1:], *out]
         K, Ns = h[0].size, [math.prod(out) for out in outs]
         if not all(supports(K, N, h.dtype) for N in Ns):
             return None
+        roped = tuple(n in ROPED for n in names)
+        in_kernel = positions is not None and any(roped) and supports_rope(config.head_dim)
         ys = linear_group(
             h.reshape(h.shape[0], K),
             [st["kernel"].reshape(-1, K, N) for st, N in zip(stacks, Ns, strict=True)],
@@ -129,9 +135,21 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
             residual=residual,
             activation=activation,
             gated=gated,
+            # with positions: q and k leave the kernel rotated (or XLA's rope after it, for
+            # heads too narrow for the kernel's)
+            rope=None if positions is None or not in_kernel else roped,
+            rope_theta=config.rope_theta,
+            positions=positions if in_kernel else None,
+            head_dim=config.head_dim,
         )
         outs = outs[:1] if gated else outs  # gated: one output, shaped as each product
-        return [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
+        ys = [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
+        if positions is not None and not in_kernel:
+            ys = [
+                rope(y, positions, config.rope_theta) if r else y
+                for y, r in zip(ys, roped, strict=True)
+            ]
+        return ys
 
     return fused_linear
 
@@ -248,11 +266,14 @@ def decoder_layers(
         # LoRA slots (models/lora.py), when the runner serves adapters and the batch says whose
         lora = p.get("lora") if batch.lora_slots is not None else None
 
-        def fused(names, h, activation=None, norm_name=None, residual=None, gated=False):
+        def fused(
+            names, h, activation=None, norm_name=None, residual=None, gated=False, rope=False
+        ):
             """The Pallas kernel's outputs, or None (XLA's ops then)."""
             if fused_linear is None or (lora is not None and any(n in lora for n in names)):
                 return None
-            return fused_linear(names, h, layer, activation, norm_name, residual, gated)
+            positions = batch.positions if rope else None
+            return fused_linear(names, h, layer, activation, norm_name, residual, gated, positions)
 
         def linear(name, lp, h, spec, activation=None):
             if lora is None or name not in lora:
@@ -262,37 +283,43 @@ def decoder_layers(
             extra = lora_delta(lora[name], h.reshape(h.shape[0], -1), batch.lora_slots)
             return activate(y + extra.reshape(y.shape), activation)
 
-        def proj(names, h, activation=None, norm_name=None, residual=None, gated=False):
+        def proj(names, h, activation=None, norm_name=None, residual=None, gated=False, rope=False):
             """activation(norm(h) @ w + b) (+ residual) for each name, or (gated: names =
-            gate, up) the one output activation(gate) * up: one kernel where it can, else
-            XLA's norm, each `linear`, the gating and the add."""
-            ys = fused(names, h, activation, norm_name, residual, gated)
+            gate, up) the one output activation(gate) * up, with q and k rotated if `rope`:
+            one kernel where it can, else XLA's norm, each `linear`, rope, the gating and
+            the add."""
+            ys = fused(names, h, activation, norm_name, residual, gated, rope)
             if ys is not None:
                 return ys
             h = h if norm_name is None else norm(p[norm_name], h, config)
             each = None if gated else activation  # gated: applied to the gate below
             plain = [n for n in names if lora is None or n not in lora]  # still one launch
-            got = fused(plain, h, each) if plain else None
+            got = fused(plain, h, each, rope=rope) if plain else None
             ys = dict(zip(plain, got, strict=True)) if got else {}
-            ys = [
-                ys[n] if n in ys else linear(n, _params_of(p, n), h, SPECS[n], each) for n in names
-            ]
+            for n in names:
+                if n not in ys:
+                    y = linear(n, _params_of(p, n), h, SPECS[n], each)
+                    ys[n] = rope_at(y) if rope and n in ROPED else y
+            ys = [ys[n] for n in names]
             if gated:
                 gate, up = ys
                 ys = [activate(gate, activation) * up]
             return ys if residual is None else [residual + y for y in ys]
 
-        def attend(q, k, v, k_cache, v_cache):  # [T, N, H], the caches written
-            if config.position == "rope":
-                q = rope(q, batch.positions, config.rope_theta)
-                k = rope(k, batch.positions, config.rope_theta)
+        def rope_at(y):  # y [T, heads, H] rotated at the batch's positions
+            return rope(y, batch.positions, config.rope_theta)
+
+        def attend(q, k, v, k_cache, v_cache, roped=False):  # [T, N, H], the caches written
+            if config.position == "rope" and not roped:
+                q, k = rope_at(q), rope_at(k)
             return write_and_attend(
                 q, k, v, k_cache, v_cache, layer, batch, config, sm_scale, mesh, plan
             )
 
         if fused_linear is not None:  # five launches a layer (see _fused_linear)
-            q, k, v = proj(("q", "k", "v"), x, norm_name="attn_norm")
-            attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache)
+            roped = config.position == "rope"  # q and k come out rotated
+            q, k, v = proj(("q", "k", "v"), x, norm_name="attn_norm", rope=roped)
+            attn, k_cache, v_cache = attend(q, k, v, k_cache, v_cache, roped)
             (x,) = proj(("o",), attn, residual=x)
             if config.activation == "swiglu":
                 (h,) = proj(("gate", "up"), x, "silu", norm_name="mlp_norm", gated=True)

@@ -37,7 +37,8 @@ def _linear_calls(cfg, params, batch):
         if e.primitive.name == "pallas_call" and str(e.params["name"]).startswith("linear")
     ]
     dots = [e for e in body if e.primitive.name == "dot_general"]
-    norms = [e for e in body if e.primitive.name == "rsqrt"]  # XLA's norms
+    # XLA's norms, and its rotary embedding
+    norms = [e for e in body if e.primitive.name in ("rsqrt", "cos")]
     return calls, dots, norms
 
 
@@ -51,36 +52,45 @@ def _kind(call) -> str:
 
 
 @pytest.mark.parametrize(
-    "name,unroll,d_ff,launches",
+    "name,unroll,changes,launches",
     [
         (
             "tiny-gpt",
             None,
-            None,
+            {},
             ["layernorm_bias_x3", "bias_residual", "layernorm_bias_gelu_tanh", "bias_residual"],
         ),
-        ("tiny-llama", 2, None, ["rmsnorm_x3", "residual", "rmsnorm_silu_gated", "residual"]),
+        # heads of 32: q and k rotated in their launch
+        (
+            "tiny-llama",
+            2,
+            dict(head_dim=32),
+            ["rmsnorm_rope_x3", "residual", "rmsnorm_silu_gated", "residual"],
+        ),
+        # heads of 16, too narrow for the kernel's rope: XLA's after the launch
+        ("tiny-llama", 2, {}, ["rmsnorm_x3", "residual", "rmsnorm_silu_gated", "residual"]),
         # a long K loop (down: K = 2048) split 4 ways: f32 partials summed by XLA
         (
             "tiny-gpt",
             None,
-            2048,
+            dict(d_ff=2048),
             ["layernorm_bias_x3", "bias_residual", "layernorm_bias_gelu_tanh", "bias_residual_s4"],
         ),
     ],
 )
-def test_every_linear_layer_is_one_kernel_over_the_stacked_weights(name, unroll, d_ff, launches):
+def test_every_linear_layer_is_one_kernel_over_the_stacked_weights(name, unroll, changes, launches):
     """GPT-2: the norm with q, k and v in one launch, then o with the residual add, the norm
     with up (GELU fused), down with the residual add; Llama: the same with gate and up in
     one launch. Each call takes the whole stacked [L, K, N] kernels and the layer index,
     and no XLA dot or norm is left in the layer body; the logits are XLA's to rounding (f32)."""
     base = get_config(name, layer_unroll=unroll, attention_impl="pallas")  # no jnp attention
-    base = base.replace(d_ff=d_ff or base.d_ff)
+    base = base.replace(**changes)
     fused = base.replace(fused_linear=True)
     params = _with_random_biases(init_params(base, seed=5), 0)
     batches = mixed_batches(base, np.random.default_rng(3))
     calls, dots, norms = _linear_calls(fused, params, batches[1])
-    assert not dots and not norms
+    xla_rope = base.position == "rope" and base.head_dim < 32
+    assert not dots and [e.primitive.name for e in norms] == ["cos"] * (2 * xla_rope)
     assert sorted(map(_kind, calls)) == sorted(launches)
     for call in calls:
         w = call.invars[2].aval
@@ -110,9 +120,9 @@ def test_what_falls_back_to_xla():
         # k+v, o, up
         ("tiny-gpt", ("q", "down"), ["bias_x2", "bias_residual", "layernorm_bias_gelu_tanh"]),
         # k+v, o, silu(gate) * up
-        ("tiny-llama", ("q", "down"), ["x2", "residual", "rmsnorm_silu_gated"]),
+        ("tiny-llama", ("q", "down"), ["rope_x2", "residual", "rmsnorm_silu_gated"]),
         # q+k+v, o, gate alone (XLA gates it with the adapted up), down
-        ("tiny-llama", ("up",), ["rmsnorm_x3", "residual", "", "residual"]),
+        ("tiny-llama", ("up",), ["rmsnorm_rope_x3", "residual", "", "residual"]),
     ],
 )
 def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name, adapted, want):
@@ -121,6 +131,8 @@ def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name, adapted, wan
     normed x (k and v without q; gate without up, gated by XLA after), and so do the other
     launches with their norm and residual add. Logits: the XLA step's."""
     base = get_config(name, attention_impl="pallas")
+    if base.position == "rope":
+        base = base.replace(head_dim=32)  # heads the kernel rotates
     fused = base.replace(fused_linear=True)
     params = _with_random_biases(init_params(base, seed=2), 1)
     rng = np.random.default_rng(4)
@@ -143,7 +155,8 @@ def test_adapted_projections_take_xla_ops_the_rest_stay_fused(name, adapted, wan
     ]
     calls, dots, norms = _linear_calls(fused, params, batches[1])
     assert sorted(map(_kind, calls)) == sorted(want)
-    assert len(norms) == 1  # the adapted launch's
+    # the adapted launch's norm (and, q adapted, XLA's rope of q)
+    assert len(norms) == 1 + (base.position == "rope" and "q" in adapted)
     got, _ = _two_steps(fused, params, batches)
     plain, _ = _two_steps(base, params, batches)
     without, _ = _two_steps(base, {**params, "layers": _no_lora(params["layers"])}, batches)

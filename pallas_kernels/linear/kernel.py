@@ -8,10 +8,11 @@ applied to the f32 accumulator before the one store.
 
 Its neighbours can come in too: `norm` normalises x's rows (LayerNorm or RMSNorm: the
 statistics summed in the product's own loop over x, applied in the epilogue, so x is read
-once) and `residual` is added last, so a decoder layer's linear work is four
-launches: the norm with q, k and v; o with the residual add; the norm with up (and GELU),
-or with a gated MLP's gate and up (`gated`: silu(gate) * up stored, neither product); down
-with the residual add. XLA otherwise runs each norm, add and gating as a kernel of its own.
+once) and `residual` is added last, so a decoder layer's linear work is four launches:
+the norm with q, k and v (`rope`: q and k rotated); o with the residual add; the norm with
+up (and GELU), or with a gated MLP's gate and up (`gated`: silu(gate) * up stored, neither
+product); down with the residual add. XLA otherwise runs each norm, rotation, add and
+gating as a kernel of its own.
 
 It reads the decoder's stacked `[L, K, N]` weights (and `[L, N]` biases) at a layer index,
 so a scan over layers slices nothing out of them first (a slice passed to a custom call is
@@ -45,6 +46,11 @@ def supports(k: int, n: int, dtype) -> bool:
     """Whether the kernel takes [*, k] @ [k, n] in `dtype` (Triton's dot wants every block
     dimension a multiple of 16)."""
     return k % 16 == 0 and n % 16 == 0 and jnp.dtype(dtype) in map(jnp.dtype, _DTYPES)
+
+
+def supports_rope(head_dim: int) -> bool:
+    """Whether the kernel can rotate heads this wide (a 16-column block must fit in half)."""
+    return head_dim >= 32 and not head_dim & (head_dim - 1)
 
 
 def plan_blocks(m: int, k: int, n: int | Sequence[int]) -> tuple[int, int, int, int]:
@@ -88,12 +94,15 @@ def _kernel(
     splits,
     activation,
     gated,
+    roped,
+    rope_dim,
     precision,
 ):
     """Program (i, j, s): rows i, column block j of the concatenated outputs (so of one
     product; gated, of both), K range s; stores activation(norm(x) @ w + b) (+ residual),
     gated activation(norm(x) @ w_gate + b_gate) * (norm(x) @ w_up + b_up), or, split, the
-    f32 partial sums."""
+    f32 partial sums. A product in `roped` gets the rotary embedding of each `rope_dim`-wide
+    head (rotate-half) after its bias."""
     n = len(widths)
     refs = list(refs)
     w_refs, refs = refs[:n], refs[n:]
@@ -101,6 +110,7 @@ def _kernel(
     g_ref = refs.pop(0) if norm else None
     beta_ref = refs.pop(0) if has_norm_bias else None
     r_ref = refs.pop(0) if has_residual else None
+    pos_ref, freq_ref = (refs.pop(0), refs.pop(0)) if any(roped) else (None, None)
     y_refs = refs
     M, K = x_ref.shape
     layer = layer_ref[0]
@@ -169,14 +179,24 @@ def _kernel(
             return acc + st[f"bw{i}"] if f"bw{i}" in st else acc
         return lax.rsqrt(st["s2"] / K + eps) * acc
 
-    def products(w_sel, b_sel, y_sel, first):
+    def products(w_sel, b_sel, y_sel, first, rope=False):
         """The program's column block of each product in `w_sel` (one, or gate and up),
-        summed over its K range; stored, or (gated) the gate's activation times up."""
+        summed over its K range; stored, or (gated) the gate's activation times up. With
+        `rope`, the one product's partner columns (the other half of each head) too."""
         col = (j - first) * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+        cols = [col] * len(w_sel)
+        if rope:  # a block lies in one half of a head: its partner is the other half
+            half = rope_dim // 2
+            first_half = col % rope_dim < half  # [1, BN]
+            w_sel, b_sel = w_sel * 2, b_sel * 2
+            cols = [col, jnp.where(first_half, col + half, col - half)]
 
         def chunk(c, carry):
             accs, st = carry
-            ws = [plgpu.load(w_ref.at[layer, c * block_k + kw, col]) for w_ref in w_sel]
+            ws = [
+                plgpu.load(w_ref.at[layer, c * block_k + kw, cw])
+                for w_ref, cw in zip(w_sel, cols, strict=True)
+            ]
             x, st = normed(c, ws, st) if norm else (x_chunk(c), st)
             dims = (((1,), (0,)), ((), ()))
             accs = tuple(
@@ -197,12 +217,17 @@ def _kernel(
         # static bounds, as the H200 measured
         accs, st = lax.fori_loop(0, chunks, chunk, (zeros, stats0(len(w_sel))))
         outs = []
-        for i, (acc, b_ref) in enumerate(zip(accs, b_sel, strict=True)):
+        for i, (acc, b_ref, cb) in enumerate(zip(accs, b_sel, cols, strict=True)):
             if norm:
                 acc = apply_norm(acc, st, i)
             if b_ref is not None:
-                acc = acc + plgpu.load(b_ref.at[layer, col]).astype(jnp.float32)  # [1, BN]
+                acc = acc + plgpu.load(b_ref.at[layer, cb]).astype(jnp.float32)  # [1, BN]
             outs.append(acc)
+        if rope:  # rotate-half: x1 cos - x2 sin | x2 cos + x1 sin, angle pos * inv_freq
+            freq = plgpu.load(freq_ref.at[col % rope_dim % (rope_dim // 2)])  # [1, BN]
+            angle = plgpu.load(pos_ref.at[x_row]).astype(jnp.float32) * freq  # [BM, BN]
+            sign = jnp.where(first_half, -1.0, 1.0)
+            outs = [outs[0] * jnp.cos(angle) + sign * outs[1] * jnp.sin(angle)]
         acc = activate(outs[0], activation) * outs[1] if gated else activate(outs[0], activation)
         if r_ref is not None:
             acc = acc + plgpu.load(r_ref.at[x_row, col], mask=ok, other=0).astype(jnp.float32)
@@ -213,9 +238,9 @@ def _kernel(
         products(w_refs, b_refs, y_refs, 0)
         return
     first = 0  # this product's first column block
-    for w_ref, b_ref, y_ref, width in zip(w_refs, b_refs, y_refs, widths, strict=True):
+    for w_ref, b_ref, y_ref, width, rope in zip(w_refs, b_refs, y_refs, widths, roped, strict=True):
         last = first + width // block_n
-        fn = functools.partial(products, [w_ref], [b_ref], [y_ref], first)
+        fn = functools.partial(products, [w_ref], [b_ref], [y_ref], first, rope)
         if n == 1:  # the whole grid is this product's (no branch around its loop)
             fn()
         else:
@@ -228,6 +253,9 @@ _STATIC = (
     "eps",
     "activation",
     "gated",
+    "rope",
+    "rope_theta",
+    "head_dim",
     "block_m",
     "block_n",
     "block_k",
@@ -283,6 +311,31 @@ def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation, gated):
         )
 
 
+def _check_rope(rope, widths, positions, head_dim, M, gated):
+    if len(rope) != len(widths) or not any(rope):
+        if len(rope) != len(widths):
+            raise ValueError(f"rope wants a flag per product ({len(widths)}); got {len(rope)}")
+        return
+    if gated or head_dim is None or not supports_rope(head_dim):
+        raise ValueError(
+            f"rope wants head_dim a power of two >= 32, and no gating; got {head_dim}, "
+            f"gated {gated}"
+        )
+    bad = [w for w, r in zip(widths, rope, strict=True) if r and w % head_dim]
+    if bad:
+        raise ValueError(f"roped products' widths must be multiples of {head_dim}; got {bad}")
+    if positions is None or positions.shape != (M,):
+        got = None if positions is None else positions.shape
+        raise ValueError(f"rope wants positions [{M}] (a row's position); got {got}")
+
+
+def _rope_inputs(positions, head_dim, theta):
+    """The kernel's rope operands: positions i32[M], and the inverse frequencies f32[H/2]
+    computed as `models.layers.rope` does."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    return [positions.astype(jnp.int32), inv_freq]
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def linear_group(
     x: jax.Array,  # [M, K]
@@ -297,6 +350,10 @@ def linear_group(
     residual: jax.Array | None = None,  # [M, N] added last (one product only), or None
     activation: str | None = None,
     gated: bool = False,  # ws = (gate, up): one output, activation(gate) * up
+    rope: tuple[bool, ...] | None = None,  # which products get the rotary embedding
+    rope_theta: float = 10000.0,
+    positions: jax.Array | None = None,  # i32[M]: each row's position, with rope
+    head_dim: int | None = None,  # the heads' width the rotation works in, with rope
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -319,14 +376,24 @@ def linear_group(
     b_gate) * (norm(x) @ w_up + b_up) (`reference.gated_ref`; SwiGLU with "silu"), each
     program computing both products at its columns, so neither is stored.
 
+    `rope` (a flag per product: q and k) applies the rotary embedding to those products'
+    `head_dim`-wide heads after the bias (`models.layers.rope`: rotate-half, angle
+    `positions[row] * rope_theta ** (-2i / head_dim)`), so q and k leave the kernel rotated;
+    each of their programs also computes its columns' partners in the other half of the
+    head (the weights' tile read twice, from L2 the second time).
+
     `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
     partial sums; their sum, the bias, the activation (and gating) and the residual then run
     as XLA ops after the call (which XLA fuses into whatever consumes the result)."""
     _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation, gated)
     M, K = x.shape
     widths = tuple(w.shape[-1] for w in ws)
+    rope = tuple(rope or (False,) * len(ws))
+    _check_rope(rope, widths, positions, head_dim, M, gated)
     planned = plan_blocks(M, K, widths[:1] if gated else widths)
     block_m = block_m or planned[0]
+    if any(rope) and not block_n:  # a block must lie in one half of a head
+        block_n = min(planned[1], head_dim // 2)
     block_n = block_n or planned[1]
     block_k = block_k or planned[2]
     for name, blk, dims in (("block_n", block_n, widths), ("block_k", block_k, (K,))):
@@ -336,9 +403,11 @@ def linear_group(
             )
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m={block_m} must be a power of two >= 16")
-    S = num_k_splits or (1 if norm else planned[3])
-    if norm and S > 1:
-        raise ValueError(f"norm needs each program to see all of K; got num_k_splits={S}")
+    if any(rope) and (head_dim // 2) % block_n:
+        raise ValueError(f"block_n={block_n} must divide half the head dim {head_dim}")
+    S = num_k_splits or (1 if norm or any(rope) else planned[3])
+    if (norm or any(rope)) and S > 1:
+        raise ValueError(f"norm and rope need each program to see all of K; got num_k_splits={S}")
     if S < 1 or (K // block_k) % S:
         raise ValueError(f"num_k_splits={S} must divide the {K // block_k} chunks of K")
     ws = [w.reshape(-1, K, n) for w, n in zip(ws, widths, strict=True)]  # [L, K, N_i]
@@ -362,11 +431,14 @@ def linear_group(
         splits=S,
         activation=activation,
         gated=gated,
+        roped=rope,
+        rope_dim=head_dim,
         precision=lax.Precision.HIGHEST if x.dtype == jnp.float32 else None,
     )
     name = "linear" + (f"_{norm}" if norm else "") + "_bias" * any(b is not None for b in bs)
     name += f"_{activation}" if activation else ""
     name += "_residual" if residual is not None else ""
+    name += "_rope" if any(rope) else ""
     name += "_gated" if gated else f"_x{len(ws)}" if len(ws) > 1 else ""
     name += f"_m{block_m}n{block_n}k{block_k}" + (f"s{S}" if S > 1 else "")
     outputs = widths[:1] if gated and S == 1 else widths  # gated and split: two partials
@@ -384,6 +456,7 @@ def linear_group(
         *(b for b in bs if b is not None),
         *norm_params,
         *([residual] if residual is not None and S == 1 else []),
+        *(_rope_inputs(positions, head_dim, rope_theta) if any(rope) else []),
     )
     if S == 1:
         return tuple(ys)

@@ -26,6 +26,21 @@ def activate(y: jax.Array, activation: str | None) -> jax.Array:
     raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
 
 
+def rope_ref(y: jax.Array, positions: jax.Array, theta: float, head_dim: int) -> jax.Array:
+    """Rotary embedding of y [M, N]'s head_dim-wide heads (N a multiple of it), rotate-half
+    convention (GPT-NeoX's, Llama's in transformers): a head's halves (a, b) become
+    (a cos - b sin, b cos + a sin) at angle positions[m] * theta ** (-2i / head_dim)."""
+    M, N = y.shape
+    heads = y.astype(jnp.float32).reshape(M, N // head_dim, 2, head_dim // 2)
+    # the decoder's angles to the last bit (f32 angles of a few thousand radians are only
+    # good to 1e-4, so another formula would differ by that): pos * (1 / theta ** (2i / H))
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [M, H/2]
+    cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]  # [M, 1, H/2]
+    a, b = heads[:, :, 0], heads[:, :, 1]
+    return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=2).reshape(M, N)
+
+
 def _product(x, w, b, norm, norm_scale, norm_bias, eps) -> jax.Array:
     """norm(x) @ w + b in f32 (the norm's output rounded to x's dtype, as the decoder's)."""
     if norm is not None:
@@ -50,11 +65,18 @@ def linear_ref(
     eps: float = 1e-5,
     residual: jax.Array | None = None,  # [M, N] or None
     activation: str | None = None,
+    positions: jax.Array | None = None,  # i32[M]: rotate each head_dim-wide head (rope)
+    rope_theta: float = 10000.0,
+    head_dim: int | None = None,
 ) -> jax.Array:  # [M, N] in x's dtype
-    """activation(norm(x) @ w + b) + residual: the norm as the decoder's (`norm_ref`, its
-    output rounded to x's dtype), the product accumulated in f32, the bias, activation and
-    residual in f32, one rounding to x's dtype at the end."""
-    y = activate(_product(x, w, b, norm, norm_scale, norm_bias, eps), activation)
+    """activation(rope(norm(x) @ w + b)) + residual: the norm as the decoder's (`norm_ref`,
+    its output rounded to x's dtype), the product accumulated in f32, the bias, rotary
+    embedding (with `positions`), activation and residual in f32, one rounding to x's dtype
+    at the end."""
+    y = _product(x, w, b, norm, norm_scale, norm_bias, eps)
+    if positions is not None:
+        y = rope_ref(y, positions, rope_theta, head_dim)
+    y = activate(y, activation)
     if residual is not None:
         y = y + residual.astype(jnp.float32)
     return y.astype(x.dtype)

@@ -208,6 +208,47 @@ def test_gated_products(norm, dtype, splits):
             assert np.abs(np.asarray(want, np.float32) - np.asarray(plain, np.float32)).max() > 0.1
 
 
+@pytest.mark.parametrize(
+    "norm,dtype,head_dim",
+    [("rmsnorm", jnp.bfloat16, 64), (None, jnp.float32, 32), ("layernorm", jnp.float32, 64)],
+    ids=str,
+)
+def test_rope_on_q_and_k(norm, dtype, head_dim):
+    """q, k (GQA: half q's heads) and v in one launch, q and k leaving it rotated (rope
+    after the bias, positions up to 4000 so the angles wrap), v plain; every layer."""
+    rng = np.random.default_rng(head_dim)
+    M, K, L = 21, 96, 2
+    if norm is None:
+        x, scale, nbias = jnp.asarray(rng.standard_normal((M, K)), dtype), None, None
+    else:
+        x, scale, nbias = _norm_inputs(rng, M, K, L, dtype, norm)
+    widths = (4 * head_dim, 2 * head_dim, 2 * head_dim)
+    ws = [jnp.asarray(rng.standard_normal((L, K, n)) / np.sqrt(K), dtype) for n in widths]
+    bs = [jnp.asarray(rng.standard_normal((L, n)), dtype) for n in widths]
+    positions = jnp.asarray(rng.integers(0, 4000, M), jnp.int32)
+    kw = dict(norm=norm, rope=(True, True, False), rope_theta=10000.0, head_dim=head_dim)
+    f = jax.jit(functools.partial(linear_group, block_k=32, **kw))
+    for layer in range(L):
+        ys = f(x, ws, bs, jnp.int32(layer), norm_scale=scale, norm_bias=nbias, positions=positions)
+        norm_kw = dict(
+            norm=norm,
+            norm_scale=None if scale is None else scale[layer],
+            norm_bias=None if nbias is None else nbias[layer],
+        )
+        for y, w, b, roped in zip(ys, ws, bs, kw["rope"], strict=True):
+            rope_kw = dict(positions=positions, head_dim=head_dim) if roped else {}
+            want = linear_ref(x, w[layer], b[layer], **norm_kw, **rope_kw)
+            if dtype == jnp.float32 and roped:  # f32 sin / cos of angles in the thousands
+                # differ by ~1e-4 between implementations (XLA's CPU ones included)
+                y, want = np.asarray(y), np.asarray(want)
+                np.testing.assert_allclose(y, want, atol=3e-4 * np.abs(want).max(), rtol=0)
+            else:
+                _check(y, want, dtype)
+            if roped:  # the rotation counts
+                plain = np.asarray(linear_ref(x, w[layer], b[layer], **norm_kw), np.float32)
+                assert np.abs(plain - np.asarray(want, np.float32)).max() > 0.1
+
+
 def test_no_bias_and_unstacked_weights():
     x, w, _ = _inputs(0, 24, 64, 32, 1, jnp.float32, bias=False)
     _check(linear(x, w[0], None), linear_ref(x, w[0], None), jnp.float32)
@@ -283,12 +324,26 @@ def test_supports_and_checks():
         linear(x, w, None, residual=jnp.zeros((8, 32)))
     with pytest.raises(ValueError, match="got 2 products"):
         linear_group(x, w2, (None, None), residual=jnp.zeros((8, 16)))
-    with pytest.raises(ValueError, match="norm needs each program to see all of K"):
+    with pytest.raises(ValueError, match="norm and rope need each program to see all of K"):
         linear(x, w, None, norm="rmsnorm", norm_scale=jnp.ones((2, 64)), num_k_splits=2)
     with pytest.raises(ValueError, match="gated takes two products of one shape"):
         linear_group(x, (jnp.zeros((64, 32)), jnp.zeros((64, 16))), (None, None), gated=True)
     with pytest.raises(ValueError, match="gated takes two products of one shape"):
         linear_group(x, w2, (None, None), gated=True, residual=jnp.zeros((8, 16)))
+    pos = jnp.zeros(8, jnp.int32)
+    w64 = (jnp.zeros((64, 64)),)
+    with pytest.raises(ValueError, match="a flag per product"):
+        linear_group(x, w64, (None,), rope=(True, False), head_dim=32, positions=pos)
+    with pytest.raises(ValueError, match="head_dim a power of two >= 32"):
+        linear_group(x, w64, (None,), rope=(True,), head_dim=24, positions=pos)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        linear_group(x, (jnp.zeros((64, 96)),), (None,), rope=(True,), head_dim=64, positions=pos)
+    with pytest.raises(ValueError, match=r"positions \[8\]"):
+        linear_group(x, w64, (None,), rope=(True,), head_dim=32, positions=jnp.zeros(4))
+    with pytest.raises(ValueError, match="block_n=32 must divide half the head dim 32"):
+        linear_group(x, w64, (None,), rope=(True,), head_dim=32, positions=pos, block_n=32)
+    with pytest.raises(ValueError, match="norm and rope need each program"):
+        linear_group(x, w64, (None,), rope=(True,), head_dim=32, positions=pos, num_k_splits=2)
 
 
 @pytest.mark.parametrize("activation", [None, "gelu_tanh"])
@@ -416,3 +471,40 @@ def test_gated_lowers_to_triton_for_h100():
         assert module.operation.verify()
         text = str(module)
     assert text.count("tt.dot ") == 2 and text.count("tt.store ") == 1, text
+
+
+def test_rope_lowers_to_triton_for_h100():
+    """SmolLM2's RMSNorm, q, k and v at the decode bucket with q and k rotated: one
+    verified Triton call for sm_90; the roped products' branches take two dots (their
+    columns and the partners in the other half of each head), v's one."""
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
+
+    sds = jax.ShapeDtypeStruct
+    x, g, pos = (
+        sds((128, 576), jnp.bfloat16),
+        sds((30, 576), jnp.bfloat16),
+        sds((128,), jnp.int32),
+    )
+    wq, wkv = sds((30, 576, 576), jnp.bfloat16), sds((30, 576, 192), jnp.bfloat16)
+    fn = functools.partial(
+        linear_group,
+        norm="rmsnorm",
+        rope=(True, True, False),
+        rope_theta=100000.0,
+        head_dim=64,
+        interpret=False,
+    )
+    ((op, launch, triton_ir),) = triton_calls(
+        lambda x, q, k, v, layer, g, pos: fn(
+            x, (q, k, v), (None,) * 3, layer, norm_scale=g, positions=pos
+        ),
+        (x, wq, wkv, wkv, sds((), jnp.int32), g, pos),
+    )
+    assert launch == dict(grid_x=2, grid_y=60, grid_z=1, num_warps=4, num_stages=5)
+    assert "linear_rmsnorm_rope_x3" in op
+    with triton_lowering._new_ir_context():
+        module = ir.Module.parse(triton_ir)
+        assert module.operation.verify()
+        text = str(module)
+    assert text.count("tt.dot ") == 5 and text.count("tt.store ") == 3, text.count("tt.dot ")
