@@ -58,6 +58,12 @@ VARIANTS: dict[str, dict] = {
         fused_linear=True,
         attention_options=dict(decode_one_class=True, block_kv=64),
     ),
+    # GQA models (smollm2: 384 programs, planned with 2 kv splits and a merge): one split
+    "unrolled_linear_1class_1split": dict(
+        layer_unroll="all",
+        fused_linear=True,
+        attention_options=dict(decode_one_class=True, num_kv_splits=1),
+    ),
     "scanned": dict(layer_unroll=1),
     "scanned_linear": dict(layer_unroll=1, fused_linear=True),
 }

@@ -114,6 +114,12 @@ stage step_variants 300 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bf
   --attention_impl=pallas --buckets= --iters=20 --out "$OUT/step_variants.md" \
   --variants="${STEP_VARIANTS:-unrolled,unrolled_linear,unrolled_linear_1class,unrolled_1class,unrolled_1loop,unrolled_kv64,unrolled_linear_1class_kv64,scanned,scanned_linear}" \
   ${STEP_FLAGS:-}
+# The default model's step (SmolLM2-135M's shapes, random weights: its file cannot travel)
+stage step_variants_smollm2 150 "$PY" experiments/bench_step.py --models=smollm2-135m \
+  --dtype=bfloat16 --attention_impl=pallas --buckets= --iters=20 --floor_model=smollm2-135m \
+  --out "$OUT/step_variants_smollm2.md" \
+  --variants=unrolled,unrolled_linear,unrolled_linear_1class,unrolled_linear_1class_1split \
+  ${STEP_FLAGS:-}
 for variant in "unrolled 12" "unrolled_linear 12 --fused_linear"; do
   set -- $variant
   stage "profile_$1" 50 "$PY" experiments/profile_step.py --model=gpt2 --dtype=bfloat16 \
@@ -169,8 +175,10 @@ stage lora 60 "$PY" experiments/bench_lora.py --model=gpt2 --dtype=bfloat16 --bu
   done
   echo "--- one linear layer: XLA's GEMM + epilogue against the fused kernel (gpt2 shapes)"
   grep -E "XLA|planned|chain" "$OUT/linear.md" 2>/dev/null || tail -5 "$OUT/linear.log" 2>/dev/null
-  echo "--- whole step, floor case: variants side by side"
-  grep -E "^\||variants side" "$OUT/step_variants.md" 2>/dev/null || tail -5 "$OUT/step_variants.log" 2>/dev/null
+  for v in step_variants step_variants_smollm2; do
+    echo "--- whole step, floor case: variants side by side ($v)"
+    grep -E "^\||variants side" "$OUT/$v.md" 2>/dev/null || tail -5 "$OUT/$v.log" 2>/dev/null
+  done
   for v in unrolled unrolled_linear; do
     echo "--- where the step's device time goes ($v)"
     head -22 "$OUT/profile_$v.log" 2>/dev/null
