@@ -142,10 +142,7 @@ def main(argv):
         f"{step_flags.describe(_MODEL.value, cfg)}, decode {_REQS.value} x {_CONTEXT.value}",
         *report(hlo, marker),
     ]
-    print("\n".join(lines))
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    step_flags.print_report(lines, _OUT.value)
 
 
 if __name__ == "__main__":

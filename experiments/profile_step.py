@@ -117,10 +117,7 @@ def main(argv):
             f"{_STEPS.value} steps back to back",
             *report(path, _STEPS.value, _TOP.value, _ORDER.value),
         ]
-    print("\n".join(lines))
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    step_flags.print_report(lines, _OUT.value)
 
 
 if __name__ == "__main__":

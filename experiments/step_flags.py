@@ -1,5 +1,6 @@
 """The model-config flags of the whole-step scripts (bench_step, profile_step,
-offline_gpu_hlo), defined once here so the three build the same step from the same words.
+offline_gpu_hlo), defined once here so the three build the same step from the same words;
+and how two of them print their report.
 
 Imported by the scripts beside it (run as `python experiments/NAME.py`, which puts this
 folder on the path); each calls `define` once at import with its own defaults.
@@ -74,3 +75,11 @@ def describe(name: str, cfg: ModelConfig) -> str:
         f"layer_unroll {layer_unroll(cfg)} options {dict(cfg.attention_options)} "
         f"fused_add_norm {cfg.fused_add_norm} fused_linear {cfg.fused_linear}"
     )
+
+
+def print_report(lines: list[str], out: str | None) -> None:
+    """Print a report's lines, and write them to `out` too when given."""
+    print("\n".join(lines))
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ from pallas_kernels.linear.kernel import (
     supports,
 )
 from pallas_kernels.linear.reference import gated_ref, linear_ref
-from pallas_kernels.sm90 import triton_calls
+from pallas_kernels.sm90 import triton_calls, triton_ir_text
 
 # max |error| relative to max |y|: both accumulate in f32, so what differs is the last
 # rounding (and the order of the sums)
@@ -351,8 +351,6 @@ def test_lowers_to_triton_for_h100(activation):
     """GPT-2's up projection at the decode bucket lowers, without a GPU, to one verified
     Triton call for sm_90 with the planned grid, reading the stacked weights at the layer
     (no slice of them before the call) and storing once."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
     args = (
@@ -365,10 +363,7 @@ def test_lowers_to_triton_for_h100(activation):
     ((op, launch, triton_ir),) = triton_calls(fn, args)
     assert launch == dict(grid_x=2, grid_y=192, grid_z=1, num_warps=4, num_stages=5)
     assert "tensor<12x768x3072xbf16>" in op  # the whole stack is the operand
-    with triton_lowering._new_ir_context():
-        module = ir.Module.parse(triton_ir)
-        assert module.operation.verify()
-        text = str(module)
+    text = triton_ir_text(triton_ir)
     assert text.count("tt.dot ") == 1 and text.count("tt.store ") == 1, text
     assert ("tanh" in text) == (activation == "gelu_tanh")
 
@@ -376,8 +371,6 @@ def test_lowers_to_triton_for_h100(activation):
 def test_group_and_split_k_lower_to_triton_for_h100():
     """gpt2's q, k, v as one launch (3 x 48 column blocks of 16, one dot per product behind
     its branch) and its down projection split 4 ways (f32 partials, a [4, M, N] output)."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
     x, w, b = (
@@ -391,10 +384,7 @@ def test_group_and_split_k_lower_to_triton_for_h100():
         lambda *a: fn(a[0], a[1:4], a[4:7], a[7]), (x, w, w, w, b, b, b, layer)
     )
     assert launch == dict(grid_x=2, grid_y=144, grid_z=1, num_warps=4, num_stages=5)
-    with triton_lowering._new_ir_context():
-        module = ir.Module.parse(triton_ir)
-        assert module.operation.verify()
-        assert str(module).count("tt.dot ") == 3
+    assert triton_ir_text(triton_ir).count("tt.dot ") == 3
     down = sds((12, 3072, 768), jnp.bfloat16)
     fn = functools.partial(linear, num_k_splits=4, block_n=64, interpret=False)
     ((op, launch, _),) = triton_calls(fn, (sds((128, 3072), jnp.bfloat16), down, b, layer))
@@ -406,8 +396,6 @@ def test_norm_and_residual_lower_to_triton_for_h100():
     """gpt2's layer as the decoder launches it: the LayerNorm with q, k and v (the
     statistics loop, then three dots behind their branches), o with the residual add, the
     LayerNorm with up and GELU; each one verified Triton call for sm_90."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
     x, w, b, g = (
@@ -438,18 +426,13 @@ def test_norm_and_residual_lower_to_triton_for_h100():
     for fn, args, dots, grid in cases:
         ((_, launch, triton_ir),) = triton_calls(fn, args)
         assert launch == dict(**grid, grid_z=1, num_warps=4, num_stages=5)
-        with triton_lowering._new_ir_context():
-            module = ir.Module.parse(triton_ir)
-            assert module.operation.verify()
-            text = str(module)
+        text = triton_ir_text(triton_ir)
         assert text.count("tt.dot ") == dots and text.count("tt.store ") == dots, text
 
 
 def test_gated_lowers_to_triton_for_h100():
     """SmolLM2's RMSNorm, gate and up at the decode bucket: one verified Triton call for
     sm_90, two dots a program (gate and up at its columns), one store, no product stored."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
     x, w, g = (
@@ -466,10 +449,7 @@ def test_gated_lowers_to_triton_for_h100():
     )
     assert launch == dict(grid_x=2, grid_y=96, grid_z=1, num_warps=4, num_stages=5)
     assert "linear_rmsnorm_silu_gated" in op
-    with triton_lowering._new_ir_context():
-        module = ir.Module.parse(triton_ir)
-        assert module.operation.verify()
-        text = str(module)
+    text = triton_ir_text(triton_ir)
     assert text.count("tt.dot ") == 2 and text.count("tt.store ") == 1, text
 
 
@@ -477,8 +457,6 @@ def test_rope_lowers_to_triton_for_h100():
     """SmolLM2's RMSNorm, q, k and v at the decode bucket with q and k rotated: one
     verified Triton call for sm_90; the roped products' branches take two dots (their
     columns and the partners in the other half of each head), v's one."""
-    from jax._src.lib.mlir import ir  # noqa: PLC0415
-    from jax._src.pallas.triton import lowering as triton_lowering  # noqa: PLC0415
 
     sds = jax.ShapeDtypeStruct
     x, g, pos = (
@@ -503,8 +481,5 @@ def test_rope_lowers_to_triton_for_h100():
     )
     assert launch == dict(grid_x=2, grid_y=60, grid_z=1, num_warps=4, num_stages=5)
     assert "linear_rmsnorm_rope_x3" in op
-    with triton_lowering._new_ir_context():
-        module = ir.Module.parse(triton_ir)
-        assert module.operation.verify()
-        text = str(module)
+    text = triton_ir_text(triton_ir)
     assert text.count("tt.dot ") == 5 and text.count("tt.store ") == 3, text.count("tt.dot ")
