@@ -1,4 +1,5 @@
-"""The gpt2 decode step's Pallas kernels compiled offline for sm_90, no GPU: registers,
+"""The gpt2 decode step's Pallas kernels (and SmolLM2's linear ones) compiled offline for
+sm_90, no GPU: registers,
 spills, shared memory, and so how many programs an H100 / H200 SM holds and in how many
 waves a launch runs. Not run in CI.
 
@@ -86,6 +87,52 @@ def dump(out: str) -> None:
         "linear down (n16, unsplit)": (
             lambda *a: linear(*a, num_k_splits=1, block_n=16, **kw),
             (h, down, b, layer),
+        ),
+        # SmolLM2-135M's (D 576, 9 + 3 + 3 heads of 64, F 1536, 30 layers): RMSNorm with q,
+        # k, v and the rotary embedding of q and k; RMSNorm with gate and up, silu(gate) * up
+        "smollm2 norm + q+k+v + rope": (
+            lambda x, q, k, v, layer, g, pos: linear_group(
+                x,
+                (q, k, v),
+                (None,) * 3,
+                layer,
+                norm="rmsnorm",
+                norm_scale=g,
+                rope=(True, True, False),
+                rope_theta=100000.0,
+                positions=pos,
+                head_dim=64,
+                **kw,
+            ),
+            (
+                sds((T, 576), bf),
+                sds((30, 576, 576), bf),
+                sds((30, 576, 192), bf),
+                sds((30, 576, 192), bf),
+                layer,
+                sds((30, 576), bf),
+                sds((T,), i32),
+            ),
+        ),
+        "smollm2 norm + gate, up gated": (
+            lambda x, wg, wu, layer, g: linear_group(
+                x,
+                (wg, wu),
+                (None, None),
+                layer,
+                norm="rmsnorm",
+                norm_scale=g,
+                gated=True,
+                activation="silu",
+                **kw,
+            ),
+            (
+                sds((T, 576), bf),
+                sds((30, 576, 1536), bf),
+                sds((30, 576, 1536), bf),
+                layer,
+                sds((30, 576), bf),
+            ),
         ),
     }
     args = attention_args(T, N, N, H, L, P, S, T, MB, bf)
