@@ -56,6 +56,8 @@ SWEEP = [
     # block_n, K splits
     *((64, n, 64, 4, 5, sp) for n, sp in [(16, 4), (32, 4), (64, 2), (64, 4), (64, 8), (128, 8)]),
     (128, 64, 64, 8, 5, 4),
+    # all 128 rows in one block: each weight tile read by one program, not two
+    *((128, n, 64, 4, 5, sp) for n, sp in [(16, 1), (32, 1), (64, 4)]),
 ]
 
 
