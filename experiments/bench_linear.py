@@ -58,6 +58,9 @@ SWEEP = [
     (128, 64, 64, 8, 5, 4),
     # all 128 rows in one block: each weight tile read by one program, not two
     *((128, n, 64, 4, 5, sp) for n, sp in [(16, 1), (32, 1), (64, 4)]),
+    # wide column blocks, unsplit: x's rows are read (from L2) once per column block, so
+    # 16-column blocks read them N / 16 times (q+k+v: 144 x 98 KB = 14 MB a row block)
+    *((64, n, 64, 4, 5, 1) for n in (64, 128)),
 ]
 
 
