@@ -99,9 +99,8 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
     `norm` names the stacked norm params (`layers[norm]`) the kernel applies to h's rows
     first; `residual` [T, D] is added to the one output; `gated` (names = gate, up) makes
     the one output activation(gate) * up; `positions` [T] rotates q and k (rope) in the
-    kernel. So a layer is five launches: norm with q, k and v;
-    attention; o with the residual add; norm with up (or with gate and up, gated); down with
-    the residual add.
+    kernel. So a layer is five launches: norm with q, k and v; attention; o with the
+    residual add; norm with up (or with gate and up, gated); down with the residual add.
 
     Every spec of the decoder contracts all of h's axes after T with the weight's leading
     axes, so h flattens to [T, K], each stacked kernel to [L, K, N] and its bias to [L, N]."""
@@ -137,7 +136,7 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
             gated=gated,
             # with positions: q and k leave the kernel rotated (or XLA's rope after it, for
             # heads too narrow for the kernel's)
-            rope=None if positions is None or not in_kernel else roped,
+            rope=roped if in_kernel else None,
             rope_theta=config.rope_theta,
             positions=positions if in_kernel else None,
             head_dim=config.head_dim,
