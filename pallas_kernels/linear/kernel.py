@@ -312,9 +312,10 @@ def _check(x, ws, bs, norm, norm_scale, norm_bias, residual, activation, gated):
 
 
 def _check_rope(rope, widths, positions, head_dim, M, gated):
-    if len(rope) != len(widths) or not any(rope):
-        if len(rope) != len(widths):
-            raise ValueError(f"rope wants a flag per product ({len(widths)}); got {len(rope)}")
+    """Trace-time checks of the rope arguments (none when no product is rotated)."""
+    if len(rope) != len(widths):
+        raise ValueError(f"rope wants a flag per product ({len(widths)}); got {len(rope)}")
+    if not any(rope):
         return
     if gated or head_dim is None or not supports_rope(head_dim):
         raise ValueError(
@@ -380,7 +381,7 @@ def linear_group(
     `head_dim`-wide heads after the bias (`models.layers.rope`: rotate-half, angle
     `positions[row] * rope_theta ** (-2i / head_dim)`), so q and k leave the kernel rotated;
     each of their programs also computes its columns' partners in the other half of the
-    head (the weights' tile read twice, from L2 the second time).
+    head (so each of q's and k's weight tiles is read by two programs).
 
     `num_k_splits` S > 1 splits each product's K loop over S programs, which store f32
     partial sums; their sum, the bias, the activation (and gating) and the residual then run
