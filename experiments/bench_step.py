@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 import jax
 import step_flags
@@ -136,7 +137,44 @@ def variant(cfg, settings: dict):
     if settings.get("layer_unroll") == "all":
         settings["layer_unroll"] = cfg.n_layers
     options = dict(cfg.attention_options) | settings.pop("attention_options", {})
-    return cfg.replace(attention_options=tuple(sorted(options.items())), **settings)
+    return cfg.replace(attention_options=options, **settings)
+
+
+class FloorCase(NamedTuple):
+    """--floor_reqs decodes of --floor_context tokens on a model, and its byte floor."""
+
+    cfg: object  # ModelConfig
+    params: dict
+    batch: object  # RaggedBatch
+    num_pages: int
+    page: int
+    weight_bytes: int
+    kv_bytes: int
+    bws: dict[str, float]  # copy bandwidths (bytes/s) by kernel
+
+    @property
+    def floor(self) -> float:
+        """Seconds to move the weights and K/V once at the best copy bandwidth."""
+        return (self.weight_bytes + self.kv_bytes) / max(self.bws.values())
+
+    def time(self, cfg) -> tuple[float, float]:
+        """Seconds per step under `cfg` (the case's or a variant's), each waited for and
+        queued back to back."""
+        iters = max(_ITERS.value, 20)
+        cache = init_kv_cache(cfg, self.num_pages, self.page)
+        sec, cache = time_step(self.params, cfg, cache, self.batch, iters)
+        queued, _ = time_back_to_back(self.params, cfg, cache, self.batch, iters)
+        return sec, queued
+
+
+def floor_case(name: str, page: int) -> FloorCase:
+    reqs, ctx = _FLOOR_REQS.value, _FLOOR_CTX.value
+    cfg = step_flags.model_config(name)
+    params = init_params(cfg, seed=0)
+    batch, num_pages = decode_batch(reqs, ctx, page)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    kv_bytes = reqs * (ctx + 1) * cfg.kv_bytes_per_token()
+    return FloorCase(cfg, params, batch, num_pages, page, weight_bytes, kv_bytes, copy_bandwidths())
 
 
 def variant_rows(page: int, names: list[str], emit) -> None:
@@ -145,58 +183,40 @@ def variant_rows(page: int, names: list[str], emit) -> None:
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
-    base = step_flags.model_config(name)
-    params = init_params(base, seed=0)
-    batch, num_pages = decode_batch(reqs, ctx, page)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    kv_bytes = reqs * (ctx + 1) * base.kv_bytes_per_token()
-    bws = copy_bandwidths()
-    floor = (weight_bytes + kv_bytes) / max(bws.values())
+    case = floor_case(name, page)
+    floor = case.floor
     emit(
         [
             "",
-            f"{jax.devices()[0].device_kind}: {step_flags.describe(name, base)}, decode {reqs} "
-            f"x {ctx}, variants side by side; floor {floor * 1e3:.3f} ms "
-            f"(copy bandwidth: {describe(bws)})",
+            f"{jax.devices()[0].device_kind}: {step_flags.describe(name, case.cfg)}, decode "
+            f"{reqs} x {ctx}, variants side by side; floor {floor * 1e3:.3f} ms "
+            f"(copy bandwidth: {describe(case.bws)})",
             "",
             "| variant | settings | waited for (ms) | queued (ms) | x floor (queued) |",
             "|---|---|---|---|---|",
         ]
     )
-    iters = max(_ITERS.value, 20)
     for v in names:
-        cfg = variant(base, VARIANTS[v])
-        cache = init_kv_cache(cfg, num_pages, page)
-        sec, cache = time_step(params, cfg, cache, batch, iters)
-        queued, cache = time_back_to_back(params, cfg, cache, batch, iters)
+        sec, queued = case.time(variant(case.cfg, VARIANTS[v]))
         settings = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
         emit(
             [f"| {v} | {settings} | {sec * 1e3:.3f} | {queued * 1e3:.3f} | {queued / floor:.2f}x |"]
         )
-        del cache
 
 
 def floor_rows(page: int) -> list[str]:
     """R decoding requests of context C: step time vs its memory-bandwidth floor."""
     name, reqs, ctx = _FLOOR_MODEL.value, _FLOOR_REQS.value, _FLOOR_CTX.value
-    cfg = step_flags.model_config(name)
-    params = init_params(cfg, seed=0)
-    batch, num_pages = decode_batch(reqs, ctx, page)
-    cache = init_kv_cache(cfg, num_pages, page)
-    sec, cache = time_step(params, cfg, cache, batch, max(_ITERS.value, 20))
-    queued, _ = time_back_to_back(params, cfg, cache, batch, max(_ITERS.value, 20))
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    kv_bytes = reqs * (ctx + 1) * cfg.kv_bytes_per_token()
-    bws = copy_bandwidths()
-    bw = max(bws.values())
-    floor = (weight_bytes + kv_bytes) / bw
+    case = floor_case(name, page)
+    sec, queued = case.time(case.cfg)
+    floor = case.floor
     return [
-        f"{step_flags.describe(name, cfg)} decode {reqs} x {ctx}: floor {floor * 1e3:.3f} ms "
-        f"= ({weight_bytes / 1e6:.0f} MB weights + {kv_bytes / 1e6:.0f} MB KV) / "
-        f"{bw / 1e12:.2f} TB/s copy;",
+        f"{step_flags.describe(name, case.cfg)} decode {reqs} x {ctx}: floor "
+        f"{floor * 1e3:.3f} ms = ({case.weight_bytes / 1e6:.0f} MB weights + "
+        f"{case.kv_bytes / 1e6:.0f} MB KV) / {max(case.bws.values()) / 1e12:.2f} TB/s copy;",
         f"  each step waited for: {sec * 1e3:.3f} ms/step = {sec / floor:.2f}x floor; "
         f"steps queued back to back: {queued * 1e3:.3f} ms/step = {queued / floor:.2f}x floor",
-        f"  copy bandwidth (read+write, fastest kept): {describe(bws)}",
+        f"  copy bandwidth (read+write, fastest kept): {describe(case.bws)}",
         "",
     ]
 

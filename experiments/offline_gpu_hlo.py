@@ -93,8 +93,10 @@ def compiled_step_hlo(device: jax.Device, cfg, reqs: int, context: int, page: in
     return traced.lower().compile().as_text()
 
 
-def report(hlo: str, marker: str) -> list[str]:
-    items = launches(hlo)
+def report(items: list[Launch]) -> list[str]:
+    """Launches a step per name, one layer's in order (from one attention launch to the
+    next), and the kernels that only move bytes."""
+    marker = next((x.family for x in items if x.family.startswith("ragged_paged_attention")), "")
     layer = one_period(items, marker)
     per_step = sum(x.repeat for x in items)
     lines = [f"{per_step} launches a step", "", "| kernel | per step |", "|---|---|"]
@@ -134,13 +136,10 @@ def main(argv):
     if _HLO.value:
         with open(_HLO.value, "w") as f:
             f.write(hlo)
-    marker = next(
-        (x.family for x in launches(hlo) if x.family.startswith("ragged_paged_attention")), ""
-    )
     lines = [
         f"{device.device_kind} (compiled offline, no autotuning): "
         f"{step_flags.describe(_MODEL.value, cfg)}, decode {_REQS.value} x {_CONTEXT.value}",
-        *report(hlo, marker),
+        *report(launches(hlo)),
     ]
     step_flags.print_report(lines, _OUT.value)
 

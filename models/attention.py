@@ -62,11 +62,7 @@ def plan_attention(
         num_heads=config.n_heads,
         num_kv_heads=config.n_kv_heads,
         # the tile-shaping options the calls get, else the kernel's own defaults
-        **{
-            k: opts[k]
-            for k in ("decode_rows", "prefill_rows", "one_launch", "decode_one_class")
-            if k in opts
-        },
+        **{k: opts[k] for k in kernel_plan.TILE_ARGS if k in opts},
     )
 
 

@@ -90,6 +90,14 @@ def _add_norm(config: ModelConfig, layers: Params, mesh: Mesh | None):
     return add_norm
 
 
+def _kernel_rotates(config: ModelConfig) -> bool:
+    """Whether the fused linear kernel can rotate this rope model's q and k (its column
+    blocks must fit in half a head); where not, XLA's rope runs after the launch."""
+    from pallas_kernels.linear.kernel import supports_rope
+
+    return config.position == "rope" and supports_rope(config.head_dim)
+
+
 def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
     """fused(names, h, layer, activation, norm, residual) -> outputs, or None: the Pallas
     linear kernel reading the stacked weights `layers[name]` (`layers["mlp"][name]` for the
@@ -99,15 +107,16 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
     `norm` names the stacked norm params (`layers[norm]`) the kernel applies to h's rows
     first; `residual` [T, D] is added to the one output; `gated` (names = gate, up) makes
     the one output activation(gate) * up; `positions` [T] rotates q and k (rope) in the
-    kernel. So a layer is five launches: norm with q, k and v; attention; o with the
-    residual add; norm with up (or with gate and up, gated); down with the residual add.
+    kernel (only where `_kernel_rotates`). So a layer is five launches: norm with q, k and
+    v; attention; o with the residual add; norm with up (or with gate and up, gated); down
+    with the residual add.
 
     Every spec of the decoder contracts all of h's axes after T with the weight's leading
     axes, so h flattens to [T, K], each stacked kernel to [L, K, N] and its bias to [L, N]."""
     fused = _or_backend_default(config.fused_linear, AUTO_FUSED_LINEAR, False)
     if not fused or mesh is not None or config.quantization is not None:
         return None
-    from pallas_kernels.linear.kernel import linear_group, supports, supports_rope
+    from pallas_kernels.linear.kernel import linear_group, supports
 
     def fused_linear(
         names, h, layer, activation=None, norm=None, residual=None, gated=False, positions=None
@@ -117,8 +126,6 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
         K, Ns = h[0].size, [math.prod(out) for out in outs]
         if not all(supports(K, N, h.dtype) for N in Ns):
             return None
-        roped = tuple(n in ROPED for n in names)
-        in_kernel = positions is not None and any(roped) and supports_rope(config.head_dim)
         ys = linear_group(
             h.reshape(h.shape[0], K),
             [st["kernel"].reshape(-1, K, N) for st, N in zip(stacks, Ns, strict=True)],
@@ -134,21 +141,13 @@ def _fused_linear(config: ModelConfig, layers: Params, mesh: Mesh | None):
             residual=residual,
             activation=activation,
             gated=gated,
-            # with positions: q and k leave the kernel rotated (or XLA's rope after it, for
-            # heads too narrow for the kernel's)
-            rope=roped if in_kernel else None,
+            rope=None if positions is None else tuple(n in ROPED for n in names),
             rope_theta=config.rope_theta,
-            positions=positions if in_kernel else None,
+            positions=positions,
             head_dim=config.head_dim,
         )
         outs = outs[:1] if gated else outs  # gated: one output, shaped as each product
-        ys = [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
-        if positions is not None and not in_kernel:
-            ys = [
-                rope(y, positions, config.rope_theta) if r else y
-                for y, r in zip(ys, roped, strict=True)
-            ]
-        return ys
+        return [y.reshape(h.shape[0], *out) for y, out in zip(ys, outs, strict=True)]
 
     return fused_linear
 
@@ -256,6 +255,7 @@ def decoder_layers(
     plan = plan_attention(batch, config, kv_cache.k.shape[3])  # once for every layer
     add_norm = _add_norm(config, layers, mesh)
     fused_linear = _fused_linear(config, layers, mesh)
+    kernel_rope = fused_linear is not None and _kernel_rotates(config)
 
     def layer_step(carry, p):
         # delta: the last layer's MLP output, added to the residual stream here together
@@ -271,7 +271,7 @@ def decoder_layers(
             """The Pallas kernel's outputs, or None (XLA's ops then)."""
             if fused_linear is None or (lora is not None and any(n in lora for n in names)):
                 return None
-            positions = batch.positions if rope else None
+            positions = batch.positions if rope else None  # (rope: only if kernel_rope)
             return fused_linear(names, h, layer, activation, norm_name, residual, gated, positions)
 
         def linear(name, lp, h, spec, activation=None):
@@ -287,19 +287,25 @@ def decoder_layers(
             gate, up) the one output activation(gate) * up, with q and k rotated if `rope`:
             one kernel where it can, else XLA's norm, each `linear`, rope, the gating and
             the add."""
-            ys = fused(names, h, activation, norm_name, residual, gated, rope)
+            in_kernel = rope and kernel_rope  # else XLA's rope of q and k after the launch
+            ys = fused(names, h, activation, norm_name, residual, gated, in_kernel)
             if ys is not None:
+                if rope and not in_kernel:
+                    ys = [rope_at(y) if n in ROPED else y for n, y in zip(names, ys, strict=True)]
                 return ys
             h = h if norm_name is None else norm(p[norm_name], h, config)
             each = None if gated else activation  # gated: applied to the gate below
             plain = [n for n in names if lora is None or n not in lora]  # still one launch
-            got = fused(plain, h, each, rope=rope) if plain else None
+            got = fused(plain, h, each, rope=in_kernel) if plain else None
             ys = dict(zip(plain, got, strict=True)) if got else {}
-            for n in names:
-                if n not in ys:
-                    y = linear(n, _params_of(p, n), h, SPECS[n], each)
-                    ys[n] = rope_at(y) if rope and n in ROPED else y
-            ys = [ys[n] for n in names]
+            rotated = set(ys) if in_kernel else set()
+            ys = [
+                ys[n] if n in ys else linear(n, _params_of(p, n), h, SPECS[n], each) for n in names
+            ]
+            ys = [
+                rope_at(y) if rope and n in ROPED and n not in rotated else y
+                for n, y in zip(names, ys, strict=True)
+            ]
             if gated:
                 gate, up = ys
                 ys = [activate(gate, activation) * up]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from pallas_kernels.add_norm.reference import norm_ref
-from pallas_kernels.linear.reference import activate
+from pallas_kernels.linear.reference import activate, rope_ref
 
 Params = dict
 # Each projection's einsum on the packed token axis.
@@ -46,15 +46,10 @@ def dense(p: Params, x: jax.Array, spec: str, activation: str | None = None) -> 
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, rotate-half convention (x: [T, N, H], positions: [T])."""
-    H = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))  # [H/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, H/2]
-    cos = jnp.cos(angles)[:, None, :]  # [T, 1, H/2]
-    sin = jnp.sin(angles)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    """Rotary embedding, rotate-half convention (x: [T, N, H], positions: [T]): the fused
+    linear kernel's rotation (`rope_ref`), on each of the N heads, rounded to x's dtype."""
+    T, N, H = x.shape
+    return rope_ref(x.reshape(T, N * H), positions, theta, H).reshape(x.shape).astype(x.dtype)
 
 
 def mlp(p: Params, x: jax.Array, config: ModelConfig, linear=None) -> jax.Array:

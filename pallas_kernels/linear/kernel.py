@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.linear.reference import ACTIVATIONS, NORMS, activate
+from pallas_kernels.linear.reference import ACTIVATIONS, NORMS, activate, rope_inv_freq
 
 _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Programs a launch should have at least, where the output allows it: the H100 and H200
@@ -228,7 +228,9 @@ def _kernel(
             angle = plgpu.load(pos_ref.at[x_row]).astype(jnp.float32) * freq  # [BM, BN]
             sign = jnp.where(first_half, -1.0, 1.0)
             outs = [outs[0] * jnp.cos(angle) + sign * outs[1] * jnp.sin(angle)]
-        acc = activate(outs[0], activation) * outs[1] if gated else activate(outs[0], activation)
+        acc = activate(outs[0], activation)
+        if gated:
+            acc = acc * outs[1]
         if r_ref is not None:
             acc = acc + plgpu.load(r_ref.at[x_row, col], mask=ok, other=0).astype(jnp.float32)
         (y_ref,) = y_sel
@@ -331,10 +333,8 @@ def _check_rope(rope, widths, positions, head_dim, M, gated):
 
 
 def _rope_inputs(positions, head_dim, theta):
-    """The kernel's rope operands: positions i32[M], and the inverse frequencies f32[H/2]
-    computed as `models.layers.rope` does."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    return [positions.astype(jnp.int32), inv_freq]
+    """The kernel's rope operands: positions i32[M], and the inverse frequencies f32[H/2]."""
+    return [positions.astype(jnp.int32), rope_inv_freq(head_dim, theta)]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -378,7 +378,7 @@ def linear_group(
     program computing both products at its columns, so neither is stored.
 
     `rope` (a flag per product: q and k) applies the rotary embedding to those products'
-    `head_dim`-wide heads after the bias (`models.layers.rope`: rotate-half, angle
+    `head_dim`-wide heads after the bias (`reference.rope_ref`: rotate-half, angle
     `positions[row] * rope_theta ** (-2i / head_dim)`), so q and k leave the kernel rotated;
     each of their programs also computes its columns' partners in the other half of the
     head (so each of q's and k's weight tiles is read by two programs).

@@ -26,16 +26,22 @@ def activate(y: jax.Array, activation: str | None) -> jax.Array:
     raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
 
 
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    """f32[H/2]: the rotary embedding's angle per position for each pair i, theta ** (-2i /
+    H), as 1 / theta ** (2i / H). The decoder, this reference and the kernel all take it
+    from here: f32 angles of a few thousand radians are only good to 1e-4, so another
+    formula would differ by that."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
 def rope_ref(y: jax.Array, positions: jax.Array, theta: float, head_dim: int) -> jax.Array:
-    """Rotary embedding of y [M, N]'s head_dim-wide heads (N a multiple of it), rotate-half
-    convention (GPT-NeoX's, Llama's in transformers): a head's halves (a, b) become
-    (a cos - b sin, b cos + a sin) at angle positions[m] * theta ** (-2i / head_dim)."""
+    """Rotary embedding of y [M, N]'s head_dim-wide heads (N a multiple of it), in f32,
+    rotate-half convention (GPT-NeoX's, Llama's in transformers): a head's halves (a, b)
+    become (a cos - b sin, b cos + a sin) at angle positions[m] * theta ** (-2i / head_dim).
+    The decoder's rope (`models.layers.rope`) is this on its [T, heads, H] rows."""
     M, N = y.shape
     heads = y.astype(jnp.float32).reshape(M, N // head_dim, 2, head_dim // 2)
-    # the decoder's angles to the last bit (f32 angles of a few thousand radians are only
-    # good to 1e-4, so another formula would differ by that): pos * (1 / theta ** (2i / H))
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angle = positions.astype(jnp.float32)[:, None] * inv_freq  # [M, H/2]
+    angle = positions.astype(jnp.float32)[:, None] * rope_inv_freq(head_dim, theta)  # [M, H/2]
     cos, sin = jnp.cos(angle)[:, None], jnp.sin(angle)[:, None]  # [M, 1, H/2]
     a, b = heads[:, :, 0], heads[:, :, 1]
     return jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=2).reshape(M, N)

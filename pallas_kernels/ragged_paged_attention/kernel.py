@@ -551,8 +551,7 @@ def _forward(
     if len(tiles) != len(launches):
         raise ValueError(
             f"{len(tiles)} tile tables for {len(launches)} launches: make them with "
-            "partition.tile_tables() and this call's decode_rows, prefill_rows, one_launch "
-            "and decode_one_class"
+            f"partition.tile_tables() and this call's {', '.join(part.TILE_ARGS)}"
         )
     call = functools.partial(
         _attention_call,

@@ -26,6 +26,9 @@ NUM_TILE_FIELDS = 5
 # and about 5 decode programs fit on one: 90 registers x 128 threads, 39 KB shared memory).
 TARGET_PROGRAMS = 512
 MAX_KV_SPLITS = 16
+# The kernel's tuning keywords that shape its tiles: `tile_tables` must get the same ones as
+# the calls that take its tables.
+TILE_ARGS = ("decode_rows", "prefill_rows", "one_launch", "decode_one_class")
 
 
 def next_pow2(n: int) -> int:
