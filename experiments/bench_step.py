@@ -197,11 +197,22 @@ def variant_rows(page: int, names: list[str], emit) -> None:
         ]
     )
     for v in names:
-        sec, queued = case.time(variant(case.cfg, VARIANTS[v]))
-        settings = ", ".join(f"{k}={val}" for k, val in VARIANTS[v].items())
-        emit(
-            [f"| {v} | {settings} | {sec * 1e3:.3f} | {queued * 1e3:.3f} | {queued / floor:.2f}x |"]
-        )
+        emit([variant_row(case, v)])
+
+
+def variant_row(case: FloorCase, name: str) -> str:
+    """One variant's table row; a variant that fails (a kernel that does not compile or
+    run on this device) gets its error in the row, so the variants after it still run."""
+    settings = ", ".join(f"{k}={val}" for k, val in VARIANTS[name].items())
+    try:
+        sec, queued = case.time(variant(case.cfg, VARIANTS[name]))
+    except Exception as e:  # noqa: BLE001 (one variant's failure must not cost the others)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"| {name} | {settings} | failed: {type(e).__name__}: {first} | | |"
+    return (
+        f"| {name} | {settings} | {sec * 1e3:.3f} | {queued * 1e3:.3f} | "
+        f"{queued / case.floor:.2f}x |"
+    )
 
 
 def floor_rows(page: int) -> list[str]:

@@ -358,8 +358,12 @@ def _attention_call(
         out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache)]
     spans, first = [], 0
     for c in tile_classes:
-        # new keys of a request number at most its q_len, so short-query tiles use small chunks
-        block_new = min(block_kv, max(16, part.next_pow2(c.max_q)))
+        # new keys of a request number at most its q_len, so short-query tiles use small
+        # chunks: those of the class that starts at q_len 1 (decodes) at most its tile's
+        # tokens, so a decode-like bucket planned as that one class (`decode_one_class`)
+        # runs the two-class plan's decode kernel, not one with 128-key chunks of 1 key
+        new_keys = c.max_q if c.min_q > 0 else min(c.max_q, c.block_q)
+        block_new = min(block_kv, max(16, part.next_pow2(new_keys)))
         if not (c.padding and num_splits > 1):  # split partials: the combine zeroes padding
             spans.append((first, c.num_tiles, c.block_q, block_new, c.padding))
         first += c.num_tiles

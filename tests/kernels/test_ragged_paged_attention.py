@@ -23,7 +23,7 @@ from pallas_kernels.ragged_paged_attention import partition as part
 from pallas_kernels.ragged_paged_attention.kernel import _forward, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_ref
 from pallas_kernels.ragged_paged_attention.testing import random_batch
-from pallas_kernels.sm90 import attention_args, triton_calls
+from pallas_kernels.sm90 import attention_args, triton_calls, triton_ir_text
 
 # Bucket shared by all configs: T tokens, R request rows, contexts up to CTX tokens.
 T, R, CTX = 64, 8, 320
@@ -326,6 +326,30 @@ def test_decode_one_class_plans_one_launch_for_decode_like_buckets_only():
     assert len(part.plan_launches(num_tokens=256, num_rows=128, **kw)) == 1
     assert len(part.plan_launches(num_tokens=576, num_rows=128, **kw)) == 2
     assert len(part.plan_launches(num_tokens=128, num_rows=128, num_heads=12, num_kv_heads=12)) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("heads", [(12, 12), (9, 3)])  # gpt2, SmolLM2 (GQA)
+def test_decode_one_class_launches_the_two_class_decode_kernel(heads, fused):
+    """On a decode bucket, decode_one_class's one launch is the two-class plan's decode
+    launch (the kernel the H200 timed): the same Triton IR and grid for an H100, only the
+    empty prefill-class launch gone (its new keys in 16-key chunks, not 128)."""
+    N, K = heads
+    shape = dict(T=128, N=N, K=K, H=64, L=2, P=600, S=16, R=128, MB=32)
+    args = attention_args(**shape, dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16)
+    new = jax.ShapeDtypeStruct((128, K, 64), jnp.bfloat16)
+
+    def launches(**options):
+        call = functools.partial(ragged_paged_attention, sm_scale=0.125, interpret=False)
+        if fused:
+            fn = lambda *a: call(*a[:8], new_kv=a[8:], **options)  # noqa: E731
+            return triton_calls(fn, (*args, new, new))
+        return triton_calls(functools.partial(call, **options), args)
+
+    two, (one,) = launches(), launches(decode_one_class=True)
+    assert len(two) == 2
+    assert one[1] == two[0][1]  # grid, warps, stages
+    assert triton_ir_text(one[2]) == triton_ir_text(two[0][2])
 
 
 @pytest.mark.parametrize("prefill_rows", [64, 16])  # 16: one class (decode_one_class)
