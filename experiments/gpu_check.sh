@@ -50,6 +50,11 @@ mkdir -p "$OUT"
 export PYTHONPATH=. JAX_PLATFORMS="${GPU_CHECK_PLATFORM:-cuda}"
 PY="${PYTHON:-python3}"
 BUDGET="${GPU_CHECK_BUDGET:-480}"
+# One persistent compilation cache for every stage's process: several compile the same step
+# (the floor case, its variants, the profile), and a second call on a machine still held
+# finds the first call's. JAX keeps XLA's GEMM autotuning results under it too. The tree's
+# ignored .jax_cache/ stays on the device machine between calls while it is warm.
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}"
 start=$(date +%s)
 summary="$OUT/summary.txt"
 
