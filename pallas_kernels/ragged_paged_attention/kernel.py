@@ -358,10 +358,10 @@ def _attention_call(
         out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in (k_cache, v_cache)]
     spans, first = [], 0
     for c in tile_classes:
-        # new keys of a request number at most its q_len, so short-query tiles use small
-        # chunks: those of the class that starts at q_len 1 (decodes) at most its tile's
-        # tokens, so a decode-like bucket planned as that one class (`decode_one_class`)
-        # runs the two-class plan's decode kernel, not one with 128-key chunks of 1 key
+        # A request has at most q_len new keys, so short-query tiles read them in small
+        # chunks. The decode class (min_q 0) reads chunks of at most its tile's tokens, so
+        # a decode-like bucket planned as that class alone (`decode_one_class`) runs the
+        # two-class plan's decode kernel, not one loading a decode's new key in 128 rows.
         new_keys = c.max_q if c.min_q > 0 else min(c.max_q, c.block_q)
         block_new = min(block_kv, max(16, part.next_pow2(new_keys)))
         if not (c.padding and num_splits > 1):  # split partials: the combine zeroes padding
