@@ -13,6 +13,7 @@ laid over the flags' config) in one process, one after another on the same weigh
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import NamedTuple
@@ -167,6 +168,7 @@ class FloorCase(NamedTuple):
         return sec, queued
 
 
+@functools.cache  # --floor_case and --variants share one: weights made, bandwidth measured once
 def floor_case(name: str, page: int) -> FloorCase:
     reqs, ctx = _FLOOR_REQS.value, _FLOOR_CTX.value
     cfg = step_flags.model_config(name)
