@@ -110,9 +110,10 @@ step() {  # step NAME MAX_SECONDS FLAGS...: the gpt2 bf16 step (bench_step.py), 
 # measured on 2026-12-04 without the norms and adds: 1.526 ms against 1.294); one attention
 # tile class in decode-like buckets (_1class, decode_one_class: one attention launch a
 # layer, not two with the second empty on a decode-only batch, 14 us a step on the H200;
-# offline_gpu_hlo.py: 6 launches a layer with fused_linear); the attention kernel's one_loop option (its cache
-# chunks in one pipelined loop) and block_kv=64 (compiled offline, offline_sm90.py: 7
-# decode programs an SM instead of 5, 1.77 waves instead of 2.47); then scanned layers.
+# offline_gpu_hlo.py: 6 launches a layer with fused_linear); the attention kernel's
+# one_loop option (its cache chunks in one pipelined loop) and block_kv=64 (compiled
+# offline, offline_sm90.py: 7 decode programs an SM instead of 5, 1.77 waves instead of
+# 2.47); then scanned layers.
 # Left off, measured on the H200 (RESULTS.md): fused_add_norm, the attention kernel behind
 # scatters, in one launch, split-K.
 stage step_variants 300 "$PY" experiments/bench_step.py --models=gpt2 --dtype=bfloat16 \

@@ -1,7 +1,6 @@
 """The gpt2 decode step's Pallas kernels (and SmolLM2's linear ones) compiled offline for
-sm_90, no GPU: registers,
-spills, shared memory, and so how many programs an H100 / H200 SM holds and in how many
-waves a launch runs. Not run in CI.
+sm_90, no GPU: registers, spills, shared memory, and so how many programs an H100 / H200 SM
+holds and in how many waves a launch runs. Not run in CI.
 
 Two halves in two Pythons: Triton's own pip package (its compiler and the ptxas it ships)
 lives in a venv of its own, and is no dependency of ours.

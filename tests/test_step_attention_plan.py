@@ -72,6 +72,22 @@ def _walk(eqns, into_kernels: bool = True):
                     yield from _walk(inner.eqns, into_kernels)
 
 
+def _layer_launches(params, cache, batch, cfg) -> int:
+    """Pallas kernels the step launches in one layer (the scan body over layers)."""
+    closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batch, cfg)
+    (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+    eqns = _walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False)
+    return sum(e.primitive.name == "pallas_call" for e in eqns)
+
+
+def _assert_reference_logits(cfg, ref_cfg, params, batches):
+    """Two steps under `cfg` give `ref_cfg`'s logits (max error relative to max logit)."""
+    got, _ = _two_steps(cfg, params, batches)
+    ref, _ = _two_steps(ref_cfg, params, batches)
+    for g, r in zip(got, ref, strict=True):
+        assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
+
+
 @pytest.mark.parametrize("one_launch", [False, True])
 def test_tile_tables_are_built_once_per_step(one_launch):
     """The tile-building cumsum (one per tile class) sits outside the scan over layers, so a
@@ -102,17 +118,9 @@ def test_one_tile_class_is_one_launch_a_layer_and_matches_reference():
     batches = mixed_batches(base, np.random.default_rng(4))
     cache = init_kv_cache(base, NUM_PAGES, PAGE)
 
-    def launches(cfg):
-        closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batches[0], cfg)
-        (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
-        eqns = _walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False)
-        return sum(e.primitive.name == "pallas_call" for e in eqns)
-
-    assert (launches(base), launches(one)) == (2, 1)
-    got, _ = _two_steps(one, params, batches)
-    ref, _ = _two_steps(base.replace(attention_impl="reference"), params, batches)
-    for g, r in zip(got, ref, strict=True):
-        assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
+    launches = [_layer_launches(params, cache, batches[0], cfg) for cfg in (base, one)]
+    assert launches == [2, 1]
+    _assert_reference_logits(one, base.replace(attention_impl="reference"), params, batches)
 
 
 def test_decode_one_class_is_one_launch_in_decode_like_buckets():
@@ -131,17 +139,10 @@ def test_decode_one_class_is_one_launch_in_decode_like_buckets():
     )
     cache = init_kv_cache(base, NUM_PAGES, PAGE)
 
-    def launches(batch):
-        closed = jax.make_jaxpr(forward, static_argnums=3)(params, cache, batch, cfg)
-        (scan,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
-        eqns = _walk(scan.params["jaxpr"].jaxpr.eqns, into_kernels=False)
-        return sum(e.primitive.name == "pallas_call" for e in eqns)
-
-    assert (launches(decode_like), launches(mixed)) == (1, 2)
-    got, _ = _two_steps(cfg, params, [first, decode_like])
-    ref, _ = _two_steps(base.replace(attention_impl="reference"), params, [first, decode_like])
-    for g, r in zip(got, ref, strict=True):
-        assert np.abs(g - r).max() / np.abs(r).max() < 1e-4
+    launches = [_layer_launches(params, cache, b, cfg) for b in (decode_like, mixed)]
+    assert launches == [1, 2]
+    ref = base.replace(attention_impl="reference")
+    _assert_reference_logits(cfg, ref, params, [first, decode_like])
 
 
 def test_llm_takes_attention_options():

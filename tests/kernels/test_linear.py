@@ -351,7 +351,6 @@ def test_lowers_to_triton_for_h100(activation):
     """GPT-2's up projection at the decode bucket lowers, without a GPU, to one verified
     Triton call for sm_90 with the planned grid, reading the stacked weights at the layer
     (no slice of them before the call) and storing once."""
-
     sds = jax.ShapeDtypeStruct
     args = (
         sds((128, 768), jnp.bfloat16),
@@ -371,7 +370,6 @@ def test_lowers_to_triton_for_h100(activation):
 def test_group_and_split_k_lower_to_triton_for_h100():
     """gpt2's q, k, v as one launch (3 x 48 column blocks of 16, one dot per product behind
     its branch) and its down projection split 4 ways (f32 partials, a [4, M, N] output)."""
-
     sds = jax.ShapeDtypeStruct
     x, w, b = (
         sds((128, 768), jnp.bfloat16),
@@ -396,7 +394,6 @@ def test_norm_and_residual_lower_to_triton_for_h100():
     """gpt2's layer as the decoder launches it: the LayerNorm with q, k and v (the
     statistics loop, then three dots behind their branches), o with the residual add, the
     LayerNorm with up and GELU; each one verified Triton call for sm_90."""
-
     sds = jax.ShapeDtypeStruct
     x, w, b, g = (
         sds((128, 768), jnp.bfloat16),
@@ -433,7 +430,6 @@ def test_norm_and_residual_lower_to_triton_for_h100():
 def test_gated_lowers_to_triton_for_h100():
     """SmolLM2's RMSNorm, gate and up at the decode bucket: one verified Triton call for
     sm_90, two dots a program (gate and up at its columns), one store, no product stored."""
-
     sds = jax.ShapeDtypeStruct
     x, w, g = (
         sds((128, 576), jnp.bfloat16),
@@ -457,7 +453,6 @@ def test_rope_lowers_to_triton_for_h100():
     """SmolLM2's RMSNorm, q, k and v at the decode bucket with q and k rotated: one
     verified Triton call for sm_90; the roped products' branches take two dots (their
     columns and the partners in the other half of each head), v's one."""
-
     sds = jax.ShapeDtypeStruct
     x, g, pos = (
         sds((128, 576), jnp.bfloat16),
